@@ -1,0 +1,11 @@
+"""lowprec: emulated low-precision number formats and where they apply."""
+
+from .formats import ALIASES, FORMATS, Format, float_format, format_table, get_format, int_format
+from .quantize import (SCALED_FORMATS, QuantSpec, Rounding, Scaling, quantize, quantize_with_scale,
+                       round_to_format, spec)
+from .scaling import DelayedScaler
+from .codecs import Encoded, decode, encode
+
+__all__ = ["ALIASES", "FORMATS", "Format", "float_format", "format_table", "get_format", "int_format",
+           "SCALED_FORMATS", "QuantSpec", "Rounding", "Scaling", "quantize", "quantize_with_scale",
+           "round_to_format", "spec", "DelayedScaler", "Encoded", "encode", "decode"]

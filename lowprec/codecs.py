@@ -1,0 +1,204 @@
+"""Integer codes for quantized tensors: ``encode`` -> :class:`Encoded` -> ``decode``.
+
+Codes are the formats' bit patterns: for ``e4m3``/``e5m2`` exactly those of ``torch.float8_e4m3fn`` /
+``torch.float8_e5m2``; for ``e2m1`` those of OCP FP4, packed two per byte like ``torch.float4_e2m1fn_x2``
+(the first element in the low nibble, bits 3..0; the second in bits 7..4). Integers are two's complement.
+Formats of up to 8 bits use uint8 codes (6-bit formats one per byte); bf16/fp16 use int16 and fp32 int32 codes.
+Block/channel scales are stored in their own format: uint8 E8M0 codes (exponent + 127), uint8 E4M3 codes plus a
+float32 ``global_scale``, or float32 values. ``decode(encode(x, spec))`` equals ``quantize(x, spec)`` exactly
+(for stochastic rounding: with identically seeded generators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import scaling as _sc
+from .formats import FORMATS, Format
+from .quantize import QuantSpec, _check_tensor, round_to_format, spec as _spec
+
+__all__ = ["Encoded", "encode", "decode", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
+
+_NATIVE_F8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_WIDE = {"bf16": (torch.bfloat16, torch.int16), "fp16": (torch.float16, torch.int16),
+         "fp32": (torch.float32, torch.int32)}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_registered(fmt: Format, name: str) -> bool:
+    return fmt.name == name and fmt == FORMATS[name]
+
+
+def values_to_codes(v: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Bit patterns of float32 values that already lie on ``fmt``'s grid (uint8; int16/int32 for 16/32-bit)."""
+    for name, dt in _NATIVE_F8.items():
+        if _is_registered(fmt, name):
+            return v.to(dt).view(torch.uint8)
+    for name, (dt, it) in _WIDE.items():
+        if _is_registered(fmt, name):
+            return v.to(dt).view(it).clone()
+    if fmt.kind != "float" or fmt.bits > 8:
+        if fmt.kind == "int":
+            if torch.isnan(v).any():
+                raise ValueError(f"cannot encode NaN in {fmt.name}: the format has no NaN code")
+            c = v.to(torch.int32) & ((1 << fmt.bits) - 1)
+            return c.to(torch.uint8) if fmt.bits <= 8 else c
+        if fmt.kind == "scale":
+            e = torch.round(torch.log2(v)).nan_to_num_(nan=128.0, posinf=128.0)
+            return (e + 127).clamp_(0, 255).to(torch.uint8)
+    if not fmt.has_nan and torch.isnan(v).any():
+        raise ValueError(f"cannot encode NaN in {fmt.name}: the format has no NaN code")
+    m, nb = fmt.man_bits, fmt.bits
+    a = v.abs()
+    bits = a.view(torch.int32)
+    e_field = (bits >> 23) - 127 + fmt.bias
+    mag = (e_field << m) | ((bits >> (23 - m)) & ((1 << m) - 1))
+    if fmt.emin > -126:
+        sub = (a * 2.0 ** (-fmt.emin) * 2.0**m).to(torch.int32)
+        mag = torch.where(a < fmt.min_normal, sub, mag)
+    top_exp = (1 << fmt.exp_bits) - 1
+    if fmt.has_inf:
+        mag = torch.where(torch.isinf(a), torch.full_like(mag, top_exp << m), mag)
+        nan_code = (top_exp << m) | (1 << (m - 1) if m > 0 else 0)
+    else:
+        nan_code = (1 << (nb - 1)) - 1
+    if fmt.has_nan:
+        mag = torch.where(torch.isnan(a), torch.full_like(mag, nan_code), mag)
+    code = mag | (torch.signbit(v).to(torch.int32) << (nb - 1))
+    return code.to(torch.uint8) if nb <= 8 else code
+
+
+def codes_to_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """float32 values of bit patterns (inverse of :func:`values_to_codes`)."""
+    for name, dt in _NATIVE_F8.items():
+        if _is_registered(fmt, name):
+            return c.view(dt).to(torch.float32)
+    for name, (dt, it) in _WIDE.items():
+        if _is_registered(fmt, name):
+            return c.view(dt).to(torch.float32)
+    ci = c.to(torch.int32) & ((1 << fmt.bits) - 1)
+    if fmt.kind == "int":
+        half = 1 << (fmt.bits - 1)
+        return torch.where(ci >= half, ci - (1 << fmt.bits), ci).to(torch.float32)
+    if fmt.kind == "scale":
+        v = _sc.pow2(ci - 127)
+        return torch.where(ci == 255, torch.full_like(v, float("nan")), v)
+    m, nb = fmt.man_bits, fmt.bits
+    sign = (ci >> (nb - 1)) & 1
+    mag = ci & ((1 << (nb - 1)) - 1)
+    e_field = mag >> m
+    man = mag & ((1 << m) - 1)
+    normal = (((e_field - fmt.bias + 127) << 23) | (man << (23 - m))).view(torch.float32)
+    subn = man.to(torch.float32) * fmt.min_subnormal
+    val = torch.where(e_field == 0, subn, normal)
+    top_exp = (1 << fmt.exp_bits) - 1
+    if fmt.has_inf:
+        special = e_field == top_exp
+        val = torch.where(special & (man == 0), torch.full_like(val, float("inf")), val)
+        val = torch.where(special & (man != 0), torch.full_like(val, float("nan")), val)
+    elif fmt.has_nan:
+        val = torch.where(mag == (1 << (nb - 1)) - 1, torch.full_like(val, float("nan")), val)
+    return torch.where(sign.bool(), -val, val)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes (uint8, any shape) two per byte along the flattened order: element 2i in the low nibble,
+    2i+1 in the high nibble (torch.float4_e2m1fn_x2's layout); an odd count is padded with a zero nibble."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_nibbles` (flat uint8 tensor of ``numel`` codes)."""
+    out = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)
+    return out[:numel]
+
+
+@dataclass
+class Encoded:
+    """An encoded tensor. ``codes``: format bit patterns (4-bit formats two per byte when ``packed``);
+    ``scale``: stored scales (None when unscaled), ``global_scale``: fp32 tensor scale of E4M3-scaled specs."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor | None
+    spec: QuantSpec
+    shape: torch.Size
+    dtype: torch.dtype
+    global_scale: torch.Tensor | None = None
+    packed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes plus scales."""
+        n = self.codes.numel() * self.codes.element_size()
+        for t in (self.scale, self.global_scale):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only tensors and plain Python values (safe for ``torch.load(weights_only=True)``)."""
+        return {"codes": self.codes, "scale": self.scale, "global_scale": self.global_scale,
+                "spec": str(self.spec), "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
+                "packed": self.packed}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Encoded":
+        return cls(codes=d["codes"], scale=d["scale"], spec=QuantSpec.parse(d["spec"]), shape=torch.Size(d["shape"]),
+                   dtype=_DTYPES[d["dtype"]], global_scale=d.get("global_scale"), packed=bool(d["packed"]))
+
+
+def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = None, scaling: Any = None,
+           saturate: bool | None = None, generator: torch.Generator | None = None, pack: bool = True) -> Encoded:
+    """Quantize ``x`` and return its codes and scales (see the module docstring for the layout)."""
+    _check_tensor(x)
+    s = _spec(fmt, rounding=rounding, scaling=scaling, saturate=saturate)
+    fmt_ = s.format
+    x32 = x.float() if x.dtype != torch.float32 else x
+    kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
+    scale = glob = None
+    if s.scaling is None:
+        q = round_to_format(x32, fmt_, s.rounding, **kw)
+    else:
+        view, undo = _sc.to_scaling_view(x32, s.scaling)
+        info = _sc.compute_scale(view, s.scaling, fmt_)
+        safe = torch.where(info.scale == 0, torch.ones_like(info.scale), info.scale)
+        q = round_to_format(view / safe, fmt_, s.rounding, **kw)
+        q = torch.where(info.scale == 0, q * 0.0, q)  # an E4M3 block scale of 0 zeroes its block
+        q = undo(q)
+        scale, glob = info.codes, info.global_scale
+        if s.scaling.mode == "block":
+            scale = scale.squeeze(-1)
+    codes = values_to_codes(q, fmt_)
+    packed = bool(pack and fmt_.bits == 4)
+    if packed:
+        codes = pack_nibbles(codes)
+    return Encoded(codes, scale, s, x.shape, x.dtype, glob, packed)
+
+
+def decode(enc: Encoded) -> torch.Tensor:
+    """Values of an :class:`Encoded` (shape and dtype of the original tensor)."""
+    s, fmt = enc.spec, enc.spec.format
+    n = 1
+    for d in enc.shape:
+        n *= d
+    codes = unpack_nibbles(enc.codes, n) if enc.packed else enc.codes
+    v = codes_to_values(codes.reshape(enc.shape), fmt)
+    if s.scaling is None:
+        return v.to(enc.dtype)
+    view, undo = _sc.to_scaling_view(v, s.scaling)
+    sf = s.scaling.scale_format
+    if sf == "e8m0":
+        scale = _sc.pow2(enc.scale.to(torch.int32) - 127)
+    elif sf == "e4m3":
+        scale = enc.scale.view(torch.float8_e4m3fn).to(torch.float32) * enc.global_scale
+    else:
+        scale = enc.scale
+    if s.scaling.mode == "block":
+        scale = scale.unsqueeze(-1)
+    return undo(view * scale).to(enc.dtype)

@@ -1,0 +1,372 @@
+"""Quantized layers: every GEMM operand quantized per a PrecisionPolicy, forward and backward.
+
+``convert(model, policy)`` swaps, in place:
+
+- ``nn.Linear`` -> ``QuantLinear``: all three GEMMs quantized (the microxcaling ``mx/linear.py`` pattern):
+    forward      y  = Q_act(x)        @ Q_w(W)^T     reduction over in_features
+    grad-input   dx = Q_grad(dy)      @ Q_w(W)       reduction over out_features
+    grad-weight  dW = Q_grad(dy)^T    @ Q_act(x)     reduction over the batch/token rows
+  Block scaling runs along each GEMM's own reduction axis (so W, x and dy are quantized twice, once per GEMM,
+  when the spec is block-scaled); channel scaling puts one scale per row of the left operand / column of the
+  right one (over the reduction axis); tensor scaling is shared. The bias is added in fp32 and its gradient is
+  the fp32 sum of the unquantized grad_output (as Transformer Engine does).
+- ``nn.Embedding`` -> ``QuantEmbedding``: the table is quantized per ``policy.weight`` (block/channel along the
+  embedding dimension) in the forward; the gradient passes straight through to the fp32 table.
+
+Not converted (kept in full precision): attention score/value matmuls inside ``scaled_dot_product_attention``,
+normalisations, convolutions (``nn.Conv2d`` is not converted; a CNN's Linear layers are), element-wise ops.
+
+Backends: ``"emulated"`` quantizes then multiplies in fp32 (or through ``lowprec.accumulate.matmul`` when the
+policy has an accumulator). ``"native"`` runs ``torch._scaled_mm`` on float8 operands: each operand is first
+quantized by lowprec (so every rounding mode works) and its grid values cast exactly to
+``torch.float8_e4m3fn``/``float8_e5m2``; it needs E4M3/E5M2 formats with no, tensor or channel (row-wise)
+scaling, no accumulator, and ``lowprec.hardware.probe()`` saying ``_scaled_mm`` runs on the device.
+``"auto"`` picks native per GEMM when those hold (and, on CUDA, dimensions are multiples of 16), else emulated.
+Native and emulated multiply the same values and both accumulate in fp32: they differ by summation order only.
+
+Under the ``fp32`` policy (or any policy leaving weight, activation, grad and accumulator unset) the layers call
+``F.linear`` / ``F.embedding`` directly: bit-for-bit the unconverted model. Parameters are the same objects
+(an optimizer built before ``convert`` keeps working) and ``state_dict`` keys are unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowprec import hardware
+from lowprec.accumulate import matmul as acc_matmul
+from lowprec.policy import PrecisionPolicy
+from lowprec.quantize import QuantSpec, quantize_with_scale
+from lowprec.telemetry import Telemetry
+
+__all__ = ["convert", "QuantLinear", "QuantEmbedding", "BACKENDS", "native_dtype"]
+
+BACKENDS = ("auto", "native", "emulated")
+_GEMM_ROLES = ("weight", "activation", "grad")
+
+
+def native_dtype(spec: QuantSpec | None) -> torch.dtype | None:
+    """The torch float8 dtype holding ``spec``'s element format exactly, or None."""
+    if spec is None:
+        return None
+    f = spec.format
+    key = (f.kind, f.exp_bits, f.man_bits, f.bias, f.has_inf, f.has_nan)
+    if key == ("float", 4, 3, 7, False, True) and hasattr(torch, "float8_e4m3fn"):
+        return torch.float8_e4m3fn
+    if key == ("float", 5, 2, 15, True, True) and hasattr(torch, "float8_e5m2"):
+        return torch.float8_e5m2
+    return None
+
+
+def _native_reason(spec: QuantSpec | None) -> str | None:
+    """Why ``spec`` cannot be a native _scaled_mm operand (None if it can)."""
+    if spec is None:
+        return "operand not quantized"
+    if native_dtype(spec) is None:
+        return f"format {spec.format.name} is not E4M3/E5M2"
+    sc = spec.scaling
+    if sc is not None and sc.mode not in ("tensor", "channel"):
+        return f"{sc.mode} scaling (native needs none, tensor or channel/row-wise)"
+    return None
+
+
+def _is_identity(spec: QuantSpec | None) -> bool:
+    if spec is None:
+        return True
+    f = spec.format
+    return (f.kind == "float" and f.exp_bits == 8 and f.man_bits == 23 and spec.scaling is None
+            and not spec.flush_subnormals)
+
+
+def _axis_spec(spec: QuantSpec, reduce_axis: int) -> QuantSpec:
+    """The spec for a 2-D operand whose GEMM reduces over ``reduce_axis``."""
+    sc = spec.scaling
+    if sc is None or sc.mode == "tensor":
+        return spec
+    if sc.mode == "block":
+        return replace(spec, scaling=replace(sc, axis=reduce_axis))
+    if sc.mode == "channel":  # one scale per index of the kept axis, amax over the reduction axis
+        return replace(spec, scaling=replace(sc, axis=1 - reduce_axis))
+    raise ValueError(f"unknown scaling mode {sc.mode!r}")
+
+
+def _axis_free(spec: QuantSpec | None) -> bool:
+    """Quantizing with this spec gives the same result whatever the reduction axis (and is deterministic)."""
+    if spec is None:
+        return True
+    deterministic = getattr(spec.rounding, "value", spec.rounding) != "stochastic"
+    return deterministic and (spec.scaling is None or spec.scaling.mode == "tensor")
+
+
+class _Operand:
+    """A quantized 2-D operand: values ``q`` (fp32, on the grid times scale), its scale (None = 1) and spec."""
+
+    __slots__ = ("q", "scale", "spec")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec | None):
+        self.q, self.scale, self.spec = q, scale, spec
+
+    def t(self) -> "_Operand":
+        s = self.scale
+        if s is not None and s.dim() == 2:
+            s = s.t()
+        return _Operand(self.q.t(), s, self.spec)
+
+
+class _Site:
+    """Per-layer configuration shared by the forward and backward of its autograd function."""
+
+    def __init__(self, policy: PrecisionPolicy, backend: str, name: str, telemetry: Telemetry | None):
+        self.policy = policy
+        self.backend = backend
+        self.name = name
+        self.telemetry = telemetry
+        self.specs = {r: (None if _is_identity(getattr(policy, r)) else getattr(policy, r)) for r in _GEMM_ROLES}
+        self.accumulator = policy.accumulator
+        self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
+        if backend == "native":
+            problems = self.native_problems("weight", "activation") + self.native_problems("grad", "weight") \
+                + self.native_problems("grad", "activation")
+            if problems:
+                raise ValueError(f"backend='native' impossible for policy {policy}: {'; '.join(sorted(set(problems)))}"
+                                 f"; use backend='auto' or 'emulated'")
+
+    def native_problems(self, role_a: str, role_b: str) -> list[str]:
+        out = []
+        for role in (role_a, role_b):
+            why = _native_reason(self.specs[role])
+            if why:
+                out.append(f"{role}: {why}")
+        if self.accumulator is not None:
+            out.append("an accumulator is emulated only")
+        return out
+
+    def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool) -> _Operand:
+        spec = self.specs[role]
+        if spec is None:
+            return _Operand(t, None, None)
+        spec = _axis_spec(spec, reduce_axis)
+        q, scale = quantize_with_scale(t, spec)
+        tel = self.telemetry
+        if record and tel is not None and tel.wants():
+            tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+        return _Operand(q, scale, spec)
+
+    # ------------------------------------------------------------------ GEMM
+    def use_native(self, a: _Operand, b: _Operand) -> bool:
+        if self.backend == "emulated" or self.accumulator is not None:
+            return False
+        if _native_reason(a.spec) or _native_reason(b.spec):
+            return False
+        rowwise = any(o.spec.scaling is not None and o.spec.scaling.mode == "channel" for o in (a, b))
+        device = a.q.device
+        ok = hardware.scaled_mm_ok(device, rowwise=rowwise)
+        if ok and device.type == "cuda":
+            ok = all(d % 16 == 0 for d in (*a.q.shape, b.q.shape[1]))
+        if not ok and self.backend == "native":
+            raise RuntimeError(f"backend='native': torch._scaled_mm unavailable for shapes {tuple(a.q.shape)} x "
+                               f"{tuple(b.q.shape)} on {device}: {hardware.probe()}")
+        return ok
+
+    def gemm(self, a: _Operand, b: _Operand) -> torch.Tensor:
+        """a [M, K] @ b [K, N] in fp32."""
+        if self.use_native(a, b):
+            return _scaled_mm(a, b)
+        if self.accumulator is not None:
+            return acc_matmul(a.q, b.q, self.accumulator)
+        return a.q @ b.q
+
+
+def _to_fp8(op: _Operand) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q = op.q if op.scale is None else op.q / op.scale   # grid values: the cast below is exact
+    return q.to(native_dtype(op.spec)), op.scale
+
+
+def _scaled_mm(a: _Operand, b: _Operand) -> torch.Tensor:
+    a8, sa = _to_fp8(a)
+    b8, sb = _to_fp8(b)
+    M, N = a8.shape[0], b8.shape[1]
+    rowwise = (sa is not None and sa.numel() > 1) or (sb is not None and sb.numel() > 1)
+    dev = a8.device
+    if rowwise:  # per row of a, per column of b
+        sa = (torch.ones(M, 1, device=dev) if sa is None else sa.float().expand(M, a8.shape[1])[:, :1]).contiguous()
+        sb = (torch.ones(1, N, device=dev) if sb is None else sb.float().expand(b8.shape[0], N)[:1, :]).contiguous()
+    else:
+        sa = torch.ones((), device=dev) if sa is None else sa.float().reshape(())
+        sb = torch.ones((), device=dev) if sb is None else sb.float().reshape(())
+    return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=sa, scale_b=sb,
+                            out_dtype=torch.float32)
+
+
+class _QuantLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: _Site):
+        out_dtype = torch.result_type(x, weight)
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        w = weight.float()
+        qx = site.quant(x2, "activation", reduce_axis=1, record=True)
+        qw = site.quant(w, "weight", reduce_axis=1, record=True)
+        y = site.gemm(qx, qw.t())
+        if bias is not None:
+            y = y + bias.float()
+        ctx.site = site
+        ctx.x_shape = x.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, w, qx.q, qw.q, qx.scale, qw.scale)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        site: _Site = ctx.site
+        x2, w, qxq, qwq, qxs, qws = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        recorded = False
+        if need_x:   # dx [M, K] = dy [M, N] @ W [N, K]; reduction over N
+            qg = site.quant(g2, "grad", reduce_axis=1, record=True)
+            recorded = True
+            if _axis_free(site.specs["weight"]):
+                qw = _Operand(qwq, qws, site.specs["weight"])
+            else:
+                qw = site.quant(w, "weight", reduce_axis=0, record=False)
+            grad_x = site.gemm(qg, qw).reshape(ctx.x_shape).to(ctx.dtypes[0])
+        if need_w:   # dW [N, K] = dy^T [N, M] @ x [M, K]; reduction over M
+            if recorded and _axis_free(site.specs["grad"]):
+                qgw = qg
+            else:
+                qgw = site.quant(g2, "grad", reduce_axis=0, record=not recorded)
+            if _axis_free(site.specs["activation"]):
+                qx = _Operand(qxq, qxs, site.specs["activation"])
+            else:
+                qx = site.quant(x2, "activation", reduce_axis=0, record=False)
+            grad_w = site.gemm(qgw.t(), qx).to(ctx.dtypes[1])
+        if ctx.has_bias and need_b:
+            grad_b = g2.sum(0).to(ctx.dtypes[2])
+        return grad_x, grad_w, grad_b, None
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear whose three GEMMs are quantized per ``policy`` (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 policy: PrecisionPolicy | str = "fp32", backend: str = "auto", name: str = "",
+                 telemetry: Telemetry | None = None, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.configure(policy, backend=backend, name=name, telemetry=telemetry)
+
+    def configure(self, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                  telemetry: Telemetry | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+        self._site = _Site(PrecisionPolicy.parse(policy), backend, name, telemetry)
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return self._site.policy
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                    telemetry: Telemetry | None = None) -> "QuantLinear":
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, lin.bias is not None, policy=policy, backend=backend,
+                      name=name, telemetry=telemetry)
+        new.weight = lin.weight          # the same Parameter objects
+        new.bias = lin.bias
+        new.train(lin.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._site.noop:
+            return F.linear(x, self.weight, self.bias)
+        return _QuantLinearFn.apply(x, self.weight, self.bias, self._site)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, policy={self._site.policy}, backend={self._site.backend}"
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantize in the forward, identity gradient (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, site: _Site, role: str, reduce_axis: int):
+        return site.quant(w.float(), role, reduce_axis=reduce_axis, record=True).q.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None, None, None
+
+
+class QuantEmbedding(nn.Embedding):
+    """nn.Embedding whose table is quantized per ``policy.weight`` in the forward (straight-through backward)."""
+
+    def configure(self, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                  telemetry: Telemetry | None = None) -> None:
+        self._site = _Site(PrecisionPolicy.parse(policy), "emulated", name, telemetry)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, policy: PrecisionPolicy | str, *, name: str = "",
+                       telemetry: Telemetry | None = None) -> "QuantEmbedding":
+        with torch.device("meta"):
+            new = cls(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, max_norm=emb.max_norm,
+                      norm_type=emb.norm_type, scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse)
+        new.weight = emb.weight
+        new.train(emb.training)
+        new.configure(policy, name=name, telemetry=telemetry)
+        return new
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self._site.specs["weight"] is not None:
+            # a row is one embedding vector: block/channel scaling along the embedding dimension
+            w = _FakeQuantSTE.apply(w, self._site, "weight", 1)
+        return F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, policy={self._site.policy}"
+
+
+def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
+            filter: Callable[[str, nn.Module], bool] | None = None, backend: str = "auto",
+            telemetry: Telemetry | None = None) -> nn.Module:
+    """Swap ``nn.Linear`` / ``nn.Embedding`` modules of ``model`` (in place) for quantized ones.
+
+    ``filter(name, module) -> bool`` selects which modules to convert (default: all). ``policy``: a
+    PrecisionPolicy, a preset name or a compact string. Already-converted layers get the new policy.
+    Returns ``model`` (a bare ``nn.Linear``/``nn.Embedding`` passed as ``model`` is returned converted).
+    Telemetry sites are ``"<module name>:<role>"``.
+    """
+    policy = PrecisionPolicy.parse(policy)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert needs an nn.Module, got {type(model).__name__}")
+
+    def swap(name: str, mod: nn.Module) -> nn.Module:
+        if filter is not None and not filter(name, mod):
+            return mod
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            mod.configure(policy, backend=backend, name=name or mod.__class__.__name__, telemetry=telemetry)
+            return mod
+        if type(mod) is nn.Linear:
+            return QuantLinear.from_linear(mod, policy, backend=backend, name=name or "linear", telemetry=telemetry)
+        if type(mod) is nn.Embedding:
+            return QuantEmbedding.from_embedding(mod, policy, name=name or "embedding", telemetry=telemetry)
+        return mod
+
+    root = swap("", model)
+    if root is not model:
+        return root
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            new = swap(full, child)
+            if new is not child:
+                setattr(parent, child_name, new)
+    return model

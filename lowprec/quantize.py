@@ -1,0 +1,483 @@
+"""Put a tensor onto a low-precision grid: scale -> round -> unscale, in one place.
+
+Semantics (all formats are emulated in float32; the result has the input's dtype and device):
+
+* ``nearest`` rounds to nearest, ties to even; ``toward_zero`` truncates; ``stochastic`` rounds up with
+  probability equal to the distance to the lower neighbour divided by the gap (``rand_bits`` limits the number
+  of random bits, as hardware does: the fraction is then truncated to that many bits).
+* ``saturate=True`` clamps to ``±max`` (±inf too). ``saturate=False`` gives the format's own overflow: inf where
+  it has inf, else NaN where it has NaN, else (FP6/FP4, integers) the value saturates anyway.
+* NaN in gives NaN out, for every format (integers and FP6/FP4 included: the output is a float tensor, and a
+  NaN never silently becomes a number; ml_dtypes turns NaN into 0 for FP4/FP6, we do not).
+* Subnormals of the target format are honoured; ``flush_subnormals=True`` sets results whose magnitude is below
+  the smallest normal to a zero of the same sign.
+* ``e4m3``/``e5m2`` with ``nearest`` use torch's native float8 casts (the hardware path); ``bf16``/``fp16``
+  with ``nearest`` use torch's casts. Everything else uses float32 bit arithmetic that agrees with them.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .formats import FORMATS, Format, get_format
+from . import scaling as _sc
+
+__all__ = ["Rounding", "Scaling", "QuantSpec", "spec", "quantize", "quantize_with_scale", "round_to_format",
+           "SCALED_FORMATS"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Rounding(str, enum.Enum):
+    """Rounding mode; plain strings (``"nearest"``, ``"stochastic"``, ``"toward_zero"``) are accepted too."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+    TOWARD_ZERO = "toward_zero"
+
+    @classmethod
+    def parse(cls, value: "str | Rounding") -> "Rounding":
+        if isinstance(value, Rounding):
+            return value
+        if isinstance(value, str):
+            v = value.strip().lower().replace("-", "_")
+            v = {"rne": "nearest", "sr": "stochastic", "tz": "toward_zero", "trunc": "toward_zero"}.get(v, v)
+            for r in cls:
+                if r.value == v:
+                    return r
+        raise ValueError(f"unknown rounding {value!r}; valid: {', '.join(r.value for r in cls)}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SCALING_MODES = ("tensor", "channel", "block")
+_SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """How scales are chosen before rounding (``q = round(x / scale) * scale``).
+
+    mode: ``"tensor"`` (one scale), ``"channel"`` (one scale per index along ``axis``, amax over the other
+    axes), ``"block"`` (blocks of ``block_size`` contiguous elements along ``axis``; a ragged last block is
+    padded with zeros). scale_format: ``"fp32"`` (scale = amax / fmt.max), ``"e8m0"`` (power of two, OCP MX:
+    2**(floor(log2(amax)) - emax_elem), clamped to 2**±127; elements saturate) or ``"e4m3"`` (NVFP4: E4M3 scale
+    of (amax / fmt.max) / s_global times an fp32 tensor scale s_global = tensor_amax / (448 * fmt.max)).
+    Amax is taken over finite values. Fields that do not apply to the mode are normalized to their defaults.
+    """
+
+    mode: str
+    axis: int = -1
+    block_size: int = 32
+    scale_format: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.mode not in _SCALING_MODES:
+            raise ValueError(f"unknown scaling mode {self.mode!r}; valid: {', '.join(_SCALING_MODES)}")
+        if self.scale_format not in _SCALE_FORMATS:
+            raise ValueError(f"unknown scale_format {self.scale_format!r}; valid: {', '.join(_SCALE_FORMATS)}")
+        if not isinstance(self.axis, int) or isinstance(self.axis, bool):
+            raise TypeError(f"Scaling.axis must be an int, got {self.axis!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
+            raise ValueError(f"invalid block size {bs!r}: must be a positive int (e.g. 16, 32, 128)")
+        if self.mode == "tensor":
+            object.__setattr__(self, "axis", -1)
+        if self.mode != "block":
+            object.__setattr__(self, "block_size", 32)
+
+    def __str__(self) -> str:
+        s = "block%d" % self.block_size if self.mode == "block" else self.mode
+        if self.mode != "tensor" and self.axis != -1:
+            s += f":axis={self.axis}"
+        if self.scale_format != "fp32":
+            s += f":scale={self.scale_format}"
+        return s
+
+
+# Named scaled formats: element format + block scaling, usable wherever a format name is.
+SCALED_FORMATS: dict[str, tuple[str, Scaling]] = {
+    "mxfp8": ("e4m3", Scaling("block", -1, 32, "e8m0")),
+    "mxfp8_e5m2": ("e5m2", Scaling("block", -1, 32, "e8m0")),
+    "mxfp6": ("e2m3", Scaling("block", -1, 32, "e8m0")),
+    "mxfp6_e2m3": ("e2m3", Scaling("block", -1, 32, "e8m0")),
+    "mxfp6_e3m2": ("e3m2", Scaling("block", -1, 32, "e8m0")),
+    "mxfp4": ("e2m1", Scaling("block", -1, 32, "e8m0")),
+    "nvfp4": ("e2m1", Scaling("block", -1, 16, "e4m3")),
+}
+_CANONICAL_SCALED = ("mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp4", "nvfp4")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Everything that defines one quantization: format + rounding + scaling + overflow/underflow options.
+
+    ``format`` and ``rounding`` accept names; they are normalized to :class:`Format` / :class:`Rounding`.
+    """
+
+    format: Format
+    rounding: Rounding = Rounding.NEAREST
+    scaling: Scaling | None = None
+    saturate: bool = True
+    flush_subnormals: bool = False
+    rand_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", get_format(self.format))
+        object.__setattr__(self, "rounding", Rounding.parse(self.rounding))
+        if self.scaling is not None and not isinstance(self.scaling, Scaling):
+            object.__setattr__(self, "scaling", _parse_scaling(self.scaling))
+        if self.rand_bits is not None:
+            if not isinstance(self.rand_bits, int) or isinstance(self.rand_bits, bool) or not 1 <= self.rand_bits <= 32:
+                raise ValueError(f"rand_bits must be None or an int in [1, 32], got {self.rand_bits!r}")
+        if self.format.kind == "scale" and self.scaling is not None:
+            raise ValueError("the e8m0 scale format cannot itself be scaled")
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        """Parse ``"fmt[:token...]"``. Tokens: ``nearest|stochastic|toward_zero``, ``sat|nosat``, ``flush``,
+        ``tensor|channel|block<N>``, ``axis=<int>``, ``scale=<fp32|e8m0|e4m3>``, ``randbits=<int>``.
+        ``fmt`` may be a scaled format name (``mxfp8``, ``mxfp6``, ``mxfp4``, ``nvfp4``)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a spec must be a non-empty string like 'e4m3:stochastic', got {text!r}")
+        parts = [p.strip() for p in text.strip().split(":")]
+        name = parts[0].lower()
+        kw: dict[str, Any] = {}
+        mode = axis = bs = sfmt = None
+        if name in SCALED_FORMATS:
+            fmt_name, sc = SCALED_FORMATS[name]
+            fmt = get_format(fmt_name)
+            mode, axis, bs, sfmt = sc.mode, sc.axis, sc.block_size, sc.scale_format
+        else:
+            fmt = get_format(name)
+        for tok in parts[1:]:
+            t = tok.lower()
+            if t in ("nearest", "stochastic", "toward_zero", "rne", "sr", "tz"):
+                kw["rounding"] = Rounding.parse(t)
+            elif t in ("sat", "saturate"):
+                kw["saturate"] = True
+            elif t in ("nosat", "nosaturate"):
+                kw["saturate"] = False
+            elif t in ("flush", "ftz"):
+                kw["flush_subnormals"] = True
+            elif t in ("tensor", "channel"):
+                mode = t
+            elif re.fullmatch(r"block\d+", t):
+                mode, bs = "block", int(t[5:])
+            elif t.startswith("axis="):
+                axis = _int_token(t, "axis")
+            elif t.startswith("scale="):
+                sfmt = t.split("=", 1)[1]
+            elif t.startswith("randbits=") or t.startswith("rand_bits="):
+                kw["rand_bits"] = _int_token(t, "randbits")
+            else:
+                raise ValueError(f"unknown token {tok!r} in spec {text!r}; valid tokens: nearest, stochastic, "
+                                 "toward_zero, sat, nosat, flush, tensor, channel, block<N>, axis=<int>, "
+                                 "scale=<fp32|e8m0|e4m3>, randbits=<int>")
+        if mode is None and (axis is not None or bs is not None or sfmt is not None):
+            raise ValueError(f"spec {text!r}: axis=/scale= need a scaling token (tensor, channel, block<N>)")
+        if mode is not None:
+            kw["scaling"] = Scaling(mode, -1 if axis is None else axis, 32 if bs is None else bs,
+                                    "fp32" if sfmt is None else sfmt)
+        return cls(fmt, **kw)
+
+    def __str__(self) -> str:
+        head, parts = self.format.name, []
+        if self.scaling is not None:
+            named = next((n for n in _CANONICAL_SCALED if SCALED_FORMATS[n] == (self.format.name, self.scaling)), None)
+            if named:
+                head = named
+            else:
+                parts.append(str(self.scaling))
+        if self.rounding != Rounding.NEAREST:
+            parts.insert(0, self.rounding.value)
+        if not self.saturate:
+            parts.append("nosat")
+        if self.flush_subnormals:
+            parts.append("flush")
+        if self.rand_bits is not None:
+            parts.append(f"randbits={self.rand_bits}")
+        return ":".join([head] + parts)
+
+
+def _int_token(t: str, what: str) -> int:
+    try:
+        return int(t.split("=", 1)[1])
+    except ValueError:
+        raise ValueError(f"{what}= needs an integer, got {t!r}") from None
+
+
+def _parse_scaling(s: Any) -> Scaling:
+    if isinstance(s, Scaling):
+        return s
+    if isinstance(s, str):
+        sp = QuantSpec.parse("fp32:" + s)
+        if sp.scaling is None:
+            raise ValueError(f"not a scaling: {s!r}; e.g. 'tensor', 'channel:axis=0', 'block32:scale=e8m0'")
+        return sp.scaling
+    raise TypeError(f"scaling must be a Scaling, a string like 'block32' or None, got {type(s).__name__}")
+
+
+def spec(x: "str | Format | QuantSpec", **overrides: Any) -> QuantSpec:
+    """Resolve a name (``"e4m3:stochastic"``, ``"mxfp8"``), a :class:`Format` or a :class:`QuantSpec`.
+    Keyword overrides that are not None replace the spec's fields (``scaling="none"`` removes scaling)."""
+    if isinstance(x, QuantSpec):
+        s = x
+    elif isinstance(x, str):
+        s = QuantSpec.parse(x)
+    else:
+        s = QuantSpec(get_format(x))
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    if "scaling" in kw:
+        kw["scaling"] = None if (isinstance(kw["scaling"], str) and kw["scaling"].lower() == "none") \
+            else _parse_scaling(kw["scaling"])
+    if "rounding" in kw:
+        kw["rounding"] = Rounding.parse(kw["rounding"])
+    return replace(s, **kw) if kw else s
+
+
+# --------------------------------------------------------------------------------------------------------
+# rounding onto an unscaled grid (float32 in, float32 out)
+# --------------------------------------------------------------------------------------------------------
+
+_NATIVE_F8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_NATIVE_16 = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _overflow_value(fmt: Format) -> float:
+    if fmt.has_inf:
+        return float("inf")
+    if fmt.has_nan:
+        return float("nan")
+    return fmt.max
+
+
+def _random_bits(n_shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """int32 tensor of shape ``n_shape`` with 31 uniformly random low bits (cheap: 64-bit random_ viewed as int32)."""
+    n = 1
+    for d in n_shape:
+        n *= d
+    r64 = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(generator=generator)
+    return r64.view(torch.int32)[:n].view(n_shape)
+
+
+def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """Stochastic rounding of non-negative float32 ``a`` (NaN allowed, no inf) onto ``fmt``'s grid.
+
+    Adds a uniform random offset below the kept mantissa bits, then truncates: exact SR with 23-M random bits in
+    the format's normal range; values in the subnormal range are shifted by 2**emin first (same absolute
+    resolution, 2**(emin-23))."""
+    m = fmt.man_bits
+    drop = 23 - m
+    emin_val = fmt.min_normal
+    sub = a < emin_val
+    shift = sub * emin_val  # 2**emin where a is in the subnormal range, else 0
+    a = a + shift
+    bits = a.view(torch.int32)
+    ebits = bits & 0x7F800000
+    r = _random_bits(a.shape, a.device, generator)
+    nb = drop if rand_bits is None else min(rand_bits, drop)
+    r &= (1 << nb) - 1
+    if nb < drop:
+        r <<= drop - nb
+    r |= ebits
+    delta = r.view(torch.float32)
+    delta -= ebits.view(torch.float32)  # uniform in [0, ulp) with resolution 2**(e-23)
+    a += delta
+    bits = a.view(torch.int32)
+    bits &= ~((1 << drop) - 1)
+    a -= shift
+    if m == 0:  # truncation would turn NaN into inf
+        a = torch.where(torch.isnan(delta), delta, a)
+    return a
+
+
+def _toward_zero_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
+    m, drop = fmt.man_bits, 23 - fmt.man_bits
+    bits = a.view(torch.int32) & ~((1 << drop) - 1)
+    q = bits.view(torch.float32)
+    if fmt.emin > -126:
+        up = 2.0 ** (m - fmt.emin)
+        sub = torch.trunc(a * up).mul_(1.0 / up)
+        q = torch.where(a < fmt.min_normal, sub, q)
+    if m == 0:
+        q = torch.where(torch.isnan(a), a, q)
+    return q
+
+
+def _nearest_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Round-to-nearest-even of non-negative float32 ``a`` (NaN allowed, a <= 2**(emax+1))."""
+    m = fmt.man_bits
+    if fmt.emax + 24 - m <= 127 and fmt.emin - m + 23 >= -126:
+        # magic-number rounding: adding C = 2**(max(e, emin) + 23 - M) makes float32 round at the target ulp
+        c_bits = torch.clamp_min(a.view(torch.int32) & 0x7F800000, (fmt.emin + 127) << 23)
+        c_bits += (23 - m) << 23
+        c = c_bits.view(torch.float32)
+        q = a + c
+        q -= c
+        return q
+    drop = 23 - m
+    bits = a.view(torch.int32)
+    t = (bits >> drop) & 1
+    t += (1 << (drop - 1)) - 1 if drop > 0 else 0
+    t += bits
+    t &= ~((1 << drop) - 1)
+    q = t.view(torch.float32)
+    if fmt.emin > -126:
+        up = 2.0 ** (m - fmt.emin)
+        sub = torch.round(a * up).mul_(1.0 / up)
+        q = torch.where(a < fmt.min_normal, sub, q)
+    if m == 0:
+        q = torch.where(torch.isnan(a), a, q)
+    return q
+
+
+def _round_int(x: torch.Tensor, fmt: Format, rounding: Rounding, rand_bits: int | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+    lo, hi = fmt.min, fmt.max
+    if rounding == Rounding.NEAREST:
+        q = torch.round(x)
+    elif rounding == Rounding.TOWARD_ZERO:
+        q = torch.trunc(x)
+    else:
+        # clamp first so that x + u is exact (|x| small); NaN passes through clamp
+        xc = torch.clamp(x, lo - 1, hi + 1)
+        u = _random_bits(x.shape, x.device, generator) & ((1 << 24) - 1)
+        nb = 24 if rand_bits is None else min(rand_bits, 24)
+        if nb < 24:
+            u >>= 24 - nb
+            u <<= 24 - nb
+        q = torch.floor(xc + u.to(torch.float32) * 2.0**-24)
+    q = q.clamp_(lo, hi)
+    return q.add_(0.0)  # integers have no negative zero
+
+
+def _round_scale_format(x: torch.Tensor, fmt: Format, rounding: Rounding, saturate: bool,
+                        rand_bits: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """e8m0: positive powers of two 2**-127 .. 2**127; zero, negative values and NaN give NaN."""
+    a = torch.where(x > 0, x, torch.full_like(x, float("nan")))
+    a = a.clamp(max=2.0**128 if saturate is False else fmt.max)
+    e = torch.floor(torch.log2(a))  # a is a positive float: log2 exact on powers of two
+    lo = torch.exp2(e)
+    if rounding == Rounding.NEAREST:
+        frac = a / lo - 1.0  # exact
+        # ties (frac == 0.5) go to the even exponent
+        up = (frac > 0.5) | ((frac == 0.5) & (torch.remainder(e, 2) == 1))
+    elif rounding == Rounding.TOWARD_ZERO:
+        up = torch.zeros_like(a, dtype=torch.bool)
+    else:
+        u = _random_bits(x.shape, x.device, generator) & ((1 << 24) - 1)
+        up = (u.to(torch.float64) * 2.0**-24) < (a / lo - 1.0).to(torch.float64)
+    e = e + up
+    e = e.clamp(min=-127)
+    q = torch.exp2(e.to(torch.float64)).to(torch.float32)
+    q = torch.where(q > fmt.max, torch.full_like(q, float("nan")), q)
+    return torch.where(torch.isnan(a), a, q)
+
+
+def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.NEAREST, *,
+                    saturate: bool = True, flush_subnormals: bool = False, rand_bits: int | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round float32 ``x`` onto ``fmt``'s grid (no scaling). Returns a new float32 tensor."""
+    if fmt.kind == "int":
+        return _round_int(x, fmt, rounding, rand_bits, generator)
+    if fmt.kind == "scale":
+        return _round_scale_format(x, fmt, rounding, saturate, rand_bits, generator)
+    if fmt.name == "fp32":
+        return x.clone()
+    if rounding == Rounding.NEAREST and fmt.name in _NATIVE_F8 and fmt == FORMATS[fmt.name]:
+        q = _native_f8(x, fmt, saturate)
+    elif rounding == Rounding.NEAREST and fmt.name in _NATIVE_16 and fmt == FORMATS[fmt.name]:
+        xx = x.clamp(-fmt.max, fmt.max) if saturate else x
+        q = xx.to(_NATIVE_16[fmt.name]).to(torch.float32)
+    else:
+        a = x.abs()
+        limit = fmt.max if saturate else min(2.0 ** (fmt.emax + 1), _F32_MAX)
+        a.clamp_(max=limit)
+        if rounding == Rounding.NEAREST:
+            q = _nearest_float(a, fmt)
+        elif rounding == Rounding.TOWARD_ZERO:
+            q = _toward_zero_float(a, fmt)
+        else:
+            q = _stochastic_float(a, fmt, rand_bits, generator)
+        if not saturate:
+            q = q.masked_fill_(q > fmt.max, _overflow_value(fmt))
+        q = torch.copysign(q, x, out=q)
+    if flush_subnormals:
+        q = torch.where(q.abs() < fmt.min_normal, q * 0.0, q)
+    return q
+
+
+def _native_f8(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
+    dt = _NATIVE_F8[fmt.name]
+    if fmt.name == "e4m3":
+        # torch's CPU cast saturates (inf -> 448); make it explicit elsewhere (CUDA casts do not saturate)
+        xx = x if x.device.type == "cpu" else x.clamp(-fmt.max, fmt.max)
+        q = xx.to(dt).to(torch.float32)
+        if not saturate:
+            # overflow iff |x| > 464 (the tie 464 rounds to 448, mantissa even); inf included
+            q = q.masked_fill_(x.abs() > 464.0, float("nan"))
+        return q
+    xx = x.clamp(-fmt.max, fmt.max) if saturate else x  # e5m2 cast does not saturate
+    return xx.to(dt).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the one path: scale -> round -> unscale
+# --------------------------------------------------------------------------------------------------------
+
+def _check_tensor(x: Any) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a float32, bfloat16 or float16 tensor, got {x.dtype}")
+
+
+def _quantize(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
+              want_scale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_tensor(x)
+    x32 = x.float() if x.dtype != torch.float32 else x
+    fmt = s.format
+    if s.scaling is None:
+        q = round_to_format(x32, fmt, s.rounding, saturate=s.saturate, flush_subnormals=s.flush_subnormals,
+                            rand_bits=s.rand_bits, generator=generator)
+        return q.to(x.dtype), None
+    view, undo = _sc.to_scaling_view(x32, s.scaling)
+    scale = _sc.compute_scale(view, s.scaling, fmt).scale          # broadcastable to view
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an E4M3 block scale of 0 zeroes its block
+    q = round_to_format(view / safe, fmt, s.rounding, saturate=s.saturate,
+                        flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
+    q = undo(q.mul_(scale)).to(x.dtype)
+    full = undo(scale.expand_as(view).contiguous()) if want_scale and s.scaling.mode == "block" else scale
+    if want_scale and s.scaling.mode == "channel":
+        full = undo(scale)
+    return q, (full if want_scale else None)
+
+
+def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str | Rounding | None" = None,
+             saturate: bool | None = None, scaling: "Scaling | str | None" = None,
+             generator: torch.Generator | None = None, flush_subnormals: bool | None = None,
+             rand_bits: int | None = None) -> torch.Tensor:
+    """Quantize ``x`` onto ``fmt`` (a name such as ``"e4m3"``/``"mxfp4"``, a Format or a QuantSpec).
+
+    Keyword arguments that are not None override the spec's fields. Same shape, dtype and device as ``x``;
+    every value is representable in the format times its scale (up to the final cast to bf16/fp16 inputs when a
+    non-power-of-two scale is used). ``generator`` makes stochastic rounding reproducible."""
+    s = spec(fmt, rounding=rounding, saturate=saturate, scaling=scaling, flush_subnormals=flush_subnormals,
+             rand_bits=rand_bits)
+    return _quantize(x, s, generator, want_scale=False)[0]
+
+
+def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like :func:`quantize`, also returning the float32 scale broadcastable to ``x`` (None when unscaled):
+    ``q = round(x / scale) * scale``. Block scales are returned expanded to ``x``'s shape."""
+    return _quantize(x, spec(spec_), generator, want_scale=True)

@@ -1,0 +1,235 @@
+"""Numerics telemetry: what each quantization site did to its tensor, sampled every N steps.
+
+A *site* is one place a tensor is quantized: ``"<module name>:<role>"`` for layers converted by
+``lowprec.nn.convert`` (``"blocks.0.attn.qkv:weight"``, ``...:activation``, ``...:grad``) and
+``"optim:<name>"`` for ``lowprec.optim.wrap`` (``"optim:grad"``, ``"optim:exp_avg"``, ``"optim:exp_avg_sq"``,
+``"optim:master"``). One site seen several times in one step (weight tying, gradient accumulation, every
+parameter of an optimizer) is aggregated into one row per step by summing counts.
+
+Columns of ``frame()`` (one row per step and site, in execution order):
+
+- ``flushed_frac``: of the finite nonzero inputs, the fraction that became zero (underflow). 0 when none.
+- ``saturated_frac``: of all elements, the fraction that was finite but beyond the representable range
+  (``|x| > format max * scale``, with a relative slack of 1e-6 for the rounding of the scale itself; clamped
+  when the spec saturates) or became inf/NaN (overflow).
+- ``nan_count``, ``inf_count``: NaN / ±inf in the quantized output.
+- ``sqnr_db``: ``10·log10(Σx² / Σ(x−q)²)`` = torchao's ``20·log10(‖x‖/‖x−q‖)``; inf when exact.
+- ``scale_min``, ``scale_max``: range of the scale tensor (NaN when unscaled).
+- ``zero_frac``: fraction of output elements equal to zero (for second moments: entries at zero).
+- ``lost_update_frac``: master-weight sites only: of the parameters whose unrounded update was nonzero, the
+  fraction left unchanged by rounding to the master format.
+
+Statistics are computed only on sampled steps (``step % every == 0``); on the other steps, with
+``check_nonfinite=True``, each site pays one ``isfinite().all()`` so that ``first_nonfinite()`` still names the
+first site (in execution order) whose output held a NaN or inf.
+The step counter is advanced by ``next_step()``; ``lowprec.optim.wrap(..., telemetry=t)`` calls it after every
+optimizer step, so share one ``Telemetry`` between ``convert`` and ``wrap``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS"]
+
+ROLES = ("weight", "activation", "grad", "state", "master")
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")  # AdamW/Adam, AMSGrad, RMSprop, Adagrad
+
+_COUNTS = ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "sig2", "err2", "zeros", "intended", "lost")
+
+
+@dataclass
+class _Acc:
+    step: int
+    site: str
+    role: str
+    fmt: str
+    sampled: bool
+    counts: dict = field(default_factory=dict)
+    scale_min: float = math.nan
+    scale_max: float = math.nan
+
+    def add(self, name: str, value) -> None:
+        self.counts[name] = self.counts.get(name, 0) + value
+
+    def value(self, name: str) -> float:
+        v = self.counts.get(name, 0)
+        return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class Telemetry:
+    """Collects per-site quantization statistics every ``every`` steps (see module docstring)."""
+
+    def __init__(self, every: int = 1, *, check_nonfinite: bool = True,
+                 zero_states: tuple[str, ...] = SECOND_MOMENTS) -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.every = every
+        self.check_nonfinite = check_nonfinite
+        self.zero_states = tuple(zero_states)
+        self.step = 0
+        self._accs: dict[tuple[int, str, str], _Acc] = {}
+
+    # ------------------------------------------------------------------ step control
+    @property
+    def sampling(self) -> bool:
+        """True when the current step is a sampled one (statistics are computed)."""
+        return self.step % self.every == 0
+
+    def wants(self) -> bool:
+        """True when a site should call ``record`` this step (sampled, or checking for NaN/inf)."""
+        return self.sampling or self.check_nonfinite
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def reset(self) -> None:
+        self.step = 0
+        self._accs.clear()
+
+    def _acc(self, site: str, role: str, fmt: str, sampled: bool) -> _Acc:
+        key = (self.step, site, role)
+        acc = self._accs.get(key)
+        if acc is None:
+            acc = self._accs[key] = _Acc(self.step, site, role, fmt, sampled)
+        return acc
+
+    # ------------------------------------------------------------------ recording
+    @torch.no_grad()
+    def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
+               scale: torch.Tensor | None = None, fmt_max: float | None = None, fmt: str = "") -> None:
+        """Record one quantization ``x -> q`` (same shape; ``scale`` broadcastable to x, or None).
+
+        ``fmt_max``: the element format's largest finite value (for ``saturated_frac``).
+        """
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
+        if not self.sampling:
+            if not self.check_nonfinite or bool(torch.isfinite(q).all()):
+                return
+        acc = self._acc(site, role, fmt, self.sampling)
+        x = x.detach()
+        q = q.detach()
+        finite_x = torch.isfinite(x)
+        nonzero = finite_x & (x != 0)
+        acc.add("numel", q.numel())
+        acc.add("nonzero", nonzero.sum())
+        acc.add("flushed", (nonzero & (q == 0)).sum())
+        over = finite_x & ~torch.isfinite(q)
+        if fmt_max is not None:
+            # a few fp32 ulps of slack: with current scaling (scale = amax / max) the amax element itself sits
+            # at max * scale up to rounding and must not count as saturated
+            limit = fmt_max * (1 + 1e-6) if scale is None else fmt_max * (1 + 1e-6) * scale.detach().to(x.dtype)
+            over = over | (finite_x & (x.abs() > limit))
+        acc.add("saturated", over.sum())
+        acc.add("nan", torch.isnan(q).sum())
+        acc.add("inf", torch.isinf(q).sum())
+        xd = x.double()
+        acc.add("sig2", (xd * xd).sum())
+        acc.add("err2", ((xd - q.double()) ** 2).sum())
+        acc.add("zeros", (q == 0).sum())
+        if scale is not None:
+            s = scale.detach().float()
+            smin, smax = float(s.min()), float(s.max())
+            acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
+            acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
+
+    @torch.no_grad()
+    def record_zeros(self, site: str, role: str, q: torch.Tensor, fmt: str = "") -> None:
+        """Record only the zero fraction and NaN/inf of a stored tensor (an unquantized optimizer state)."""
+        if not self.sampling:
+            if not self.check_nonfinite or bool(torch.isfinite(q).all()):
+                return
+        acc = self._acc(site, role, fmt, self.sampling)
+        acc.add("numel", q.numel())
+        acc.add("zeros", (q == 0).sum())
+        acc.add("nan", torch.isnan(q).sum())
+        acc.add("inf", torch.isinf(q).sum())
+
+    @torch.no_grad()
+    def record_update(self, site: str, old: torch.Tensor, unrounded: torch.Tensor, new: torch.Tensor,
+                      fmt: str = "") -> None:
+        """Record lost updates: ``unrounded != old`` (an update was intended) but ``new == old`` after rounding."""
+        if not self.sampling:
+            return
+        acc = self._acc(site, "master", fmt, True)
+        intended = unrounded != old
+        acc.add("intended", intended.sum())
+        acc.add("lost", (intended & (new == old)).sum())
+
+    # ------------------------------------------------------------------ reading
+    @staticmethod
+    def _row(acc: _Acc) -> dict:
+        v = acc.value
+        numel, nonzero = v("numel"), v("nonzero")
+        sig2, err2, intended = v("sig2"), v("err2"), v("intended")
+        has_q = "sig2" in acc.counts
+        if not has_q:
+            sqnr = math.nan
+        elif err2 == 0:
+            sqnr = math.inf
+        elif math.isnan(sig2) or math.isnan(err2) or math.isinf(err2):
+            sqnr = math.nan
+        else:
+            sqnr = 10 * math.log10(sig2 / err2) if sig2 > 0 else -math.inf
+        return {
+            "step": acc.step, "site": acc.site, "role": acc.role, "format": acc.fmt, "sampled": acc.sampled,
+            "numel": int(numel),
+            "flushed_frac": (v("flushed") / nonzero if nonzero else 0.0) if has_q else math.nan,
+            "saturated_frac": (v("saturated") / numel if numel else 0.0) if has_q else math.nan,
+            "nan_count": int(v("nan")), "inf_count": int(v("inf")),
+            "sqnr_db": sqnr, "scale_min": acc.scale_min, "scale_max": acc.scale_max,
+            "zero_frac": v("zeros") / numel if numel else math.nan,
+            "lost_update_frac": v("lost") / intended if intended else (0.0 if "intended" in acc.counts else math.nan),
+        }
+
+    def rows(self) -> list[dict]:
+        return [self._row(a) for a in self._accs.values()]
+
+    def frame(self):
+        """All recorded rows as a pandas DataFrame, in execution order."""
+        import pandas as pd
+        cols = ["step", "site", "role", "format", "sampled", "numel", "flushed_frac", "saturated_frac",
+                "nan_count", "inf_count", "sqnr_db", "scale_min", "scale_max", "zero_frac", "lost_update_frac"]
+        return pd.DataFrame(self.rows(), columns=cols)
+
+    def first_nonfinite(self) -> str | None:
+        """The first site (in execution order) whose quantized output held a NaN or inf; None if none did."""
+        for acc in self._accs.values():
+            if acc.value("nan") + acc.value("inf") > 0:
+                return acc.site
+        return None
+
+    def summary(self) -> dict[str, float]:
+        """Latest sampled step: ``<role>_underflow`` / ``<role>_overflow`` for every role (count-weighted over
+        that role's sites, NaN when the role was not quantized), ``state_zero_frac`` (second-moment states,
+        see ``zero_states``) and ``lost_update_frac`` (NaN when not measured)."""
+        out = {}
+        for role in ROLES:
+            out[f"{role}_underflow"] = math.nan
+            out[f"{role}_overflow"] = math.nan
+        out["state_zero_frac"] = math.nan
+        out["lost_update_frac"] = math.nan
+        sampled = [a for a in self._accs.values() if a.sampled]
+        if not sampled:
+            return out
+        last = max(a.step for a in sampled)
+        latest = [a for a in sampled if a.step == last]
+        for role in ROLES:
+            accs = [a for a in latest if a.role == role and "sig2" in a.counts]
+            if accs:
+                nonzero = sum(a.value("nonzero") for a in accs)
+                numel = sum(a.value("numel") for a in accs)
+                out[f"{role}_underflow"] = sum(a.value("flushed") for a in accs) / nonzero if nonzero else 0.0
+                out[f"{role}_overflow"] = sum(a.value("saturated") for a in accs) / numel if numel else 0.0
+        zs = [a for a in latest if a.role == "state" and a.site.split(":", 1)[-1] in self.zero_states]
+        if zs:
+            numel = sum(a.value("numel") for a in zs)
+            out["state_zero_frac"] = sum(a.value("zeros") for a in zs) / numel if numel else math.nan
+        ms = [a for a in latest if "intended" in a.counts]
+        if ms:
+            intended = sum(a.value("intended") for a in ms)
+            out["lost_update_frac"] = sum(a.value("lost") for a in ms) / intended if intended else 0.0
+        return out

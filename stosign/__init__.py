@@ -1,0 +1,10 @@
+"""stosign: sign-based optimizers (StoSignSGD, SignSGD/Signum), sign conversion, 1-bit DDP.
+
+Independent of lowprec. See stosign.optim for the algorithm, stosign.convert for turning any optimizer into its
+(stochastic) sign counterpart and stosign.distributed for 1-bit gradient communication.
+"""
+from .sign import NOISE_SCALE, random_int16, stochastic_sign
+from .optim import BUFFERS, SignSGD, StoSignSGD
+from .convert import SignConverted
+
+__all__ = ["stochastic_sign", "random_int16", "NOISE_SCALE", "StoSignSGD", "SignSGD", "SignConverted", "BUFFERS"]

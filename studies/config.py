@@ -1,0 +1,330 @@
+"""Study configuration: one dataclass, built from built-in presets, a TOML file and command-line overrides.
+
+A TOML file holds the same fields as the command line (underscores or dashes), e.g.::
+
+    tasks = ["gpt"]
+    size = "paper"
+    optimizers = ["adamw", "signum", "stosignsgd"]
+    precisions = ["fp32", "bf16", "fp8-hybrid", "fp8-states", "fp8-all", "nvfp4"]
+    seeds = 3                # an integer N means seeds 0..N-1; a list means exactly those seeds
+    steps = 2000
+    [thresholds]
+    spike_factor = 3.0
+
+Unknown keys and malformed values raise ValueError naming the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from studies.optimizers import ABLATION_VARIANTS, check_optimizer
+
+PHASES = ("tune", "main", "ablation", "rounding", "mechanism")
+SIZES = ("quick", "default", "paper")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class Thresholds:
+    """Divergence detection thresholds (recorded in study.json and in every run's configuration).
+
+    A run diverges at the first of:
+    - ``nan`` / ``inf``: a non-finite training or validation loss;
+    - ``spike``: for ``spike_patience`` consecutive steps after the first ``warmup_steps`` steps, the training loss
+      exceeds ``spike_factor`` × its running minimum AND the running minimum + ``spike_min_rise`` × |initial loss|
+      (the second condition keeps losses that approach zero, e.g. on convex tasks, from tripping on noise);
+    - ``blow-up``: for ``blowup_patience`` consecutive evaluations after warm-up, the validation loss exceeds the
+      initial validation loss + ``blowup_margin`` × |initial validation loss|.
+    """
+
+    spike_factor: float = 3.0
+    spike_min_rise: float = 0.1
+    spike_patience: int = 2
+    warmup_steps: int = 10
+    blowup_margin: float = 0.1
+    blowup_patience: int = 2
+
+    def validate(self) -> "Thresholds":
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"threshold {f.name} must be a non-negative number, got {v!r}")
+        if self.spike_factor <= 1:
+            raise ValueError(f"threshold spike_factor must be > 1, got {self.spike_factor!r}")
+        return self
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a study. ``None`` means "the task's default" (steps, eval_every, LR grid)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["gpt"])
+    size: str = "default"
+    data: str | None = None
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "signum", "stosignsgd"])
+    precisions: list[str] = field(
+        default_factory=lambda: ["fp32", "bf16", "fp8-hybrid", "fp8-states", "fp8-all", "nvfp4"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int | None = None
+    tokens: int | None = None
+    lrs: list[float] | None = None
+    eval_every: int | None = None
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    telemetry_every: int = 10
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    # fair protocol
+    tune_precision: str = "fp32"
+    tune_seeds: list[int] = field(default_factory=lambda: [0])
+    tune_per_precision: bool = False
+    target_optimizer: str = "adamw"
+    target_slack: float = 0.02
+    # ablation / rounding / mechanism phases
+    ablation_optimizers: list[str] = field(default_factory=lambda: ["stosignsgd", *ABLATION_VARIANTS])
+    ablation_precision: str = "fp8-all"
+    ablation_seeds: list[int] | None = None          # None: the study's seeds
+    rounding_optimizers: list[str] | None = None     # None: the study's optimizers
+    rounding_precision: str = "fp8-all"
+    rounding_seeds: list[int] | None = None          # None: the first study seed
+    mechanism_tasks: list[str] = field(default_factory=lambda: ["convex-l1"])
+    mechanism_optimizers: list[str] = field(default_factory=lambda: ["signsgd", "signum", "stosignsgd"])
+    mechanism_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    mechanism_steps: int | None = None
+    mechanism_size: str | None = None                # None: the study's size
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    workers: int = 2
+    out: str = "precision-sweep-results"
+    report: bool = True
+
+    def validate(self) -> "StudyConfig":
+        """Check names and values; raise ValueError (one line, naming the valid choices) on the first problem."""
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; valid: {', '.join(SIZES)}")
+        if self.mechanism_size is not None and self.mechanism_size not in SIZES:
+            raise ValueError(f"unknown mechanism_size {self.mechanism_size!r}; valid: {', '.join(SIZES)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for p in self.phases:
+            if p not in PHASES:
+                raise ValueError(f"unknown phase {p!r}; valid: {', '.join(PHASES)}")
+        for name in [*self.optimizers, *self.ablation_optimizers, *(self.rounding_optimizers or []),
+                     *self.mechanism_optimizers, self.target_optimizer]:
+            check_optimizer(name)
+        from studies.tasks import get_task  # validates task names (ValueError lists TASKS)
+
+        for t in [*self.tasks, *(self.mechanism_tasks if "mechanism" in self.phases else [])]:
+            get_task(t, size=self.size if t in self.tasks else (self.mechanism_size or self.size), data=self.data)
+        from studies.run import resolve_precision
+
+        for p in [*self.precisions, self.tune_precision, self.ablation_precision, self.rounding_precision]:
+            resolve_precision(p)
+        for name, v in [("steps", self.steps), ("tokens", self.tokens), ("eval_every", self.eval_every),
+                        ("mechanism_steps", self.mechanism_steps)]:
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.steps is not None and self.tokens is not None:
+            raise ValueError("give steps or tokens, not both")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {self.workers!r}")
+        if not isinstance(self.telemetry_every, int) or self.telemetry_every < 1:
+            raise ValueError(f"telemetry_every must be a positive integer, got {self.telemetry_every!r}")
+        if self.lrs is not None:
+            if not self.lrs or any(not isinstance(x, (int, float)) or x <= 0 for x in self.lrs):
+                raise ValueError(f"lrs must be positive numbers, got {self.lrs!r}")
+        for name in ("seeds", "tune_seeds", "mechanism_seeds", "ablation_seeds", "rounding_seeds"):
+            v = getattr(self, name)
+            if v is not None and (not v or any(not isinstance(s, int) or s < 0 for s in v)):
+                raise ValueError(f"{name} must be non-negative integers, got {v!r}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
+        if self.target_slack < 0:
+            raise ValueError(f"target_slack must be >= 0, got {self.target_slack!r}")
+        self.thresholds.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """Seeds: an integer N (or the string "N") means seeds 0..N-1; a list or "a,b,c" means exactly those.
+
+    A single explicit seed is written with a trailing comma, e.g. "7,".
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"seeds: expected a count or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"seeds: a count must be >= 1, got {value}")
+        return list(range(value))
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            raise ValueError(f"seeds: expected non-negative integers, got {value!r}")
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "," in text:
+                return parse_seeds([int(v) for v in text.split(",") if v.strip()])
+            return parse_seeds(int(text))
+        except ValueError:
+            raise ValueError(f"seeds: expected a count N or a list like 0,1,2, got {value!r}") from None
+    raise ValueError(f"seeds: expected a count or a list of integers, got {value!r}")
+
+
+def parse_list(value: Any, what: str) -> list[str]:
+    """A comma-separated string or a list of strings -> list of non-empty stripped strings."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError(f"{what}: expected a comma-separated list of names, got {value!r}")
+    items = [v for v in items if v]
+    if not items:
+        raise ValueError(f"{what}: empty list")
+    return items
+
+
+def parse_precisions(value: Any) -> list[str]:
+    """Precisions: ';'-separated when any item is a policy string containing commas, else ','-separated."""
+    if isinstance(value, str):
+        sep = ";" if ("=" in value) else ","
+        items = [v.strip() for v in value.split(sep) if v.strip()]
+        if not items:
+            raise ValueError("precisions: empty list")
+        return items
+    return parse_list(value, "precisions")
+
+
+def parse_floats(value: Any, what: str) -> list[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected numbers like 1e-3,3e-3, got {value!r}") from None
+    if not out or any(not (v > 0) or v != v or v == float("inf") for v in out):
+        raise ValueError(f"{what}: expected positive finite numbers, got {value!r}")
+    return out
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" with 0 <= K < N -> (K, N)."""
+    try:
+        k, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard: expected K/N with 0 <= K < N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"shard: expected K/N with 0 <= K < N (e.g. 0/4), got {text!r}")
+    return k, n
+
+
+_FIELD_PARSERS = {
+    "tasks": lambda v: parse_list(v, "tasks"),
+    "optimizers": lambda v: parse_list(v, "optimizers"),
+    "precisions": parse_precisions,
+    "seeds": parse_seeds,
+    "tune_seeds": parse_seeds,
+    "ablation_seeds": lambda v: None if v is None else parse_seeds(v),
+    "rounding_seeds": lambda v: None if v is None else parse_seeds(v),
+    "mechanism_seeds": parse_seeds,
+    "lrs": lambda v: None if v is None else parse_floats(v, "lrs"),
+    "phases": lambda v: parse_list(v, "phases"),
+    "ablation_optimizers": lambda v: parse_list(v, "ablation_optimizers"),
+    "rounding_optimizers": lambda v: None if v is None else parse_list(v, "rounding_optimizers"),
+    "mechanism_tasks": lambda v: parse_list(v, "mechanism_tasks"),
+    "mechanism_optimizers": lambda v: parse_list(v, "mechanism_optimizers"),
+}
+
+
+def _typed(name: str, value: Any, current: Any, ftype: str) -> Any:
+    """Check a scalar field's type against its annotation (as a string, since annotations are postponed)."""
+    if value is None:
+        if "None" in ftype:
+            return None
+        raise ValueError(f"{name}: a value is required")
+    if ftype.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if ftype.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if ftype.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if ftype.startswith("str"):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(cfg: StudyConfig, values: dict[str, Any]) -> StudyConfig:
+    """Return a copy of ``cfg`` with ``values`` (field name -> value, dashes allowed) applied and type-checked."""
+    cfg = dataclasses.replace(cfg, thresholds=dataclasses.replace(cfg.thresholds))
+    fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"unknown setting {raw_key!r}; valid: {', '.join(fields)}")
+        if key == "thresholds":
+            if not isinstance(value, dict):
+                raise ValueError("thresholds: expected a table of threshold values")
+            tfields = {f.name: f for f in dataclasses.fields(Thresholds)}
+            for tk, tv in value.items():
+                tk = tk.replace("-", "_")
+                if tk not in tfields:
+                    raise ValueError(f"unknown threshold {tk!r}; valid: {', '.join(tfields)}")
+                setattr(cfg.thresholds, tk, _typed(tk, tv, None, str(tfields[tk].type)))
+            continue
+        if key in _FIELD_PARSERS:
+            setattr(cfg, key, _FIELD_PARSERS[key](value))
+        else:
+            setattr(cfg, key, _typed(key, value, getattr(cfg, key), str(fields[key].type)))
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML study file into a plain dict (a top-level [study] table is merged into the top level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    if "study" in data and isinstance(data["study"], dict):
+        data = {**{k: v for k, v in data.items() if k != "study"}, **data["study"]}
+    return data
+
+
+def quick_config() -> StudyConfig:
+    """The ``--quick`` smoke grid: adamw and stosignsgd × {fp32, fp8-all} on the tiny GPT, one seed, no tuning."""
+    return StudyConfig(
+        tasks=["gpt"], size="quick", optimizers=["adamw", "stosignsgd"], precisions=["fp32", "fp8-all"],
+        seeds=[0], phases=["main"], telemetry_every=5, workers=2)
+
+
+def default_config() -> StudyConfig:
+    """The default study (``precision-sweep run`` with no arguments)."""
+    return StudyConfig()
+
+
+def paper_config_path() -> Path:
+    """Path of the full-size study file shipped with the package."""
+    return Path(__file__).with_name("paper.toml")

@@ -1,0 +1,330 @@
+"""The fair protocol as sweep phases, and the study driver behind ``precision-sweep run``.
+
+Phases (each optional, run in this order):
+
+- ``tune``: every optimizer gets the same budget — its LR grid (the task's ``lr_grid`` or ``--lrs``) at
+  ``tune_precision`` (fp32) with ``tune_seeds``. The best LR per optimizer has the lowest mean final validation
+  loss over the tune seeds; a diverged or failed run counts as +inf (worst). Ablation variants use the LR chosen
+  for the optimizer they ablate (stosignsgd). With ``tune_per_precision`` the grid runs at every precision.
+- target: target loss = mean final validation loss of the ``target_optimizer`` (AdamW) at ``tune_precision`` at
+  its chosen LR, × (1 + ``target_slack``). Without a tune phase, the same rule over the main phase's runs of that
+  optimizer at that precision (at its best LR when several were run).
+- ``main``: every optimizer × precision × seed at its chosen LR (the task's default LR without tuning, or each of
+  ``--lrs`` when given).
+- ``ablation``: stosignsgd and its variants at ``ablation_precision`` with stosignsgd's LR.
+- ``rounding``: nearest vs stochastic rounding of master weights and optimizer states, per optimizer, at variants
+  of ``rounding_precision``.
+- ``mechanism``: the non-smooth convex task(s) in fp32 with each optimizer's default LR.
+
+tokens_to_target is filled in for every row of a task that has a target (``finalize``), from its metrics.csv.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import platform
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from studies.config import StudyConfig
+from studies.optimizers import base_optimizer
+from studies.run import RunSpec, rounding_variants
+from studies.sweep import ResultsStore, run_specs, shard, write_json_atomic
+
+
+class PhaseIncomplete(RuntimeError):
+    """A phase that later phases depend on is not complete (a shard ran only its part); rerun after all shards."""
+
+
+def _task(cfg: StudyConfig, name: str, size: str | None = None):
+    from studies.tasks import get_task
+
+    return get_task(name, size=size or cfg.size, data=cfg.data if name in cfg.tasks else None)
+
+
+def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision: str, lr: float, seed: int,
+          size: str | None = None, steps: int | None = None, data: str | None = None) -> RunSpec:
+    return RunSpec(
+        task=task, optimizer=optimizer, precision=precision, lr=float(lr), seed=int(seed), phase=phase,
+        size=size or cfg.size, data=data, steps=steps if steps is not None else cfg.steps,
+        tokens=None if steps is not None else cfg.tokens, eval_every=cfg.eval_every, schedule=cfg.schedule,
+        warmup_frac=cfg.warmup_frac, telemetry_every=cfg.telemetry_every,
+        thresholds=dataclasses.asdict(cfg.thresholds))
+
+
+def _default_lr(task, optimizer: str) -> float:
+    lrs = task.default_lrs
+    if optimizer in lrs:
+        return float(lrs[optimizer])
+    base = base_optimizer(optimizer)
+    if base in lrs:
+        return float(lrs[base])
+    raise ValueError(f"task {task.name!r} has no default learning rate for {optimizer!r} "
+                     f"(known: {', '.join(lrs)}); pass --lrs")
+
+
+def _lr_grid(cfg: StudyConfig, task, optimizer: str) -> list[float]:
+    if cfg.lrs:
+        return list(cfg.lrs)
+    grid = task.lr_grid.get(optimizer) or task.lr_grid.get(base_optimizer(optimizer))
+    return [float(v) for v in grid] if grid else [_default_lr(task, optimizer)]
+
+
+def tuned_optimizers(cfg: StudyConfig) -> list[str]:
+    """Optimizers that get an LR grid: the study's, the target optimizer, and the bases of ablation variants."""
+    names = list(cfg.optimizers)
+    extra = [cfg.target_optimizer]
+    if "ablation" in cfg.phases:
+        extra += [base_optimizer(o) for o in cfg.ablation_optimizers]
+    if "rounding" in cfg.phases:
+        extra += [base_optimizer(o) for o in (cfg.rounding_optimizers or cfg.optimizers)]
+    for n in extra:
+        if n not in names:
+            names.append(n)
+    return names
+
+
+def tune_precisions(cfg: StudyConfig) -> list[str]:
+    return list(cfg.precisions) if cfg.tune_per_precision else [cfg.tune_precision]
+
+
+def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
+    """The LR grid runs of the tune phase."""
+    specs = []
+    for tname in cfg.tasks:
+        task = _task(cfg, tname)
+        for opt in tuned_optimizers(cfg):
+            for prec in tune_precisions(cfg):
+                for lr in _lr_grid(cfg, task, opt):
+                    for seed in cfg.tune_seeds:
+                        specs.append(_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr,
+                                           seed=seed, data=cfg.data))
+    return specs
+
+
+def _score(rows: list[dict]) -> float:
+    """Mean final validation loss; +inf when any run diverged, failed or has no finite value."""
+    vals = []
+    for r in rows:
+        v = _float(r.get("final_val_loss"))
+        if str(r.get("diverged")) == "True" or r.get("status") == "error" or not math.isfinite(v):
+            return math.inf
+        vals.append(v)
+    return sum(vals) / len(vals) if vals else math.inf
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:
+    """{task: {precision: {optimizer: {"lr": best, "scores": {lr: score}}}}} from the rows of ``phase``.
+
+    Ties and all-diverged grids pick the smallest LR (the most conservative choice).
+    """
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("phase") != phase:
+            continue
+        groups[(r["task"], r["precision"], r["optimizer"])][float(r["lr"])].append(r)
+    out: dict = {}
+    for (task, prec, opt), by_lr in groups.items():
+        scores = {lr: _score(rs) for lr, rs in sorted(by_lr.items())}
+        best = min(scores, key=lambda lr: (scores[lr], lr))
+        out.setdefault(task, {}).setdefault(prec, {})[opt] = {"lr": best, "scores": scores}
+    return out
+
+
+def chosen_lr(cfg: StudyConfig, chosen: dict, task, optimizer: str, precision: str) -> float:
+    """The LR for ``optimizer`` at ``precision``: tuned (per precision or at tune_precision), else the default."""
+    per_task = chosen.get(task.name, {})
+    key = precision if cfg.tune_per_precision else cfg.tune_precision
+    for name in (optimizer, base_optimizer(optimizer)):
+        if name in per_task.get(key, {}):
+            return per_task[key][name]["lr"]
+    return _default_lr(task, optimizer)
+
+
+def compute_targets(cfg: StudyConfig, rows: list[dict], chosen: dict) -> dict[str, dict]:
+    """{task: {"target_loss", "rule", "baseline_runs"}} following the module's target rule."""
+    out = {}
+    for tname in cfg.tasks:
+        prec, opt = cfg.tune_precision, cfg.target_optimizer
+        cands = [r for r in rows if r["task"] == tname and r["optimizer"] == opt and r["precision"] == prec
+                 and r.get("phase") in ("tune", "main")]
+        lr = chosen.get(tname, {}).get(prec, {}).get(opt, {}).get("lr")
+        if lr is not None:
+            base = [r for r in cands if r["phase"] == "tune" and float(r["lr"]) == lr]
+        else:  # no tuning: best LR among the main runs of the baseline
+            by_lr: dict = defaultdict(list)
+            for r in cands:
+                if r["phase"] == "main":
+                    by_lr[float(r["lr"])].append(r)
+            base = min(by_lr.values(), key=_score) if by_lr else []
+        score = _score(base) if base else math.inf
+        rule = (f"mean final validation loss of {opt} at {prec} at its chosen LR over {len(base)} run(s), "
+                f"x (1 + {cfg.target_slack:g})")
+        out[tname] = {"target_loss": score * (1 + cfg.target_slack) if math.isfinite(score) else math.nan,
+                      "rule": rule, "baseline_runs": [r["run_id"] for r in base]}
+    return out
+
+
+def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
+    """The main, ablation, rounding and mechanism runs (those of them listed in cfg.phases)."""
+    specs: list[RunSpec] = []
+    tuned = "tune" in cfg.phases
+    for tname in cfg.tasks:
+        task = _task(cfg, tname)
+        if "main" in cfg.phases:
+            for opt in cfg.optimizers:
+                for prec in cfg.precisions:
+                    lrs = [chosen_lr(cfg, chosen, task, opt, prec)] if tuned or not cfg.lrs else cfg.lrs
+                    for lr in lrs:
+                        for seed in cfg.seeds:
+                            specs.append(_spec(cfg, phase="main", task=tname, optimizer=opt, precision=prec,
+                                               lr=lr, seed=seed, data=cfg.data))
+        if "ablation" in cfg.phases:
+            for opt in cfg.ablation_optimizers:
+                lr = chosen_lr(cfg, chosen, task, opt, cfg.ablation_precision)
+                for seed in cfg.ablation_seeds or cfg.seeds:
+                    specs.append(_spec(cfg, phase="ablation", task=tname, optimizer=opt,
+                                       precision=cfg.ablation_precision, lr=lr, seed=seed, data=cfg.data))
+        if "rounding" in cfg.phases:
+            variants = rounding_variants(cfg.rounding_precision)
+            for opt in cfg.rounding_optimizers or cfg.optimizers:
+                lr = chosen_lr(cfg, chosen, task, opt, cfg.rounding_precision)
+                for prec in variants.values():
+                    for seed in cfg.rounding_seeds or cfg.seeds[:1]:
+                        specs.append(_spec(cfg, phase="rounding", task=tname, optimizer=opt, precision=prec,
+                                           lr=lr, seed=seed, data=cfg.data))
+    if "mechanism" in cfg.phases:
+        for tname in cfg.mechanism_tasks:
+            task = _task(cfg, tname, cfg.mechanism_size)
+            for opt in cfg.mechanism_optimizers:
+                for seed in cfg.mechanism_seeds:
+                    specs.append(_spec(cfg, phase="mechanism", task=tname, optimizer=opt, precision="fp32",
+                                       lr=_default_lr(task, opt), seed=seed, size=cfg.mechanism_size or cfg.size,
+                                       steps=cfg.mechanism_steps))
+    return specs
+
+
+def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
+    """Fill target_loss and tokens_to_target of every finished row of a task with a target, from metrics.csv."""
+    import numpy as np
+    import pandas as pd
+
+    from studies.stats import tokens_to_target
+
+    out_dir = Path(out_dir)
+
+    def fill(r: dict) -> dict:
+        t = targets.get(r.get("task"))
+        if t is None or not math.isfinite(t) or r.get("status") == "error":
+            return r
+        path = out_dir / "runs" / r["run_id"] / "metrics.csv"
+        if not path.exists():
+            return r
+        m = pd.read_csv(path, usecols=["tokens", "val_loss"]).dropna()
+        m = m[np.isfinite(m["val_loss"])]
+        r["target_loss"] = t
+        r["tokens_to_target"] = float(tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float),
+                                                       t)) if len(m) else math.nan
+        return r
+
+    ResultsStore(out_dir).update(fill)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import pandas
+    import torch
+
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+         "pandas": pandas.__version__, "platform": platform.platform()}
+    try:
+        from importlib.metadata import version
+
+        v["lowprec-stosign"] = version("lowprec-stosign")
+    except Exception:
+        pass
+    return v
+
+
+def _missing(specs: list[RunSpec], store: ResultsStore) -> int:
+    done = store.completed()
+    return sum(1 for s in specs if s.run_id not in done)
+
+
+def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] | None = None,
+              debug: bool = False, progress: bool = True) -> dict:
+    """Run the study's phases into ``cfg.out``; write study.json; return the study definition (dict).
+
+    With ``shard_kn = (K, N)`` only this shard's part of each phase runs; phases after ``tune`` need every tune run
+    (from all shards) and raise PhaseIncomplete until then.
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(out)
+    study: dict[str, Any] = {
+        "command": command, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(), "config": cfg.to_dict(), "thresholds": dataclasses.asdict(cfg.thresholds),
+        "shard": f"{shard_kn[0]}/{shard_kn[1]}" if shard_kn else None,
+        "tasks": {t: _task_info(cfg, t) for t in cfg.tasks},
+        "protocol": __doc__.strip(), "status": "running",
+    }
+    write_json_atomic(out / "study.json", study)
+    counts: dict[str, dict] = {}
+
+    def part(specs: list[RunSpec]) -> list[RunSpec]:
+        return shard(specs, *shard_kn) if shard_kn else specs
+
+    chosen: dict = {}
+    if "tune" in cfg.phases:
+        tune = plan_tune(cfg)
+        study["lr_grid"] = {t: {o: _lr_grid(cfg, _task(cfg, t), o) for o in tuned_optimizers(cfg)}
+                            for t in cfg.tasks}
+        counts["tune"] = run_specs(part(tune), out, workers=cfg.workers, desc="tune", debug=debug,
+                                   progress=progress)
+        missing = _missing(tune, store)
+        if missing:
+            study["status"] = f"waiting: {missing} of {len(tune)} tune runs missing"
+            write_json_atomic(out / "study.json", study)
+            raise PhaseIncomplete(f"the tune phase is incomplete ({missing} of {len(tune)} runs missing, "
+                                  f"e.g. other shards); rerun the same command when they have finished")
+        chosen = choose_lrs(cfg, store.rows())
+        study["chosen_lrs"] = {t: {p: {o: v["lr"] for o, v in po.items()} for p, po in pp.items()}
+                               for t, pp in chosen.items()}
+        study["lr_scores"] = {t: {p: {o: {str(k): s for k, s in v["scores"].items()} for o, v in po.items()}
+                                  for p, po in pp.items()} for t, pp in chosen.items()}
+    targets = compute_targets(cfg, store.rows(), chosen) if "tune" in cfg.phases else {}
+    study["targets"] = targets
+    write_json_atomic(out / "study.json", study)
+
+    rest = plan_after_tune(cfg, chosen)
+    tvals = {t: v["target_loss"] for t, v in targets.items()}
+    counts["main"] = run_specs(part(rest), out, workers=cfg.workers, desc="+".join(
+        p for p in cfg.phases if p != "tune") or "runs", targets=tvals, debug=debug, progress=progress)
+    if "tune" not in cfg.phases:
+        targets = compute_targets(cfg, store.rows(), chosen)
+        tvals = {t: v["target_loss"] for t, v in targets.items()}
+    study["targets"] = targets
+    finalize(out, tvals)
+    study["counts"] = counts
+    study["status"] = "complete" if not _missing(rest, store) else f"partial ({_missing(rest, store)} runs " \
+                                                                    f"missing: other shards)"
+    study["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(out / "study.json", study)
+    return study
+
+
+def _task_info(cfg: StudyConfig, name: str) -> dict:
+    t = _task(cfg, name)
+    return {"description": t.description, "size": t.size, "default_steps": t.default_steps,
+            "eval_every": t.eval_every, "tokens_per_step": t.tokens_per_step, "default_lrs": t.default_lrs,
+            "lr_grid": t.lr_grid}

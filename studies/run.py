@@ -1,0 +1,562 @@
+"""One run of the precision sweep: (task, optimizer, precision, lr, seed, steps, thresholds) -> a results row.
+
+A run builds the task with its seed, converts the model with ``lowprec.nn.convert`` under the precision policy,
+wraps the optimizer with ``lowprec.optim.wrap``, and trains deterministically on CPU. Each step is logged to
+``DIR/runs/<run_id>/metrics.csv`` (written to a temporary name, then renamed), the lowprec telemetry frame to
+``telemetry.csv``. Divergence (non-finite loss, spike, blow-up; see ``studies.config.Thresholds``) stops the run
+early; the row says when, why, and which telemetry site went first. An exception inside a run becomes a row with
+``status = "error"`` and ``divergence_reason = "error: ..."`` so a sweep never crashes on one bad cell.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from studies.config import Thresholds
+from studies.optimizers import make_optimizer
+
+ROLES = ("weight", "activation", "grad", "state", "master")
+METRIC_COLUMNS = (
+    ["step", "tokens", "loss", "val_loss", "lr", "grad_norm", "update_ratio"]
+    + [f"{r}_{k}" for r in ROLES for k in ("underflow", "overflow")]
+    + ["state_zero_frac", "lost_update_frac"]
+)
+RESULT_COLUMNS = [
+    "run_id", "phase", "task", "optimizer", "precision", "lr", "seed", "steps", "steps_done", "tokens",
+    "final_loss", "final_val_loss", "best_val_loss", "diverged", "diverged_step", "divergence_reason",
+    "divergence_site", "explanation", "target_loss", "tokens_to_target", "wall_s", "state_bytes_per_param",
+    "status", "config_json",
+]
+# optimizer-state entries that hold a second moment or a magnitude bound (their zero fraction is logged)
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "max_abs", "bound", "G", "max", "buffer_max", "g_max")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The full configuration of one run; its hash is the run id.
+
+    ``steps``/``tokens``/``eval_every`` of None mean the task's default (steps from tokens via tokens_per_step).
+    ``precision`` is a preset name ("fp8-all"), a policy string ("weight=e4m3,..."), or a preset with overrides
+    ("fp8-all+master=bf16:stochastic", see ``resolve_precision``).
+    """
+
+    task: str
+    optimizer: str
+    precision: str
+    lr: float
+    seed: int
+    phase: str = "custom"
+    size: str = "default"
+    data: str | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    eval_every: int | None = None
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    telemetry_every: int = 10
+    thresholds: dict = field(default_factory=lambda: dataclasses.asdict(Thresholds()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def config_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        """12 hex digits of the SHA-256 of the configuration (JSON, sorted keys)."""
+        return hashlib.sha256(self.config_json.encode()).hexdigest()[:12]
+
+    @property
+    def reuse_key(self) -> str:
+        """Hash of the configuration without its phase: two runs with equal keys produce identical results."""
+        d = self.to_dict()
+        d.pop("phase")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        return cls(**json.loads(text))
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def resolve_precision(text: str):
+    """Preset name, policy string, or "preset+role=spec+role=spec" -> ``lowprec.PrecisionPolicy``.
+
+    Raises ValueError naming the presets when ``text`` is none of these.
+    """
+    from lowprec.policy import PrecisionPolicy
+
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"precision must be a preset name or a policy string, got {text!r}")
+    text = text.strip()
+    presets = _preset_names()
+    if "+" in text:
+        base, *overrides = text.split("+")
+        policy = _preset(base, presets)
+        changes = {}
+        for ov in overrides:
+            role, _, spec = ov.partition("=")
+            if not spec:
+                raise ValueError(f"precision override {ov!r} must look like role=spec (e.g. master=bf16:stochastic)")
+            changes.update(_policy_fields(PrecisionPolicy.parse(f"{role}={spec}"), only=role))
+        return dataclasses.replace(policy, **changes)
+    if "=" in text:
+        return PrecisionPolicy.parse(text)
+    return _preset(text, presets)
+
+
+def _preset_names() -> list[str]:
+    import lowprec.policy as lp
+
+    presets = getattr(lp, "PRESETS", None)
+    return list(presets) if presets is not None else []
+
+
+def _preset(name: str, presets: list[str]):
+    from lowprec.policy import PrecisionPolicy
+
+    if presets and name not in presets:
+        raise ValueError(f"unknown precision {name!r}; valid presets: {', '.join(presets)} "
+                         f"(or a policy string like weight=e4m3,grad=e5m2)")
+    try:
+        return PrecisionPolicy.preset(name)
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown precision {name!r}; valid presets: {', '.join(presets)} "
+                         f"(or a policy string like weight=e4m3,grad=e5m2)") from None
+
+
+def _policy_fields(policy, only: str) -> dict:
+    if only not in {f.name for f in dataclasses.fields(policy)}:
+        raise ValueError(f"unknown policy role {only!r}; valid: "
+                         f"{', '.join(f.name for f in dataclasses.fields(policy))}")
+    return {only: getattr(policy, only)}
+
+
+def rounding_variants(preset: str) -> dict[str, str]:
+    """Nearest vs stochastic rounding of master weights and optimizer states, derived from ``preset``.
+
+    Returns label -> precision string ("preset+master=...+state=..."), one per combination of the roles the
+    preset quantizes (a role kept in full precision has no rounding to vary).
+    """
+    policy = resolve_precision(preset)
+    roles = [r for r in ("master", "state") if getattr(policy, r, None) is not None]
+    out: dict[str, str] = {}
+    for combo in range(2 ** len(roles)):
+        parts, labels = [], []
+        for i, role in enumerate(roles):
+            old = getattr(policy, role)
+            mode = type(old.rounding)("stochastic" if (combo >> i) & 1 else "nearest")  # the Rounding enum
+            parts.append(f"{role}={dataclasses.replace(old, rounding=mode)}")
+            labels.append(f"{role}:{mode.value}")
+        out[",".join(labels)] = "+".join([preset, *parts])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+class DivergenceDetector:
+    """Stateful divergence check over training losses (every step) and validation losses (every evaluation)."""
+
+    def __init__(self, thresholds: Thresholds):
+        self.t = thresholds
+        self.initial_loss: float | None = None
+        self.running_min = math.inf
+        self.spike_count = 0
+        self.initial_val: float | None = None
+        self.blowup_count = 0
+
+    def train(self, step: int, loss: float) -> str:
+        """Return the divergence reason ("nan", "inf", "spike") or "" for the training loss at ``step``."""
+        if math.isnan(loss):
+            return "nan"
+        if math.isinf(loss):
+            return "inf"
+        if self.initial_loss is None:
+            self.initial_loss = loss
+        if step > self.t.warmup_steps:
+            floor = self.running_min + self.t.spike_min_rise * abs(self.initial_loss)
+            if loss > self.t.spike_factor * self.running_min and loss > floor:
+                self.spike_count += 1
+                if self.spike_count >= self.t.spike_patience:
+                    return "spike"
+            else:
+                self.spike_count = 0
+        self.running_min = min(self.running_min, loss)
+        return ""
+
+    def val(self, step: int, loss: float) -> str:
+        """Return "nan", "inf", "blow-up" or "" for the validation loss at ``step``."""
+        if math.isnan(loss):
+            return "nan"
+        if math.isinf(loss):
+            return "inf"
+        if self.initial_val is None:
+            self.initial_val = loss
+            return ""
+        if step > self.t.warmup_steps and loss > self.initial_val + self.t.blowup_margin * abs(self.initial_val):
+            self.blowup_count += 1
+            if self.blowup_count >= self.t.blowup_patience:
+                return "blow-up"
+        else:
+            self.blowup_count = 0
+        return ""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def lr_at(step: int, steps: int, lr: float, schedule: str, warmup_frac: float) -> float:
+    """Learning rate for 0-based ``step``: "constant", or "cosine" = linear warm-up over warmup_frac·steps then
+    cosine decay to 10% of ``lr`` at the last step."""
+    if schedule == "constant":
+        return lr
+    warm = int(warmup_frac * steps)
+    if warm > 0 and step < warm:
+        return lr * (step + 1) / warm
+    span = max(1, steps - warm - 1)
+    progress = min(1.0, (step - warm) / span)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer_chain(opt) -> list:
+    """The optimizer and the optimizers it wraps (attribute ``optimizer``/``inner``), outermost first."""
+    chain, seen = [], set()
+    while opt is not None and id(opt) not in seen and len(chain) < 6:
+        chain.append(opt)
+        seen.add(id(opt))
+        opt = getattr(opt, "optimizer", None) or getattr(opt, "inner", None)
+    return chain
+
+
+def _set_lr(opt, lr: float) -> None:
+    for o in _optimizer_chain(opt):
+        for g in getattr(o, "param_groups", []):
+            g["lr"] = lr
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def state_bytes_per_param(opt, n_params: int) -> float:
+    """Bytes of all tensors in the optimizer's ``state_dict()['state']`` divided by the number of parameters."""
+    sd = opt.state_dict()
+    total = sum(t.numel() * t.element_size() for t in _tensors(sd.get("state", {})))
+    return total / max(1, n_params)
+
+
+def _decoded(value):
+    """A state entry as a float tensor: a tensor, a lowprec Encoded, or an Encoded's to_dict()."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        import lowprec
+
+        if isinstance(value, lowprec.Encoded):
+            return lowprec.decode(value)
+        if isinstance(value, dict) and "codes" in value:
+            return lowprec.decode(lowprec.Encoded.from_dict(value))
+    except Exception:  # not an encoded state: ignore
+        return None
+    return None
+
+
+def state_zero_frac(opt) -> float:
+    """Fraction of second-moment (or magnitude-bound) optimizer-state entries that are exactly zero; nan if the
+    optimizer keeps none (SGD, SignSGD, Signum)."""
+    zeros = total = 0
+    for o in _optimizer_chain(opt):
+        state = getattr(o, "state", None)
+        if not isinstance(state, dict):
+            continue
+        for st in state.values():
+            if not isinstance(st, dict):
+                continue
+            for key in SECOND_MOMENT_KEYS:
+                if key in st:
+                    t = _decoded(st[key])
+                    if t is not None and t.numel() > 1:
+                        zeros += int((t == 0).sum())
+                        total += t.numel()
+        if total:
+            break
+    return zeros / total if total else math.nan
+
+
+def _role_fractions(tel) -> dict[str, float]:
+    """Telemetry.summary() restricted to the metrics columns (<role>_underflow/_overflow, state_zero_frac,
+    lost_update_frac at the latest sampled step); NaN entries are left out."""
+    try:
+        summary = tel.summary()
+    except Exception:
+        return {}
+    out = {}
+    for k, v in (summary or {}).items():
+        if k in METRIC_COLUMNS and isinstance(v, (int, float)) and not math.isnan(v):
+            out[k] = float(v)
+    return out
+
+
+def _set_telemetry_step(tel, step: int) -> None:
+    for name in ("set_step",):
+        fn = getattr(tel, name, None)
+        if callable(fn):
+            fn(step)
+            return
+    if hasattr(tel, "step") and not callable(getattr(tel, "step")):
+        tel.step = step
+
+
+def _write_csv_atomic(df, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- explanation
+def _pct(x: float) -> str:
+    if x >= 0.995 or x <= 0.005:
+        return f"{100 * x:.0f}%"
+    return f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.1f}%"
+
+
+def explain(frame, metrics: list[dict], spec: RunSpec, diverged: bool, step: int | None, reason: str,
+            first_site: str | None) -> tuple[str, str]:
+    """(site, one sentence) explaining a divergence, or naming the closest site of a run that did not diverge.
+
+    The site is the telemetry's first non-finite site if any, else the site with the largest flushed-to-zero or
+    saturated fraction in the records up to the divergence (or over the whole run).
+    """
+    head = f"{spec.optimizer} {spec.precision}, seed {spec.seed}"
+    worst_site, worst_text, worst_val = "", "", 0.0
+    if frame is not None and len(frame):
+        f = frame
+        if diverged and step is not None and "step" in f:
+            f = f[f["step"] <= step]
+        for col, what in (("flushed_frac", "flushed to zero"), ("saturated_frac", "saturated")):
+            if col not in f or not len(f):
+                continue
+            vals = f[col].astype(float).fillna(0.0)
+            if vals.max() > worst_val:
+                i = vals.idxmax()
+                worst_val = float(vals.max())
+                worst_site = str(f.loc[i, "site"]) if "site" in f else ""
+                role = str(f.loc[i, "role"]) if "role" in f else ""
+                fmt = ""
+                for fc in ("format", "spec", "fmt"):
+                    if fc in f and isinstance(f.loc[i, fc], str):
+                        fmt = f" in {f.loc[i, fc]}"
+                        break
+                at = f" (step {int(f.loc[i, 'step'])})" if "step" in f else ""
+                worst_text = f"{_pct(worst_val)} of {role or 'the'} entries at {worst_site} {what}{fmt}{at}"
+    zf = [m["state_zero_frac"] for m in metrics if isinstance(m.get("state_zero_frac"), float)
+          and not math.isnan(m["state_zero_frac"])]
+    zero_text = f"{_pct(zf[-1])} of second-moment state entries were zero" if zf and zf[-1] >= 0.01 else ""
+    if diverged:
+        site = first_site or worst_site
+        s = f"{head}: diverged at step {step} ({reason})"
+        details = []
+        if first_site:
+            details.append(f"the first non-finite value appeared at {first_site}")
+        if worst_text:
+            details.append(worst_text)
+        if zero_text:
+            details.append(zero_text)
+        if details:
+            s += "; before it, " + "; ".join(details)
+        elif frame is None or not len(frame):
+            s += "; no quantized site was recorded (full precision), so the optimizer and learning rate " \
+                 "diverged on their own"
+        return site, s + "."
+    if worst_text:
+        s = f"{head}: did not diverge; closest site: {worst_text}"
+    else:
+        s = f"{head}: did not diverge; no quantized site flushed or saturated"
+    if zero_text:
+        s += f"; {zero_text}"
+    return worst_site, s + "."
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def _base_row(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id, "phase": spec.phase, "task": spec.task, "optimizer": spec.optimizer,
+        "precision": spec.precision, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps, "steps_done": 0,
+        "tokens": 0, "final_loss": math.nan, "final_val_loss": math.nan, "best_val_loss": math.nan,
+        "diverged": False, "diverged_step": "", "divergence_reason": "", "divergence_site": "",
+        "explanation": "", "target_loss": math.nan, "tokens_to_target": math.nan, "wall_s": math.nan,
+        "state_bytes_per_param": math.nan, "status": "ok", "config_json": spec.config_json,
+    }
+
+
+def execute_run(spec: RunSpec, out_dir: str | Path, *, target_loss: float | None = None,
+                debug: bool = False) -> dict[str, Any]:
+    """Run ``spec``, write ``out_dir/runs/<run_id>/{metrics,telemetry}.csv``, return the results row.
+
+    Any exception becomes a row with ``status="error"`` (traceback in ``runs/<run_id>/error.txt``) unless
+    ``debug`` is true, in which case it propagates.
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(out_dir) / "runs" / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    row = _base_row(spec)
+    try:
+        row.update(_train(spec, run_dir, target_loss))
+    except Exception as e:
+        if debug:
+            raise
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        row.update(status="error", divergence_reason=f"error: {msg}",
+                   explanation=f"{spec.optimizer} {spec.precision}, seed {spec.seed}: the run failed ({msg}).")
+    row["wall_s"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str, Any]:
+    import pandas as pd
+
+    import lowprec
+    import lowprec.nn
+    import lowprec.optim
+    from lowprec.telemetry import Telemetry
+    from studies.stats import tokens_to_target
+    from studies.tasks import get_task
+
+    thresholds = Thresholds(**spec.thresholds)
+    _seed_everything(spec.seed)
+    task = get_task(spec.task, size=spec.size, data=spec.data)
+    trun = task.build(spec.seed)
+    model = trun.model
+    tps = int(trun.tokens_per_step)
+    if spec.steps is not None:
+        steps = spec.steps
+    elif spec.tokens is not None:
+        steps = max(1, math.ceil(spec.tokens / tps))
+    else:
+        steps = int(task.default_steps)
+    eval_every = int(spec.eval_every or task.eval_every)
+    schedule = getattr(task, "schedule", None) or spec.schedule
+
+    policy = resolve_precision(spec.precision)
+    tel = Telemetry(every=spec.telemetry_every)
+    lowprec.nn.convert(model, policy, telemetry=tel)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    gen = torch.Generator().manual_seed(1_000_003 * spec.seed + 12_345)
+    opt = lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), policy, telemetry=tel)
+
+    det = DivergenceDetector(thresholds)
+    metrics: list[dict[str, Any]] = []
+    blank = {c: math.nan for c in METRIC_COLUMNS}
+    model.eval()
+    with torch.no_grad():
+        v0 = float(trun.val_loss())
+    model.train()
+    metrics.append({**blank, "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
+    reason = det.val(0, v0)
+    diverged_step: int | None = 0 if reason else None
+    steps_done = 0
+    for step in range(steps if not reason else 0):
+        k = step + 1
+        lr = lr_at(step, steps, spec.lr, schedule, spec.warmup_frac)
+        _set_lr(opt, lr)
+        _set_telemetry_step(tel, k)
+        opt.zero_grad(set_to_none=True)
+        loss = trun.train_loss(step)
+        lv = float(loss.detach())
+        rec = {**blank, "step": k, "tokens": k * tps, "loss": lv, "lr": lr}
+        reason = det.train(k, lv)
+        if reason in ("nan", "inf"):
+            metrics.append(rec)
+            diverged_step, steps_done = k, k
+            break
+        loss.backward()
+        with torch.no_grad():
+            gn = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+            rec["grad_norm"] = float(torch.stack(gn).sum().sqrt()) if gn else 0.0
+            before = [p.detach().clone() for p in params]
+        opt.step()
+        with torch.no_grad():
+            du = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before))
+            wn = sum(float(b.float().pow(2).sum()) for b in before)
+            rec["update_ratio"] = math.sqrt(du) / math.sqrt(wn) if wn > 0 else math.nan
+            same = sum(int((p.detach() == b).sum()) for p, b in zip(params, before))
+            unchanged = same / max(1, n_params)
+        steps_done = k
+        if k % spec.telemetry_every == 0 or k == steps:
+            rec.update(_role_fractions(tel))
+            if math.isnan(rec["state_zero_frac"]):
+                rec["state_zero_frac"] = state_zero_frac(opt)
+            if math.isnan(rec["lost_update_frac"]):
+                rec["lost_update_frac"] = unchanged  # no master rounding measured: entries left unchanged
+        if not reason and (k % eval_every == 0 or k == steps):
+            model.eval()
+            with torch.no_grad():
+                rec["val_loss"] = float(trun.val_loss())
+            model.train()
+            reason = det.val(k, rec["val_loss"])
+        metrics.append(rec)
+        if reason:
+            diverged_step = k
+            break
+
+    mdf = pd.DataFrame(metrics, columns=METRIC_COLUMNS)
+    _write_csv_atomic(mdf, run_dir / "metrics.csv")
+    try:
+        frame = tel.frame()
+    except Exception:
+        frame = None
+    if frame is not None:
+        _write_csv_atomic(frame, run_dir / "telemetry.csv")
+    try:
+        first_site = tel.first_nonfinite()
+    except Exception:
+        first_site = None
+    diverged = bool(reason)
+    site, sentence = explain(frame, metrics, spec, diverged, diverged_step, reason, first_site)
+
+    vals = mdf["val_loss"].astype(float)
+    finite_vals = vals[np.isfinite(vals)]
+    losses = mdf["loss"].astype(float).dropna()
+    ttt = math.nan
+    if target_loss is not None and math.isfinite(target_loss):
+        ev = mdf[np.isfinite(vals)]
+        ttt = float(tokens_to_target(ev["tokens"].to_numpy(float), ev["val_loss"].to_numpy(float), target_loss))
+    return {
+        "steps": steps, "steps_done": steps_done, "tokens": steps_done * tps,
+        "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
+        "final_val_loss": float(vals.dropna().iloc[-1]) if vals.notna().any() else math.nan,
+        "best_val_loss": float(finite_vals.min()) if len(finite_vals) else math.nan,
+        "diverged": diverged, "diverged_step": diverged_step if diverged else "",
+        "divergence_reason": reason, "divergence_site": site if diverged else "",
+        "explanation": sentence, "status": "diverged" if diverged else "ok",
+        "target_loss": target_loss if target_loss is not None else math.nan, "tokens_to_target": ttt,
+        "state_bytes_per_param": state_bytes_per_param(opt, n_params),
+    }

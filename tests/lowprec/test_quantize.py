@@ -1,0 +1,212 @@
+"""Round-to-nearest / toward-zero against independent oracles: ml_dtypes casts, torch's casts, numpy."""
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+import lowprec
+from lowprec import FORMATS, float_format, quantize
+
+ML = {
+    "e4m3": ml_dtypes.float8_e4m3fn,
+    "e5m2": ml_dtypes.float8_e5m2,
+    "e3m2": ml_dtypes.float6_e3m2fn,
+    "e2m3": ml_dtypes.float6_e2m3fn,
+    "e2m1": ml_dtypes.float4_e2m1fn,
+}
+NO_NAN = ("e3m2", "e2m3", "e2m1")  # ml_dtypes turns NaN into 0 there; we keep NaN (tested separately)
+
+
+def grid(dt) -> np.ndarray:
+    """All finite values of an ml_dtypes format (float64, sorted, unique, +0 only)."""
+    bits = ml_dtypes.finfo(dt).bits
+    v = np.arange(2**bits, dtype=np.uint8).view(dt).astype(np.float64)
+    v = v[np.isfinite(v)]
+    return np.unique(v)
+
+
+def oracle_inputs(dt) -> np.ndarray:
+    """Every representable value, every midpoint, values just beside each midpoint, gfloat's fractions,
+    signed zeros, ±inf, NaN, huge and tiny values (float32)."""
+    g = grid(dt)
+    lo, hi = g[:-1], g[1:]
+    mids = (lo + hi) / 2
+    xs = [g, mids]
+    m32 = mids.astype(np.float32)
+    assert np.all(m32.astype(np.float64) == mids)  # midpoints are exact in float32
+    xs += [np.nextafter(m32, np.float32(np.inf)), np.nextafter(m32, np.float32(-np.inf))]
+    for f in (0.3, 0.6, 0.9, 1.25):
+        xs.append(lo + f * (hi - lo))
+    mx = float(g.max())
+    xs.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30, 3.4e38, 1e-30, -1e-30, 1e-45, -1e-45,
+                        mx * 1.01, mx * 1.1, mx * 2, mx * 4, -mx * 1.1]))
+    x = np.concatenate([np.asarray(a, dtype=np.float64) for a in xs]).astype(np.float32)
+    return np.concatenate([x, -x])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, with any NaN equal to any NaN."""
+    a, b = a.float(), b.float()
+    na, nb = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(na, nb):
+        return False
+    return torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32))
+
+
+def ml_cast(x: torch.Tensor, dt) -> torch.Tensor:
+    return torch.from_numpy(x.float().numpy().astype(dt).astype(np.float32))
+
+
+def emulated(name: str):
+    """The same format, unregistered, so quantize takes the bit-arithmetic path instead of torch's casts."""
+    return dataclasses.replace(FORMATS[name], name=name + "_emul")
+
+
+def all_bf16() -> torch.Tensor:
+    return torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", sorted(ML))
+def test_nearest_nosat_matches_ml_dtypes(name):
+    x = torch.from_numpy(oracle_inputs(ML[name]))
+    if name in NO_NAN:
+        x = x[~torch.isnan(x)]
+    ref = ml_cast(x, ML[name])
+    assert same(quantize(x, name, saturate=False), ref)
+    if name in ("e4m3", "e5m2"):  # the emulation path agrees as well
+        assert same(quantize(x, emulated(name), saturate=False), ref)
+
+
+@pytest.mark.parametrize("name", sorted(ML))
+def test_all_bf16_bit_patterns(name):
+    x = all_bf16()
+    keep = ~torch.isnan(x) if name in NO_NAN else torch.ones_like(x, dtype=torch.bool)
+    ref = ml_cast(x[keep], ML[name])
+    q = quantize(x, name, saturate=False)
+    assert q.dtype == torch.bfloat16
+    assert same(q[keep], ref)
+    assert same(quantize(x.float(), name, saturate=False)[keep], ref)  # float32 input too
+    if name in ("e4m3", "e5m2"):
+        assert same(quantize(x, emulated(name), saturate=False)[keep], ref)
+
+
+@pytest.mark.parametrize("name", sorted(NO_NAN))
+def test_nan_stays_nan_where_ml_dtypes_gives_zero(name):
+    x = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf")])
+    q = quantize(x, name, saturate=False)
+    assert torch.isnan(q[0]) and q[1] == 1.0
+    assert q[2] == FORMATS[name].max and q[3] == -FORMATS[name].max  # no inf in the format: saturates
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+def test_saturate_true_matches_torch_cast(name):
+    x = torch.cat([torch.from_numpy(oracle_inputs(ML[name])), all_bf16().float()])
+    if name == "e4m3":  # torch's CPU cast saturates; that is the reference
+        ref = x.to(torch.float8_e4m3fn).float()
+    else:  # torch's e5m2 cast does not saturate; clamping first is the saturating reference
+        ref = x.clamp(-57344, 57344).to(torch.float8_e5m2).float()
+    assert same(quantize(x, name), ref)
+    assert same(quantize(x, emulated(name)), ref)
+    fin = x[torch.isfinite(x)]
+    assert quantize(fin, name).abs().max() <= FORMATS[name].max
+
+
+@pytest.mark.parametrize("name,dt", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_16bit_targets_match_torch_casts(name, dt):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-30, 30, (20000,), generator=g).float(),
+                   all_bf16().float(), torch.tensor([0.0, -0.0, float("nan"), 1e-45, 65519.0, 65520.0])])
+    x = x[torch.isfinite(x)] if name == "bf16" else x
+    ref = x.to(dt).float()
+    assert same(quantize(x, name, saturate=False), ref)
+    assert same(quantize(x, emulated(name), saturate=False), ref)
+    sat = quantize(x, name)
+    assert torch.isfinite(sat[~torch.isnan(x)]).all()
+
+
+@pytest.mark.parametrize("fmt,dt", [(float_format(3, 4), ml_dtypes.float8_e3m4),
+                                    (float_format(4, 3), ml_dtypes.float8_e4m3)])
+def test_custom_ieee_formats_match_ml_dtypes(fmt, dt):
+    x = torch.from_numpy(oracle_inputs(dt))
+    assert same(quantize(x, fmt, saturate=False), ml_cast(x, dt))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtype_and_shape_preserved(dtype):
+    x = torch.randn(3, 5, 7).to(dtype)
+    for f in ("e4m3", "e2m1", "int4", "mxfp4", "e5m2:stochastic", "nvfp4"):
+        q = quantize(x, f, generator=torch.Generator().manual_seed(0))
+        assert q.dtype == dtype and q.shape == x.shape and q.device == x.device
+
+
+def test_fp32_is_identity():
+    x = torch.randn(100)
+    x[0] = float("nan")
+    assert same(quantize(x, "fp32"), x)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int_round_half_even_and_clamp(bits):
+    hi = 2 ** (bits - 1) - 1
+    vals = np.concatenate([np.arange(-2 * hi - 3, 2 * hi + 3, 0.25), [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 1e9, -1e9,
+                                                                      np.inf, -np.inf]]).astype(np.float32)
+    x = torch.from_numpy(vals)
+    ref = np.clip(np.round(vals.astype(np.float64)), -hi - 1, hi)  # numpy rounds half to even
+    q = quantize(x, f"int{bits}")
+    assert np.array_equal(q.numpy().astype(np.float64), ref)
+    assert not torch.signbit(q[q == 0]).any()  # no negative zero for integers
+    qs = quantize(x, lowprec.int_format(bits, symmetric=True))
+    assert qs.min() == -hi
+    qz = quantize(x, f"int{bits}", rounding="toward_zero")
+    assert np.array_equal(qz.numpy().astype(np.float64), np.clip(np.trunc(vals.astype(np.float64)), -hi - 1, hi))
+    assert torch.isnan(quantize(torch.tensor([float("nan")]), f"int{bits}")).all()  # NaN in, NaN out
+
+
+@pytest.mark.parametrize("name", sorted(ML) + ["bf16", "fp16"])
+def test_toward_zero_against_grid(name):
+    if name in ML:
+        g = grid(ML[name])
+        x = torch.from_numpy(oracle_inputs(ML[name]))
+    else:
+        dt = torch.bfloat16 if name == "bf16" else torch.float16
+        x = torch.cat([all_bf16().float(), torch.randn(5000) * 1e-5])
+        x = x[torch.isfinite(x) & (x.abs() <= FORMATS[name].max)]
+        g = np.unique(np.abs(x.to(dt).float().numpy().astype(np.float64)))
+        g = np.unique(np.concatenate([g, [FORMATS[name].max]]))
+        # every truncation lands on a value of the format: check with the format's own cast
+    x = x[~torch.isnan(x)]
+    q = quantize(x, name, rounding="toward_zero", saturate=True)
+    a = np.abs(x.numpy().astype(np.float64))
+    if name in ML:
+        idx = np.searchsorted(g, a, side="right") - 1
+        ref = np.sign(x.numpy()) * g[idx]
+        assert np.array_equal(q.numpy().astype(np.float64), ref.astype(np.float64) + 0.0 * ref)
+    else:
+        dt = torch.bfloat16 if name == "bf16" else torch.float16
+        assert torch.equal(q.to(dt).float(), q)  # representable
+        assert (q.abs() <= x.abs()).all()  # toward zero
+        # and it is the largest such value: the next value up exceeds |x|
+        nxt = torch.nextafter(q.abs().to(dt), torch.tensor(float("inf"), dtype=dt)).float()
+        assert (nxt > x.abs()).all()
+    assert torch.equal(torch.signbit(q), torch.signbit(x))
+
+
+def test_flush_subnormals():
+    f = FORMATS["e4m3"]
+    x = torch.tensor([f.min_subnormal, -f.min_subnormal * 3, f.min_normal, f.min_normal * 0.99, 1.0, -1e-3])
+    q = quantize(x, "e4m3", flush_subnormals=True)
+    assert q.tolist() == [0.0, 0.0, f.min_normal, f.min_normal, 1.0, 0.0]
+    assert torch.signbit(q[1]) and torch.signbit(q[5])
+    q2 = quantize(x, "e2m1:flush")
+    assert q2.tolist()[:3] == [0.0, 0.0, 0.0]
+
+
+def test_e8m0_values():
+    x = torch.tensor([1.0, 1.4, 1.5, 1.6, 3.0, 0.75, 2.0**-130, 2.0**127 * 1.9, 0.0, -1.0])
+    q = quantize(x, "e8m0")
+    assert q[:6].tolist() == [1.0, 1.0, 2.0, 2.0, 4.0, 1.0]  # 1.5 tie -> even exponent (2**0 -> 2**1 is odd)
+    assert q[6] == 2.0**-127 and q[7] == 2.0**127
+    assert torch.isnan(q[8:]).all()  # e8m0 has no zero and no sign

@@ -1,0 +1,118 @@
+"""precision-sweep command line: parsing, layering of settings, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from studies import cli
+from studies.config import (StudyConfig, apply_overrides, load_toml, paper_config_path, parse_precisions,
+                            parse_seeds, parse_shard)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, must_name", [
+    (["run", "--optimizers", "adamw,nosuchopt"], "stosignsgd"),
+    (["run", "--tasks", "nosuchtask"], "gpt"),
+    (["run", "--precisions", "fp32,fp9"], "fp8-all"),
+    (["run", "--phases", "main,warmup"], "ablation"),
+    (["run", "--seeds", "two"], "seeds"),
+    (["run", "--seeds", "0"], "seeds"),
+    (["run", "--steps", "0"], "positive integer"),
+    (["run", "--lrs", "1e-3,abc"], "lrs"),
+    (["run", "--shard", "3/2"], "K/N"),
+    (["run", "--shard", "x"], "K/N"),
+    (["run", "--workers", "-1"], "positive integer"),
+    (["run", "--steps", "10", "--tokens", "100"], "not allowed with"),
+    (["run", "--size", "huge"], "paper"),
+    (["run", "--config", "/nonexistent/study.toml"], "not found"),
+    (["report", "/nonexistent/folder"], "results.csv"),
+    (["frobnicate"], "run"),
+])
+def test_bad_input_exits_2_with_one_line(capsys, argv, must_name):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (argv, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert must_name in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_toml_keys_and_values_exit_2(tmp_path, capsys):
+    f = tmp_path / "s.toml"
+    f.write_text('optimizers = ["adamw"]\nnot_a_setting = 3\n')
+    code, _, err = _run(capsys, "run", "--config", str(f))
+    assert code == 2 and "not_a_setting" in err and "optimizers" in err and len(err.strip().splitlines()) == 1
+    f.write_text('steps = "many"\n')
+    code, _, err = _run(capsys, "run", "--config", str(f))
+    assert code == 2 and "steps" in err
+    f.write_text('steps = [\n')
+    code, _, err = _run(capsys, "run", "--config", str(f))
+    assert code == 2 and "TOML" in err
+
+
+def test_subprocess_errors_have_no_traceback():
+    for argv in (["run", "--optimizers", "bogus"], ["run", "--seeds", "x"]):
+        p = subprocess.run([sys.executable, "-m", "studies.cli", *argv], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_list_names_tasks_optimizers_presets_formats(capsys):
+    code, out, _ = _run(capsys, "list")
+    assert code == 0
+    for name in ("gpt", "moe", "convex-l1", "adamw", "stosignsgd", "stosign-adamw", "fp8-all", "nvfp4", "e4m3"):
+        assert name in out, name
+
+
+def test_seed_and_shard_and_precision_parsing():
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds(2) == [0, 1]
+    assert parse_seeds("0,5,7") == [0, 5, 7]
+    assert parse_seeds("7,") == [7]
+    assert parse_seeds([4, 1]) == [4, 1]
+    assert parse_shard("1/4") == (1, 4)
+    assert parse_precisions("fp32,fp8-all") == ["fp32", "fp8-all"]
+    assert parse_precisions("fp32;weight=e4m3,grad=e5m2") == ["fp32", "weight=e4m3,grad=e5m2"]
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds(True)
+
+
+def test_settings_layer_defaults_then_file_then_flags(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('seeds = 3\nsteps = 50\n[thresholds]\nspike_factor = 5.0\n')
+    args = cli.build_parser().parse_args(["run", "--quick", "--config", str(f), "--seeds", "0,4", "--workers", "1"])
+    cfg = cli.config_from_args(args)
+    assert cfg.size == "quick" and cfg.optimizers == ["adamw", "stosignsgd"]   # from --quick
+    assert cfg.steps == 50 and cfg.thresholds.spike_factor == 5.0                # from the file
+    assert cfg.seeds == [0, 4] and cfg.workers == 1                              # flags win
+    args = cli.build_parser().parse_args(["run", "--config", str(f), "--tokens", "1000"])
+    cfg = cli.config_from_args(args)
+    assert cfg.tokens == 1000 and cfg.steps is None
+
+
+def test_data_flag_selects_the_text_task(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("hello world, this is a small corpus. " * 400)
+    args = cli.build_parser().parse_args(["run", "--data", str(f), "--quick"])
+    cfg = cli.config_from_args(args)
+    assert cfg.tasks == ["text"] and cfg.data == str(f) and "mechanism" not in cfg.phases
+
+
+def test_paper_toml_is_a_valid_full_size_study():
+    data = load_toml(paper_config_path())
+    cfg = apply_overrides(StudyConfig(), data).validate()
+    assert cfg.size == "paper" and len(cfg.seeds) >= 3
+    assert {"adamw", "signum", "stosignsgd"} <= set(cfg.optimizers)
+    assert {"fp32", "bf16", "fp8-hybrid", "fp8-states", "fp8-all"} <= set(cfg.precisions)

@@ -1,0 +1,163 @@
+"""One run: divergence detection, schedule, metrics/results schema, determinism, failures as rows, and the
+end-to-end command (resume after SIGKILL, --quick)."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from studies.config import Thresholds
+from studies.run import METRIC_COLUMNS, RESULT_COLUMNS, DivergenceDetector, RunSpec, execute_run, lr_at
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------- detector (pure)
+def _first(det: DivergenceDetector, losses, val=False) -> tuple[int | None, str]:
+    for k, v in enumerate(losses, start=1):
+        r = det.val(k, v) if val else det.train(k, v)
+        if r:
+            return k, r
+    return None, ""
+
+
+def test_detector_nonfinite_losses():
+    assert _first(DivergenceDetector(Thresholds()), [3.0, 2.0, float("nan")]) == (3, "nan")
+    assert _first(DivergenceDetector(Thresholds()), [3.0, float("inf")]) == (2, "inf")
+    assert _first(DivergenceDetector(Thresholds()), [3.0, float("-inf")]) == (2, "inf")
+
+
+def test_detector_spike_needs_factor_rise_and_patience():
+    t = Thresholds(spike_factor=3.0, spike_min_rise=0.1, spike_patience=2, warmup_steps=5)
+    losses = [5.0, 4.0, 3.0, 2.0, 1.5, 1.2, 1.0, 1.1, 3.5, 3.6]  # 3.5 > 3*1.0 twice in a row at steps 9, 10
+    assert _first(DivergenceDetector(t), losses) == (10, "spike")
+    # a single-step spike that recovers is not a divergence with patience 2
+    assert _first(DivergenceDetector(t), [5.0, 4, 3, 2, 1.5, 1.2, 1.0, 3.5, 1.0, 0.9, 3.5, 0.9]) == (None, "")
+    # during warm-up nothing but non-finite values counts
+    assert _first(DivergenceDetector(t), [5.0, 1.0, 4.0, 4.0, 4.0]) == (None, "")
+    # losses approaching zero (convex tasks): 3x a tiny minimum is noise, not a spike
+    tiny = [10.0] + [1e-3] * 10 + [4e-3] * 5
+    assert _first(DivergenceDetector(t), tiny) == (None, "")
+
+
+def test_detector_blowup_on_validation_loss():
+    t = Thresholds(blowup_margin=0.1, blowup_patience=2, warmup_steps=0)
+    det = DivergenceDetector(t)
+    seq = [5.0, 4.0, 3.0, 5.6, 5.4, 5.7, 5.8]   # > 5.0 * 1.1 = 5.5 at 4 (reset at 5), then 6 and 7
+    assert _first(det, seq, val=True) == (7, "blow-up")
+    assert _first(DivergenceDetector(t), [5.0, 4.0, 5.4, 5.4, 5.4], val=True) == (None, "")
+
+
+def test_detector_no_false_alarm_on_noisy_descent():
+    g = torch.Generator().manual_seed(0)
+    base = torch.linspace(5.0, 1.5, 400)
+    noisy = (base * (1 + 0.15 * torch.randn(400, generator=g))).clamp_min(0.1).tolist()
+    assert _first(DivergenceDetector(Thresholds()), noisy) == (None, "")
+
+
+def test_cosine_schedule_with_warmup():
+    steps, lr = 100, 1e-2
+    vals = [lr_at(s, steps, lr, "cosine", 0.1) for s in range(steps)]
+    assert vals[0] == pytest.approx(lr / 10) and vals[9] == pytest.approx(lr)     # linear warm-up over 10 steps
+    assert vals[-1] == pytest.approx(0.1 * lr)                                   # decays to 10%
+    assert all(a >= b - 1e-15 for a, b in zip(vals[9:], vals[10:]))             # monotone after warm-up
+    assert lr_at(37, steps, lr, "constant", 0.1) == lr
+
+
+# ------------------------------------------------------------------------------------------- real runs
+def _spec(**kw) -> RunSpec:
+    base = dict(task="gpt", optimizer="adamw", precision="fp32", lr=3e-3, seed=0, size="quick", steps=12,
+                eval_every=4, telemetry_every=4)
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def test_run_writes_schema_and_is_deterministic(tmp_path):
+    torch.set_num_threads(1)
+    spec = _spec()
+    row = execute_run(spec, tmp_path / "a", target_loss=1e9)
+    assert list(row) == RESULT_COLUMNS
+    assert row["status"] == "ok" and row["diverged"] is False and row["steps_done"] == 12
+    m = pd.read_csv(tmp_path / "a" / "runs" / spec.run_id / "metrics.csv")
+    assert list(m.columns) == METRIC_COLUMNS
+    assert m["step"].tolist() == list(range(13))
+    assert m["val_loss"].notna().tolist() == [s % 4 == 0 for s in range(13)]
+    assert (m["tokens"].diff().dropna() > 0).all() and row["tokens"] == m["tokens"].iloc[-1]
+    assert row["best_val_loss"] == pytest.approx(m["val_loss"].min())
+    assert row["final_val_loss"] < m["val_loss"].iloc[0]          # it learned something
+    assert row["tokens_to_target"] == 0.0                          # a target above the initial loss: reached at 0
+    # AdamW keeps exp_avg and exp_avg_sq in fp32 (+ one fp32 step counter per tensor): 8 bytes/param + epsilon
+    assert 8.0 <= row["state_bytes_per_param"] < 8.1
+    row2 = execute_run(spec, tmp_path / "b")
+    m2 = pd.read_csv(tmp_path / "b" / "runs" / spec.run_id / "metrics.csv")
+    pd.testing.assert_series_equal(m["loss"], m2["loss"])
+    pd.testing.assert_series_equal(m["val_loss"], m2["val_loss"])
+    assert math.isnan(row2["tokens_to_target"])                    # no target given
+
+
+def test_run_made_to_diverge_is_stopped_and_explained(tmp_path):
+    torch.set_num_threads(1)
+    spec = _spec(lr=50.0, steps=40, schedule="constant", thresholds={**Thresholds().__dict__, "warmup_steps": 2})
+    row = execute_run(spec, tmp_path)
+    assert row["diverged"] is True and row["status"] == "diverged"
+    assert row["divergence_reason"] in ("nan", "inf", "spike", "blow-up")
+    assert 1 <= row["diverged_step"] < 40 and row["steps_done"] == row["diverged_step"]
+    assert f"diverged at step {row['diverged_step']}" in row["explanation"]
+    m = pd.read_csv(tmp_path / "runs" / spec.run_id / "metrics.csv")
+    assert m["step"].iloc[-1] == row["diverged_step"]              # stopped early
+
+
+def test_failure_inside_a_run_becomes_a_row(tmp_path):
+    spec = _spec(task="no-such-task")
+    row = execute_run(spec, tmp_path)
+    assert row["status"] == "error" and row["divergence_reason"].startswith("error: ValueError")
+    assert "no-such-task" in row["divergence_reason"]
+    assert (tmp_path / "runs" / spec.run_id / "error.txt").read_text().startswith("Traceback")
+    with pytest.raises(ValueError):
+        execute_run(spec, tmp_path, debug=True)
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "studies.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "res"
+    args = ["run", "--tasks", "gpt", "--size", "quick", "--optimizers", "adamw,signum", "--precisions", "fp32",
+            "--seeds", "3", "--phases", "main", "--steps", "15", "--workers", "1", "--out", str(out), "--no-report"]
+    p = _cli(*args)
+    t0 = time.time()
+    while len(_rows(out / "results.csv")) < 2 and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    first = {r["run_id"]: r for r in _rows(out / "results.csv")}
+    assert 2 <= len(first) < 6, "the kill should land mid-sweep"
+    p = _cli(*args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    rows = _rows(out / "results.csv")
+    ids = [r["run_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 6                             # every run once
+    after = {r["run_id"]: r for r in rows}
+    for rid, r in first.items():                                      # completed rows kept untouched
+        assert after[rid] == r
+    assert {(r["optimizer"], r["seed"]) for r in rows} == {(o, str(s)) for o in ("adamw", "signum") for s in range(3)}
