@@ -13,8 +13,12 @@
 - ``nn.Embedding`` -> ``QuantEmbedding``: the table is quantized per ``policy.weight`` (block/channel along the
   embedding dimension) in the forward; the gradient passes straight through to the fp32 table.
 
+- ``nn.Conv2d`` -> ``QuantConv2d`` (emulated only): the same three GEMMs of the implicit im2col, each operand
+  quantized along its own reduction axis (axes in the comment above ``_QuantConv2dFn``); not converted when
+  the padding is a string ("same"/"valid") or padding_mode is not "zeros".
+
 Not converted (kept in full precision): attention score/value matmuls inside ``scaled_dot_product_attention``,
-normalisations, convolutions (``nn.Conv2d`` is not converted; a CNN's Linear layers are), element-wise ops.
+normalisations, pooling, element-wise ops.
 
 Backends: ``"emulated"`` quantizes then multiplies in fp32 (or through ``lowprec.accumulate.matmul`` when the
 policy has an accumulator). ``"native"`` runs ``torch._scaled_mm`` on float8 operands: each operand is first
@@ -43,7 +47,7 @@ from lowprec.policy import PrecisionPolicy
 from lowprec.quantize import QuantSpec, quantize_with_scale
 from lowprec.telemetry import Telemetry
 
-__all__ = ["convert", "QuantLinear", "QuantEmbedding", "BACKENDS", "native_dtype"]
+__all__ = ["convert", "QuantLinear", "QuantConv2d", "QuantEmbedding", "BACKENDS", "native_dtype"]
 
 BACKENDS = ("auto", "native", "emulated")
 _GEMM_ROLES = ("weight", "activation", "grad")
@@ -82,15 +86,16 @@ def _is_identity(spec: QuantSpec | None) -> bool:
             and not spec.flush_subnormals)
 
 
-def _axis_spec(spec: QuantSpec, reduce_axis: int) -> QuantSpec:
-    """The spec for a 2-D operand whose GEMM reduces over ``reduce_axis``."""
+def _axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
+    """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
+    axis; N-d operands pass ``channel_axis``)."""
     sc = spec.scaling
     if sc is None or sc.mode == "tensor":
         return spec
     if sc.mode == "block":
         return replace(spec, scaling=replace(sc, axis=reduce_axis))
     if sc.mode == "channel":  # one scale per index of the kept axis, amax over the reduction axis
-        return replace(spec, scaling=replace(sc, axis=1 - reduce_axis))
+        return replace(spec, scaling=replace(sc, axis=1 - reduce_axis if channel_axis is None else channel_axis))
     raise ValueError(f"unknown scaling mode {sc.mode!r}")
 
 
@@ -145,11 +150,14 @@ class _Site:
             out.append("an accumulator is emulated only")
         return out
 
-    def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool) -> _Operand:
+    def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool,
+              channel_axis: int | None = None) -> _Operand:
+        """Quantize ``t`` for a GEMM reducing over ``reduce_axis`` (block scaling runs along it); channel
+        scaling puts one scale per index of ``channel_axis`` (default: the other axis of a 2-D operand)."""
         spec = self.specs[role]
         if spec is None:
             return _Operand(t, None, None)
-        spec = _axis_spec(spec, reduce_axis)
+        spec = _axis_spec(spec, reduce_axis, channel_axis)
         q, scale = quantize_with_scale(t, spec)
         tel = self.telemetry
         if record and tel is not None and tel.wants():
@@ -182,7 +190,10 @@ class _Site:
 
 
 def _to_fp8(op: _Operand) -> tuple[torch.Tensor, torch.Tensor | None]:
-    q = op.q if op.scale is None else op.q / op.scale   # grid values: the cast below is exact
+    if op.scale is None:
+        q = op.q
+    else:  # grid values, so the cast below is exact; a zero scale (all-zero tensor) must not give 0/0
+        q = op.q / torch.where(op.scale == 0, torch.ones_like(op.scale), op.scale)
     return q.to(native_dtype(op.spec)), op.scale
 
 
@@ -193,8 +204,9 @@ def _scaled_mm(a: _Operand, b: _Operand) -> torch.Tensor:
     rowwise = (sa is not None and sa.numel() > 1) or (sb is not None and sb.numel() > 1)
     dev = a8.device
     if rowwise:  # per row of a, per column of b
-        sa = (torch.ones(M, 1, device=dev) if sa is None else sa.float().expand(M, a8.shape[1])[:, :1]).contiguous()
-        sb = (torch.ones(1, N, device=dev) if sb is None else sb.float().expand(b8.shape[0], N)[:1, :]).contiguous()
+        sa = torch.ones(M, device=dev) if sa is None else sa.float().expand(M, a8.shape[1])[:, 0].clone()
+        sb = torch.ones(N, device=dev) if sb is None else sb.float().expand(b8.shape[0], N)[0, :].clone()
+        sa, sb = sa.reshape(M, 1), sb.reshape(1, N)   # fresh storage: _scaled_mm wants unit strides
     else:
         sa = torch.ones((), device=dev) if sa is None else sa.float().reshape(())
         sb = torch.ones((), device=dev) if sb is None else sb.float().reshape(())
@@ -290,6 +302,99 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, policy={self._site.policy}, backend={self._site.backend}"
 
 
+# Conv2d as three GEMMs (implicit im2col). Axes of the 4-D operands, per GEMM:
+#   forward  y[b,o,h,w]  = sum_{c,i,j} x[b,c,.,.] W[o,c,i,j]   block along c (x axis 1, W axis 1);
+#                                                            channel: per sample of x (0), per o of W (0)
+#   grad-in  dx[b,c,.,.] = sum_{o,i,j} dy[b,o,.,.] W[o,c,i,j] block along o (dy axis 1, W axis 0);
+#                                                            channel: per sample of dy (0), per c of W (1)
+#   grad-w   dW[o,c,i,j] = sum_{b,h,w} dy[b,o,h,w] x[b,c,.,.] block along the image width (axis 3 of both);
+#                                                            channel: per o of dy (1), per c of x (1)
+class _QuantConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, site: _Site, conv: tuple):
+        stride, padding, dilation, groups = conv
+        out_dtype = torch.result_type(x, weight)
+        x32, w32 = x.float(), weight.float()
+        qx = site.quant(x32, "activation", reduce_axis=1, channel_axis=0, record=True)
+        qw = site.quant(w32, "weight", reduce_axis=1, channel_axis=0, record=True)
+        y = F.conv2d(qx.q, qw.q, None if bias is None else bias.float(), stride, padding, dilation, groups)
+        ctx.site, ctx.conv, ctx.has_bias = site, conv, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x32, w32, qx.q, qw.q)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        site: _Site = ctx.site
+        stride, padding, dilation, groups = ctx.conv
+        x32, w32, qxq, qwq = ctx.saved_tensors
+        g = gy.float()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+
+        def conv_bwd(gq, xq, wq, mask):
+            return torch.ops.aten.convolution_backward(gq, xq, wq, None, list(stride), list(padding),
+                                                       list(dilation), False, [0, 0], groups, mask)
+        recorded = False
+        if need_x:
+            qg = site.quant(g, "grad", reduce_axis=1, channel_axis=0, record=True)
+            recorded = True
+            wq = qwq if _axis_free(site.specs["weight"]) else \
+                site.quant(w32, "weight", reduce_axis=0, channel_axis=1, record=False).q
+            grad_x = conv_bwd(qg.q, x32, wq, [True, False, False])[0].to(ctx.dtypes[0])
+        if need_w:
+            if recorded and _axis_free(site.specs["grad"]):
+                gq = qg.q
+            else:
+                gq = site.quant(g, "grad", reduce_axis=3, channel_axis=1, record=not recorded).q
+            xq = qxq if _axis_free(site.specs["activation"]) else \
+                site.quant(x32, "activation", reduce_axis=3, channel_axis=1, record=False).q
+            grad_w = conv_bwd(gq, xq, w32, [False, True, False])[1].to(ctx.dtypes[1])
+        if ctx.has_bias and need_b:
+            grad_b = g.sum((0, 2, 3)).to(ctx.dtypes[2])
+        return grad_x, grad_w, grad_b, None, None
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d whose three GEMMs are quantized per ``policy`` (emulated; numeric padding, zeros mode)."""
+
+    def configure(self, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                  telemetry: Telemetry | None = None) -> None:
+        site = _Site(PrecisionPolicy.parse(policy), "emulated" if backend == "auto" else backend, name, telemetry)
+        if site.backend == "native":
+            raise ValueError("backend='native' is not available for Conv2d; use 'auto' or 'emulated'")
+        if site.accumulator is not None:
+            raise ValueError("accumulator emulation is implemented for Linear layers only, not Conv2d")
+        self._site = site
+
+    @staticmethod
+    def convertible(conv: nn.Conv2d) -> bool:
+        return not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                  telemetry: Telemetry | None = None) -> "QuantConv2d":
+        if not cls.convertible(conv):
+            raise ValueError("QuantConv2d needs numeric padding and padding_mode='zeros'")
+        with torch.device("meta"):
+            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        new.configure(policy, backend=backend, name=name, telemetry=telemetry)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._site.noop:
+            return super().forward(x)
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        return _QuantConv2dFn.apply(x, self.weight, self.bias, self._site, conv)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, policy={self._site.policy}"
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Quantize in the forward, identity gradient (straight-through)."""
 
@@ -335,11 +440,13 @@ class QuantEmbedding(nn.Embedding):
 def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
             filter: Callable[[str, nn.Module], bool] | None = None, backend: str = "auto",
             telemetry: Telemetry | None = None) -> nn.Module:
-    """Swap ``nn.Linear`` / ``nn.Embedding`` modules of ``model`` (in place) for quantized ones.
+    """Swap ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` modules of ``model`` (in place) for quantized ones.
 
     ``filter(name, module) -> bool`` selects which modules to convert (default: all). ``policy``: a
     PrecisionPolicy, a preset name or a compact string. Already-converted layers get the new policy.
-    Returns ``model`` (a bare ``nn.Linear``/``nn.Embedding`` passed as ``model`` is returned converted).
+    Returns ``model`` (a bare layer passed as ``model`` is returned converted). With ``backend="native"`` the
+    Conv2d layers run emulated (there is no native FP8 convolution); Conv2d with string padding ("same") or a
+    non-zeros padding_mode is left unconverted.
     Telemetry sites are ``"<module name>:<role>"``.
     """
     policy = PrecisionPolicy.parse(policy)
@@ -351,11 +458,14 @@ def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
     def swap(name: str, mod: nn.Module) -> nn.Module:
         if filter is not None and not filter(name, mod):
             return mod
-        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+        if isinstance(mod, (QuantLinear, QuantEmbedding, QuantConv2d)):
             mod.configure(policy, backend=backend, name=name or mod.__class__.__name__, telemetry=telemetry)
             return mod
         if type(mod) is nn.Linear:
             return QuantLinear.from_linear(mod, policy, backend=backend, name=name or "linear", telemetry=telemetry)
+        if type(mod) is nn.Conv2d and QuantConv2d.convertible(mod):
+            return QuantConv2d.from_conv(mod, policy, backend="auto" if backend == "native" else backend,
+                                         name=name or "conv", telemetry=telemetry)
         if type(mod) is nn.Embedding:
             return QuantEmbedding.from_embedding(mod, policy, name=name or "embedding", telemetry=telemetry)
         return mod

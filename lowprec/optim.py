@@ -83,10 +83,6 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self.telemetry = telemetry
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
-        # Share, don't copy: schedulers and users edit param_groups; the base optimizer reads them.
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         from collections import OrderedDict
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -101,6 +97,32 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             with torch.no_grad():
                 for p in self._params():
                     p.copy_(quantize(p, self._master_spec, rounding="nearest"))
+
+    # Shared, not copied: schedulers and users edit param_groups; the base optimizer reads them (and its
+    # load_state_dict replaces both objects, so these are properties, not attributes).
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[torch.Tensor]:
@@ -147,7 +169,9 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     tel.record("optim:grad", "grad", p.grad, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
                 p.grad.copy_(q)
 
-        for p in self._params():
+        # only parameters with a gradient take part in the step (torch optimizers skip the others), so only
+        # their states are decoded and re-encoded; the others stay packed untouched
+        for p in params:
             st = self.state.get(p)
             if st:
                 for name, value in list(st.items()):
@@ -166,7 +190,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
                     tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
 
-        for p in self._params():
+        for p in params:
             st = self.state.get(p)
             if not st:
                 continue
@@ -179,7 +203,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                         tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
                     continue
                 enc = encode(value, spec, generator=self._gen(p.device))
-                if tel is not None and tel.wants():
+                # full statistics on sampled steps; otherwise only when the state went nonfinite (one sum)
+                if tel is not None and (sampling or (tel.check_nonfinite and not bool(torch.isfinite(value.sum())))):
                     self._record_state(tel, name, value, enc, spec)
                 st[name] = {_PACKED: enc.to_dict()}
 

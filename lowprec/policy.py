@@ -102,7 +102,25 @@ class PrecisionPolicy:
     # ------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str) -> "PrecisionPolicy":
-        """A named preset; see ``PRESET_DOCS``. Unknown names raise ValueError listing the valid ones."""
+        """A named preset. Unknown names raise ValueError listing the valid ones.
+
+        - ``fp32``: no quantization anywhere, an exact no-op.
+        - ``bf16``: bf16 mixed precision as under autocast: weights, activations and gradients rounded to bf16
+          (nearest) at the GEMMs; fp32 master weights and optimizer states.
+        - ``fp8-hybrid``: Transformer Engine's HYBRID: E4M3 weights/activations, E5M2 gradients, per-tensor
+          current scaling (scale = amax / max); fp32 states and master.
+        - ``fp8-states``: only optimizer states, E4M3 in blocks of 128 with fp32 scales amax/448 (torchao's
+          layout; unlike torchao, tensors under 4096 elements are quantized too).
+        - ``fp8-all``: the paper's FP8 setting: fp8-hybrid GEMMs (parameter gradients E5M2 too), E4M3 states
+          (blocks of 128), bf16 master weights with stochastic rounding.
+        - ``mxfp8``: OCP MX E4M3, blocks of 32 along each GEMM's reduction axis, E8M0 scales, on weights,
+          activations and gradients; fp32 states and master.
+        - ``nvfp4``: E2M1 in blocks of 16 with E4M3 block scales and an fp32 tensor scale on weights, activations
+          and gradients; stochastic rounding on gradients only (as TE); fp32 states and master. (TE's random
+          Hadamard transform and 16x16 weight blocks are not modelled.)
+        - ``int4``: weight-only INT4 fake quantization, symmetric absmax groups of 32 along the reduction axis,
+          straight-through gradient; activations, gradients, states and master fp32.
+        """
         if not isinstance(name, str) or name.strip().lower() not in PRESETS:
             raise ValueError(f"unknown precision preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return PRESETS[name.strip().lower()]

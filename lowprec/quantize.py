@@ -18,6 +18,7 @@ Semantics (all formats are emulated in float32; the result has the input's dtype
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +29,7 @@ from .formats import FORMATS, Format, get_format
 from . import scaling as _sc
 
 __all__ = ["Rounding", "Scaling", "QuantSpec", "spec", "quantize", "quantize_with_scale", "round_to_format",
-           "SCALED_FORMATS"]
+           "SCALED_FORMATS", "functional_round", "compiled_quantizer"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -224,13 +225,18 @@ def _parse_scaling(s: Any) -> Scaling:
     raise TypeError(f"scaling must be a Scaling, a string like 'block32' or None, got {type(s).__name__}")
 
 
+@functools.lru_cache(maxsize=256)
+def _parse_cached(text: str) -> QuantSpec:
+    return QuantSpec.parse(text)
+
+
 def spec(x: "str | Format | QuantSpec", **overrides: Any) -> QuantSpec:
     """Resolve a name (``"e4m3:stochastic"``, ``"mxfp8"``), a :class:`Format` or a :class:`QuantSpec`.
     Keyword overrides that are not None replace the spec's fields (``scaling="none"`` removes scaling)."""
     if isinstance(x, QuantSpec):
         s = x
     elif isinstance(x, str):
-        s = QuantSpec.parse(x)
+        s = _parse_cached(x)
     else:
         s = QuantSpec(get_format(x))
     kw = {k: v for k, v in overrides.items() if v is not None}
@@ -270,33 +276,32 @@ def _random_bits(n_shape: torch.Size, device: torch.device, generator: torch.Gen
 
 def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
                       generator: torch.Generator | None) -> torch.Tensor:
-    """Stochastic rounding of non-negative float32 ``a`` (NaN allowed, no inf) onto ``fmt``'s grid.
+    """Stochastic rounding of non-negative float32 ``a`` (NaN allowed, no inf) onto ``fmt``'s grid, in place.
 
-    Adds a uniform random offset below the kept mantissa bits, then truncates: exact SR with 23-M random bits in
-    the format's normal range; values in the subnormal range are shifted by 2**emin first (same absolute
-    resolution, 2**(emin-23))."""
+    Adds a uniform random integer below the kept mantissa bits to the float32 bit pattern, then truncates: exact
+    SR with 23-M random bits in the format's normal range (a carry moves into the next binade correctly).
+    Values in the subnormal range are shifted by 2**emin first, so they share the lowest binade's absolute
+    resolution 2**(emin-23) (the shift itself rounds to that resolution)."""
     m = fmt.man_bits
     drop = 23 - m
     emin_val = fmt.min_normal
-    sub = a < emin_val
-    shift = sub * emin_val  # 2**emin where a is in the subnormal range, else 0
-    a = a + shift
+    shift = torch.lt(a, emin_val, out=torch.empty_like(a))  # 1.0 where a is in the subnormal range
+    shift *= emin_val
+    a += shift
     bits = a.view(torch.int32)
-    ebits = bits & 0x7F800000
     r = _random_bits(a.shape, a.device, generator)
     nb = drop if rand_bits is None else min(rand_bits, drop)
-    r &= (1 << nb) - 1
-    if nb < drop:
-        r <<= drop - nb
-    r |= ebits
-    delta = r.view(torch.float32)
-    delta -= ebits.view(torch.float32)  # uniform in [0, ulp) with resolution 2**(e-23)
-    a += delta
-    bits = a.view(torch.int32)
+    if m == 0:
+        nan = torch.isnan(a)
+    if nb == drop:
+        r &= (1 << drop) - 1
+    else:  # only the top `nb` of the dropped bits are random: the fraction is truncated to nb bits
+        r &= ((1 << nb) - 1) << (drop - nb)
+    bits += r
     bits &= ~((1 << drop) - 1)
     a -= shift
-    if m == 0:  # truncation would turn NaN into inf
-        a = torch.where(torch.isnan(delta), delta, a)
+    if m == 0:  # the carry could turn NaN into another value
+        a.masked_fill_(nan, float("nan"))
     return a
 
 
@@ -314,16 +319,17 @@ def _toward_zero_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def _nearest_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Round-to-nearest-even of non-negative float32 ``a`` (NaN allowed, a <= 2**(emax+1))."""
+    """Round-to-nearest-even of non-negative float32 ``a`` (NaN allowed, a <= 2**(emax+1)), in place."""
     m = fmt.man_bits
-    if fmt.emax + 24 - m <= 127 and fmt.emin - m + 23 >= -126:
+    if fmt.emax + 24 - m <= 127 and m <= 22:
         # magic-number rounding: adding C = 2**(max(e, emin) + 23 - M) makes float32 round at the target ulp
-        c_bits = torch.clamp_min(a.view(torch.int32) & 0x7F800000, (fmt.emin + 127) << 23)
+        c_bits = a.view(torch.int32) & 0x7F800000
+        c_bits.clamp_(min=(fmt.emin + 127) << 23)
         c_bits += (23 - m) << 23
         c = c_bits.view(torch.float32)
-        q = a + c
-        q -= c
-        return q
+        a += c
+        a -= c
+        return a
     drop = 23 - m
     bits = a.view(torch.int32)
     t = (bits >> drop) & 1
@@ -360,26 +366,27 @@ def _round_int(x: torch.Tensor, fmt: Format, rounding: Rounding, rand_bits: int 
     return q.add_(0.0)  # integers have no negative zero
 
 
+_E8M0_AS_FLOAT = Format("e8m0_as_float", "float", 9, 8, 0, 127, has_inf=False, has_nan=True)
+
+
 def _round_scale_format(x: torch.Tensor, fmt: Format, rounding: Rounding, saturate: bool,
                         rand_bits: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """e8m0: positive powers of two 2**-127 .. 2**127; zero, negative values and NaN give NaN."""
+    """e8m0: powers of two 2**-127 .. 2**127 (no zero, no sign); zero, negative values and NaN give NaN.
+    Nearest rounds ties up (as ml_dtypes does for float8_e8m0fnu); values below 2**-127 give
+    2**-127; stochastic rounding treats values below 2**-126 as 2**-126."""
     a = torch.where(x > 0, x, torch.full_like(x, float("nan")))
-    a = a.clamp(max=2.0**128 if saturate is False else fmt.max)
-    e = torch.floor(torch.log2(a))  # a is a positive float: log2 exact on powers of two
-    lo = torch.exp2(e)
+    a.clamp_(max=fmt.max if saturate else _F32_MAX)
+    bits = a.view(torch.int32)
     if rounding == Rounding.NEAREST:
-        frac = a / lo - 1.0  # exact
-        # ties (frac == 0.5) go to the even exponent
-        up = (frac > 0.5) | ((frac == 0.5) & (torch.remainder(e, 2) == 1))
+        t = bits + (1 << 22)  # ties round up (away from zero), as ml_dtypes does for e8m0
+        t &= ~((1 << 23) - 1)
+        q = t.view(torch.float32)
     elif rounding == Rounding.TOWARD_ZERO:
-        up = torch.zeros_like(a, dtype=torch.bool)
+        q = (bits & ~((1 << 23) - 1)).view(torch.float32)
     else:
-        u = _random_bits(x.shape, x.device, generator) & ((1 << 24) - 1)
-        up = (u.to(torch.float64) * 2.0**-24) < (a / lo - 1.0).to(torch.float64)
-    e = e + up
-    e = e.clamp(min=-127)
-    q = torch.exp2(e.to(torch.float64)).to(torch.float32)
-    q = torch.where(q > fmt.max, torch.full_like(q, float("nan")), q)
+        q = _stochastic_float(a.clamp_(min=2.0**-126), _E8M0_AS_FLOAT, rand_bits, generator)
+    q = q.clamp(min=2.0**-127)
+    q = q.masked_fill_(q > fmt.max, float("nan"))
     return torch.where(torch.isnan(a), a, q)
 
 
@@ -426,8 +433,62 @@ def _native_f8(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
             # overflow iff |x| > 464 (the tie 464 rounds to 448, mantissa even); inf included
             q = q.masked_fill_(x.abs() > 464.0, float("nan"))
         return q
-    xx = x.clamp(-fmt.max, fmt.max) if saturate else x  # e5m2 cast does not saturate
-    return xx.to(dt).to(torch.float32)
+    q = x.to(dt).to(torch.float32)  # the e5m2 cast does not saturate: overflow gives ±inf
+    return q.clamp_(-fmt.max, fmt.max) if saturate else q
+
+
+def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.NEAREST, *, saturate: bool = True,
+                     flush_subnormals: bool = False, rand_bits: int | None = None) -> torch.Tensor:
+    """The float-format rounding of :func:`round_to_format` written without in-place ops, for ``torch.compile``.
+
+    Same results as :func:`round_to_format` for nearest and toward_zero (tested to the bit); stochastic rounding
+    draws its random integers with ``torch.randint`` from torch's global RNG (seed it with ``torch.manual_seed``),
+    so its random stream differs from the eager path's generator stream. Float formats with at most 22 mantissa
+    bits only."""
+    if fmt.kind != "float" or fmt.man_bits > 22 or fmt.emax + 24 - fmt.man_bits > 127:
+        raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits and emax <= "
+                         f"{103} + man_bits, got {fmt.name}")
+    rounding = Rounding.parse(rounding)
+    m, drop = fmt.man_bits, 23 - fmt.man_bits
+    limit = fmt.max if saturate else min(2.0 ** (fmt.emax + 1), _F32_MAX)
+    a = x.abs().clamp(max=limit)
+    if rounding == Rounding.NEAREST:
+        c = ((a.view(torch.int32) & 0x7F800000).clamp(min=(fmt.emin + 127) << 23) + ((23 - m) << 23))
+        c = c.view(torch.float32)
+        q = (a + c) - c
+    elif rounding == Rounding.TOWARD_ZERO:
+        q = (a.view(torch.int32) & ~((1 << drop) - 1)).view(torch.float32)
+        up = 2.0 ** (m - fmt.emin)
+        q = torch.where(a < fmt.min_normal, torch.trunc(a * up) * (1.0 / up), q)
+    else:
+        shift = (a < fmt.min_normal).to(torch.float32) * fmt.min_normal
+        a2 = a + shift
+        nb = drop if rand_bits is None else min(rand_bits, drop)
+        r = torch.randint(0, 1 << nb, a.shape, dtype=torch.int32, device=a.device) << (drop - nb)
+        q = ((a2.view(torch.int32) + r) & ~((1 << drop) - 1)).view(torch.float32) - shift
+        if m == 0:
+            q = torch.where(torch.isnan(a), a, q)
+    if not saturate:
+        q = torch.where(q > fmt.max, torch.full_like(q, _overflow_value(fmt)), q)
+    q = torch.copysign(q, x)
+    if flush_subnormals:
+        q = torch.where(q.abs() < fmt.min_normal, q * 0.0, q)
+    return q
+
+
+def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any):
+    """A ``torch.compile``'d quantizer ``f(x) -> Tensor`` for one unscaled float spec (fuses the bit arithmetic
+    into one loop). Random numbers come from torch's global RNG (no ``generator``). Compiles on first call."""
+    s = spec(fmt, **overrides)
+    if s.scaling is not None:
+        raise ValueError("compiled_quantizer supports unscaled specs; use quantize() for scaled ones")
+    f, r, sat, fl, rb = s.format, s.rounding, s.saturate, s.flush_subnormals, s.rand_bits
+    functional_round(torch.zeros(1), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb)  # validate now
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return functional_round(x.float(), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb).to(x.dtype)
+
+    return torch.compile(run, dynamic=False)
 
 
 # --------------------------------------------------------------------------------------------------------

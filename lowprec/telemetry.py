@@ -20,8 +20,8 @@ Columns of ``frame()`` (one row per step and site, in execution order):
   fraction left unchanged by rounding to the master format.
 
 Statistics are computed only on sampled steps (``step % every == 0``); on the other steps, with
-``check_nonfinite=True``, each site pays one ``isfinite().all()`` so that ``first_nonfinite()`` still names the
-first site (in execution order) whose output held a NaN or inf.
+``check_nonfinite=True``, each site pays one ``isfinite(q.sum())`` so that ``first_nonfinite()`` still names
+the first site (in execution order) whose output held a NaN or inf.
 The step counter is advanced by ``next_step()``; ``lowprec.optim.wrap(..., telemetry=t)`` calls it after every
 optimizer step, so share one ``Telemetry`` between ``convert`` and ``wrap``.
 """
@@ -97,6 +97,14 @@ class Telemetry:
         return acc
 
     # ------------------------------------------------------------------ recording
+    def _skip(self, q: torch.Tensor) -> bool:
+        """True when nothing is to be recorded: not a sampled step, and (if checked) q is all finite.
+        The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false alarm from an fp32 overflow
+        of the sum only costs a full record)."""
+        if self.sampling:
+            return False
+        return not self.check_nonfinite or bool(torch.isfinite(q.sum()))
+
     @torch.no_grad()
     def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
                scale: torch.Tensor | None = None, fmt_max: float | None = None, fmt: str = "") -> None:
@@ -106,32 +114,35 @@ class Telemetry:
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
-        if not self.sampling:
-            if not self.check_nonfinite or bool(torch.isfinite(q).all()):
-                return
+        if self._skip(q):
+            return
         acc = self._acc(site, role, fmt, self.sampling)
         x = x.detach()
         q = q.detach()
-        finite_x = torch.isfinite(x)
-        nonzero = finite_x & (x != 0)
+        # comparisons on |x| are much cheaper than torch.isfinite on CPU; NaN compares False everywhere
+        ax = x.abs()
+        finite_x = ax < math.inf
+        nonzero = finite_x & (ax > 0)
+        q_zero = q == 0
         acc.add("numel", q.numel())
-        acc.add("nonzero", nonzero.sum())
-        acc.add("flushed", (nonzero & (q == 0)).sum())
-        over = finite_x & ~torch.isfinite(q)
+        acc.add("nonzero", torch.count_nonzero(nonzero))
+        acc.add("flushed", torch.count_nonzero(nonzero & q_zero))
+        q_finite = q.abs() < math.inf
+        over = finite_x & ~q_finite
         if fmt_max is not None:
             # a few fp32 ulps of slack: with current scaling (scale = amax / max) the amax element itself sits
             # at max * scale up to rounding and must not count as saturated
             limit = fmt_max * (1 + 1e-6) if scale is None else fmt_max * (1 + 1e-6) * scale.detach().to(x.dtype)
-            over = over | (finite_x & (x.abs() > limit))
-        acc.add("saturated", over.sum())
-        acc.add("nan", torch.isnan(q).sum())
-        acc.add("inf", torch.isinf(q).sum())
-        xd = x.double()
-        acc.add("sig2", (xd * xd).sum())
-        acc.add("err2", ((xd - q.double()) ** 2).sum())
-        acc.add("zeros", (q == 0).sum())
+            over |= finite_x & (ax > limit)
+        acc.add("saturated", torch.count_nonzero(over))
+        nan = torch.count_nonzero(q != q)
+        acc.add("nan", nan)
+        acc.add("inf", q.numel() - torch.count_nonzero(q_finite) - nan)
+        acc.add("sig2", torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+        acc.add("err2", torch.linalg.vector_norm(x - q, dtype=torch.float64) ** 2)
+        acc.add("zeros", torch.count_nonzero(q_zero))
         if scale is not None:
-            s = scale.detach().float()
+            s = scale.detach()
             smin, smax = float(s.min()), float(s.max())
             acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
             acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
@@ -139,14 +150,13 @@ class Telemetry:
     @torch.no_grad()
     def record_zeros(self, site: str, role: str, q: torch.Tensor, fmt: str = "") -> None:
         """Record only the zero fraction and NaN/inf of a stored tensor (an unquantized optimizer state)."""
-        if not self.sampling:
-            if not self.check_nonfinite or bool(torch.isfinite(q).all()):
-                return
+        if self._skip(q):
+            return
         acc = self._acc(site, role, fmt, self.sampling)
         acc.add("numel", q.numel())
-        acc.add("zeros", (q == 0).sum())
-        acc.add("nan", torch.isnan(q).sum())
-        acc.add("inf", torch.isinf(q).sum())
+        acc.add("zeros", torch.count_nonzero(q == 0))
+        acc.add("nan", torch.count_nonzero(torch.isnan(q)))
+        acc.add("inf", torch.count_nonzero(torch.isinf(q)))
 
     @torch.no_grad()
     def record_update(self, site: str, old: torch.Tensor, unrounded: torch.Tensor, new: torch.Tensor,

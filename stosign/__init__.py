@@ -4,7 +4,8 @@ Independent of lowprec. See stosign.optim for the algorithm, stosign.convert for
 (stochastic) sign counterpart and stosign.distributed for 1-bit gradient communication.
 """
 from .sign import NOISE_SCALE, random_int16, stochastic_sign
-from .optim import BUFFERS, SignSGD, StoSignSGD
+from .optim import ABLATIONS, BUFFERS, SignSGD, StoSignSGD
 from .convert import SignConverted
+from . import distributed
 
-__all__ = ["stochastic_sign", "random_int16", "NOISE_SCALE", "StoSignSGD", "SignSGD", "SignConverted", "BUFFERS"]
+__all__ = ["stochastic_sign", "random_int16", "NOISE_SCALE", "StoSignSGD", "SignSGD", "SignConverted", "BUFFERS", "ABLATIONS"]

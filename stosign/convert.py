@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from .optim import BUFFERS, _sign_step_foreach, _sign_step_single, _SignBase

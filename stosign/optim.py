@@ -38,9 +38,20 @@ from torch.optim import Optimizer
 
 from .sign import NOISE_SCALE, random_int16
 
-__all__ = ["StoSignSGD", "SignSGD", "BUFFERS"]
+__all__ = ["StoSignSGD", "SignSGD", "BUFFERS", "ABLATIONS"]
 
 BUFFERS = ("max", "decayed_max", "instant", "tensor_max")
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "paper": {},                                  # Algorithm 3: momentum 0.9, running max, noise
+    "no-noise": {"noise": False},                 # deterministic sign(m) = Signum
+    "no-momentum": {"momentum": 0.0},             # m = g
+    "decayed-max": {"buffer": "decayed_max"},     # G = max(0.999·G, |m|)
+    "instant": {"buffer": "instant"},             # G = |m| (then the step is sign(m) again)
+    "tensor-max": {"buffer": "tensor_max"},       # one running max per tensor
+}
+"""Named StoSignSGD ablations: ``StoSignSGD(params, lr=..., **ABLATIONS[name])``. The converted base optimizers are
+:class:`stosign.SignConverted` (e.g. ``SignConverted(torch.optim.AdamW(params, lr, weight_decay=0), weight_decay=λ)``)."""
 
 
 def _check_hparams(lr: Any, momentum: Any, weight_decay: Any, buffer: Any = "max", buffer_decay: Any = 0.999) -> None:

@@ -52,27 +52,29 @@ def stochastic_sign(x: Tensor, bound: Tensor | float, generator: torch.Generator
       output is ``sign(x)`` deterministically; ``E[out] = sign(x) != x/bound``, the estimator is biased there.
     - ``bound == 0`` and ``x == 0``: 0 (the only case that returns 0).
 
-    ``bound`` (a tensor broadcastable to x, or a number) must be >= 0. Ties ``x + bound*n == 0`` with bound > 0 are
+    ``bound`` (a tensor broadcastable to x, or a number) must be >= 0; NaN in x gives NaN. Ties ``x + bound*n == 0`` with bound > 0 are
     broken by an independent fair coin, so the output is strictly ±1 there.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"stochastic_sign: x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"stochastic_sign: x must be a floating-point tensor, got {x.dtype}")
-    bound_t = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
+    # compute in float32 at least, so the 2**-15 grid is represented exactly for bf16/fp16 inputs
+    work = torch.promote_types(x.dtype, torch.float32)
+    bound_t = torch.as_tensor(bound, device=x.device).to(work)
     try:
-        torch.broadcast_shapes(bound_t.shape, x.shape)
-    except RuntimeError as e:
+        shape = torch.broadcast_shapes(bound_t.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
         raise ValueError(f"stochastic_sign: bound of shape {tuple(bound_t.shape)} does not broadcast to x of "
-                         f"shape {tuple(x.shape)}") from e
+                         f"shape {tuple(x.shape)}")
     if bool((bound_t < 0).any()) or bool(torch.isnan(bound_t).any()):
         raise ValueError("stochastic_sign: bound must be >= 0 everywhere (and not NaN)")
     raw = random_int16(x.numel(), x.device, generator)
     coin = (raw & 1).to(torch.float32).mul_(2).sub_(1).view(x.shape)  # independent fair ±1 (the bit `| 1` drops)
     noise = raw.bitwise_or_(1).view(x.shape)
-    # compute in float32 at least, so the 2**-15 grid is represented exactly for bf16/fp16 inputs
-    work = torch.promote_types(x.dtype, torch.float32)
-    s = torch.addcmul(x.to(work), bound_t.to(work), noise, value=NOISE_SCALE).sign_()
+    s = torch.addcmul(x.to(work), bound_t, noise, value=NOISE_SCALE).sign_()
     tie = (s == 0) & (bound_t > 0)
     s = torch.where(tie, coin.to(work), s)
     return s.to(x.dtype)

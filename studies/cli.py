@@ -161,9 +161,12 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _render(out_dir: str) -> None:
     from studies.report import render_report, summary_text
 
-    path = render_report(out_dir)
-    print(summary_text(out_dir))
-    print(f"report: {path}")
+    res = render_report(out_dir)
+    path = res.get("html", out_dir) if isinstance(res, dict) else res
+    text = summary_text(out_dir)
+    print(text)
+    if "report:" not in text:
+        print(f"report: {path}")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

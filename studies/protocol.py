@@ -276,7 +276,8 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         "versions": _versions(), "config": cfg.to_dict(), "thresholds": dataclasses.asdict(cfg.thresholds),
         "shard": f"{shard_kn[0]}/{shard_kn[1]}" if shard_kn else None,
         "tasks": {t: _task_info(cfg, t) for t in cfg.tasks},
-        "protocol": __doc__.strip(), "status": "running",
+        "protocol": __doc__.strip(), "status": "running", "size": cfg.size,
+        "optimal_loss": _optimal_losses(cfg),
     }
     write_json_atomic(out / "study.json", study)
     counts: dict[str, dict] = {}
@@ -321,6 +322,19 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     study["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(out / "study.json", study)
     return study
+
+
+def _optimal_losses(cfg: StudyConfig) -> dict[str, float]:
+    """task -> known optimum of the objective (convex tasks), from a seed-0 build; tasks without one are left out."""
+    out = {}
+    names = list(cfg.tasks) + (list(cfg.mechanism_tasks) if "mechanism" in cfg.phases else [])
+    for name in dict.fromkeys(names):
+        if name.startswith("convex"):
+            size = cfg.size if name in cfg.tasks else (cfg.mechanism_size or cfg.size)
+            opt = getattr(_task(cfg, name, size).build(0), "optimal_loss", None)
+            if opt is not None:
+                out[name] = float(opt)
+    return out
 
 
 def _task_info(cfg: StudyConfig, name: str) -> dict:

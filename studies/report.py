@@ -294,8 +294,10 @@ def cell_table(results: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def speedup_table(results: pd.DataFrame, baseline: str = BASELINE, level: float = LEVEL) -> pd.DataFrame:
-    """Tokens-to-target speedup of every optimizer vs `baseline` at the same task and precision.
+def speedup_table(results: pd.DataFrame, baseline: str | dict[str, str] = BASELINE,
+                  level: float = LEVEL) -> pd.DataFrame:
+    """Tokens-to-target speedup of every optimizer vs `baseline` (a name, or task -> name) at the same task and
+    precision.
 
     speedup = mean(baseline tokens) / mean(optimizer tokens) over seeds that reached the target, with the
     bootstrap interval and status of :func:`studies.stats.speedup_ci`. Uses column ``ttt`` if present.
@@ -306,11 +308,12 @@ def speedup_table(results: pd.DataFrame, baseline: str = BASELINE, level: float 
              for p in _ordered(results.loc[results["task"] == t, "precision"], PRECISION_ORDER)]
     for task, prec in cells:
         g = results[(results["task"] == task) & (results["precision"] == prec)]
-        base = g[g["optimizer"] == baseline]
+        bname = baseline.get(task, BASELINE) if isinstance(baseline, dict) else baseline
+        base = g[g["optimizer"] == bname]
         if base.empty:
             continue
         for opt in _ordered(g["optimizer"], OPTIMIZER_ORDER):
-            if opt == baseline:
+            if opt == bname:
                 continue
             o = g[g["optimizer"] == opt]
             r = speedup_ci(base[tcol].to_numpy(float), o[tcol].to_numpy(float), level=level)
@@ -322,55 +325,61 @@ def speedup_table(results: pd.DataFrame, baseline: str = BASELINE, level: float 
     return pd.DataFrame(rows)
 
 
-def paper_comparison(results: pd.DataFrame, speed: pd.DataFrame) -> list[str]:
+def paper_comparison(results: pd.DataFrame, speed: pd.DataFrame, baselines: dict[str, str] | None = None) -> list[str]:
     """Sentences comparing the data with the paper's two FP8 claims, computed from the data (never fixed text):
-    (1) AdamW fails in FP8 while StoSignSGD is stable; (2) StoSignSGD needs 1.44×–2.14× fewer tokens."""
+    (1) AdamW fails in FP8 while StoSignSGD is stable; (2) StoSignSGD needs 1.44×–2.14× fewer tokens.
+    `baselines`: task -> the AdamW label used as baseline (default "adamw")."""
     lines = []
+    baselines = baselines or {}
     main = results[results["phase"].isin(MAIN_PHASES)]
     fp8 = [p for p in _ordered(main["precision"], PRECISION_ORDER) if "fp8" in p.lower() or "e4m3" in p.lower()]
     if not fp8:
         return ["No FP8 precision in this study, so the paper's FP8 claims (AdamW fails; StoSignSGD needs "
                 "1.44×–2.14× fewer tokens) cannot be checked here."]
     lo_p, hi_p = PAPER_SPEEDUP
-    for task in _ordered(main["task"], ()):
-        for prec in fp8:
-            g = main[(main["task"] == task) & (main["precision"] == prec)]
-            a, s = g[g["optimizer"] == BASELINE], g[g["optimizer"] == PROPOSED]
-            if a.empty or s.empty:
-                continue
-            ka, na = int(a["diverged"].sum()), len(a)
-            ks, ns = int(s["diverged"].sum()), len(s)
-            if ka > 0 and ks == 0:
-                verdict = "agrees with the paper (AdamW fails, StoSignSGD stable)"
-            elif ka > 0 and ks > 0:
-                verdict = "partly agrees (AdamW fails, but StoSignSGD diverges too)"
-            elif ka == 0 and ks == 0:
-                verdict = "does not agree with the paper (AdamW did not fail here)"
-            else:
-                verdict = "does not agree with the paper (StoSignSGD diverged, AdamW did not)"
-            line = (f"{task}, {prec}: AdamW diverged in {ka}/{na} seeds, StoSignSGD in {ks}/{ns} — {verdict}.")
-            row = speed[(speed["task"] == task) & (speed["precision"] == prec) & (speed["optimizer"] == PROPOSED)] \
-                if not speed.empty else pd.DataFrame()
-            if not row.empty:
-                r = row.iloc[0]
-                st = r["status"]
-                if st == "baseline never reached target":
-                    line += " Speedup not defined: AdamW never reached the target at this precision."
-                elif st == "not reached by optimizer":
-                    line += " StoSignSGD never reached the target: no speedup (does not agree with 1.44×–2.14×)."
-                elif st in ("ok", "partial"):
-                    ratio, rlo, rhi = r["speedup"], r["lo"], r["hi"]
-                    ci = f" [{rlo:.2f}, {rhi:.2f}]" if math.isfinite(rlo) else " (no interval: < 2 seeds)"
-                    lo_, hi_ = (rlo, rhi) if math.isfinite(rlo) else (ratio, ratio)
-                    if hi_ < lo_p:
-                        cmp = "below the paper's 1.44×–2.14× (does not agree)"
-                    elif lo_ > hi_p:
-                        cmp = "above the paper's 1.44×–2.14× (larger than reported)"
-                    else:
-                        cmp = "overlaps the paper's 1.44×–2.14× (agrees)"
-                    part = " (conditional on the seeds that reached it)" if st == "partial" else ""
-                    line += f" Tokens-to-target speedup {ratio:.2f}×{ci}{part}: {cmp}."
-            lines.append(line)
+    cells = [(task, prec, pname) for task in _ordered(main["task"], ()) for prec in fp8
+             for pname in _ordered(main.loc[(main["task"] == task) & (main["precision"] == prec), "optimizer"],
+                                   OPTIMIZER_ORDER) if pname.split("@")[0] == PROPOSED]
+    for task, prec, pname in cells:
+        g = main[(main["task"] == task) & (main["precision"] == prec)]
+        bname = baselines.get(task, BASELINE)
+        a, s = g[g["optimizer"] == bname], g[g["optimizer"] == pname]
+        if a.empty or s.empty:
+            continue
+        ka, na = int(a["diverged"].sum()), len(a)
+        ks, ns = int(s["diverged"].sum()), len(s)
+        if ka > 0 and ks == 0:
+            verdict = "agrees with the paper (AdamW fails, StoSignSGD stable)"
+        elif ka > 0 and ks > 0:
+            verdict = "partly agrees (AdamW fails, but StoSignSGD diverges too)"
+        elif ka == 0 and ks == 0:
+            verdict = "does not agree with the paper (AdamW did not fail here)"
+        else:
+            verdict = "does not agree with the paper (StoSignSGD diverged, AdamW did not)"
+        who = "" if (bname, pname) == (BASELINE, PROPOSED) else f" ({bname} vs {pname})"
+        line = (f"{task}, {prec}{who}: AdamW diverged in {ka}/{na} seeds, StoSignSGD in {ks}/{ns} — {verdict}.")
+        row = speed[(speed["task"] == task) & (speed["precision"] == prec) & (speed["optimizer"] == pname)] \
+            if not speed.empty else pd.DataFrame()
+        if not row.empty:
+            r = row.iloc[0]
+            st = r["status"]
+            if st == "baseline never reached target":
+                line += " Speedup not defined: AdamW never reached the target at this precision."
+            elif st == "not reached by optimizer":
+                line += " StoSignSGD never reached the target: no speedup (does not agree with 1.44×–2.14×)."
+            elif st in ("ok", "partial"):
+                ratio, rlo, rhi = r["speedup"], r["lo"], r["hi"]
+                ci = f" [{rlo:.2f}, {rhi:.2f}]" if math.isfinite(rlo) else " (no interval: < 2 seeds)"
+                lo_, hi_ = (rlo, rhi) if math.isfinite(rlo) else (ratio, ratio)
+                if hi_ < lo_p:
+                    cmp = "below the paper's 1.44×–2.14× (does not agree)"
+                elif lo_ > hi_p:
+                    cmp = "above the paper's 1.44×–2.14× (larger than reported)"
+                else:
+                    cmp = "overlaps the paper's 1.44×–2.14× (agrees)"
+                part = " (conditional on the seeds that reached it)" if st == "partial" else ""
+                line += f" Tokens-to-target speedup {ratio:.2f}×{ci}{part}: {cmp}."
+        lines.append(line)
     return lines or ["The FP8 cells lack AdamW or StoSignSGD runs, so the paper's claims cannot be checked here."]
 
 
@@ -551,6 +560,35 @@ def _heatmap(figs: _Figures, cells: pd.DataFrame, row: str, col: str, row_order,
         return figs.save(fig, name)
 
 
+def _mean_band(ax, d: pd.DataFrame, x: str, y: str, color, label: str | None, log: bool = False) -> None:
+    """Mean over runs at each x with a ±1 sd band (where ≥ 2 runs have a value); non-finite values skipped.
+    With `log`, the band is clipped to positive values."""
+    g = d[[x, y]].replace([np.inf, -np.inf], np.nan).dropna().groupby(x)[y].agg(["mean", "std", "count"])
+    if g.empty:
+        return
+    xs, m, sd = g.index.to_numpy(float), g["mean"].to_numpy(float), g["std"].to_numpy(float)
+    ax.plot(xs, m, color=color, linewidth=1.6, label=label)
+    band = (g["count"].to_numpy() >= 2) & np.isfinite(sd)
+    if band.any():
+        lo = m - np.where(band, sd, 0.0)
+        if log:
+            lo = np.maximum(lo, m * 1e-3)
+        ax.fill_between(xs, lo, m + np.where(band, sd, 0.0), where=band, color=color, alpha=0.2, linewidth=0)
+
+
+def _loss_unit(task: str) -> str:
+    """Axis unit: cross-entropy in nats for the learning tasks; the convex problems' objective has no unit."""
+    return " (objective)" if task.startswith("convex") else " (cross-entropy, nats)"
+
+
+def _tokens_axis(ax) -> None:
+    """Token counts as 5k / 1.2M with at most 5 ticks (long integers overlap otherwise)."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def _curve_column(m: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
     """Validation-loss rows when the run logged them, else the training loss: (frame, column, label)."""
     if "val_loss" in m.columns and m["val_loss"].notna().sum() >= 2:
@@ -560,8 +598,6 @@ def _curve_column(m: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
 
 def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: list[str], optimizers: list[str],
                  target: float | None) -> Path | None:
-    import seaborn as sns
-
     mt = metrics[metrics["task"] == task]
     if mt.empty or "tokens" not in mt.columns:
         return None
@@ -584,8 +620,7 @@ def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: l
                 if d.empty:
                     ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="grey")
                 else:
-                    sns.lineplot(data=d, x="tokens", y="y", ax=ax, color=figs.palette[opt], errorbar="sd",
-                                 estimator="mean", label="mean ± sd over seeds", legend=False)
+                    _mean_band(ax, d, "tokens", "y", figs.palette[opt], "mean ± sd over seeds")
                     for rid, r in d[d["diverged"]].groupby("run_id"):
                         last = r.dropna(subset=["y"]).sort_values("tokens").tail(1)
                         if last.empty:
@@ -598,9 +633,10 @@ def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: l
                 if target is not None and math.isfinite(target):
                     ax.axhline(target, color="black", linestyle=":", linewidth=1, label=f"target {target:.4g}")
                 ax.set_ylim(bottom, top)
+                _tokens_axis(ax)
                 ax.set_title(f"{opt} · {prec}", fontsize=9)
-                ax.set_xlabel("tokens" if i == len(precisions) - 1 else "")
-                ax.set_ylabel(f"{ylabel} (nats)" if j == 0 else "")
+                ax.set_xlabel("tokens (training)" if i == len(precisions) - 1 else "")
+                ax.set_ylabel("")
         handles, labels = [], []
         for ax in axes.flat:
             for hnd, lab in zip(*ax.get_legend_handles_labels()):
@@ -609,6 +645,7 @@ def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: l
                     labels.append(lab)
         if handles:
             fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
+        fig.supylabel(f"{ylabel}{_loss_unit(task)}", fontsize=10)
         fig.suptitle(f"{task}: {ylabel} vs tokens per precision (rows) and optimizer (columns)"
                      + (" — diverged runs marked ✕" if marked else ""), fontsize=10)
         return figs.save(fig, f"loss_curves_{_slug(task)}")
@@ -689,8 +726,6 @@ def _point_ci(figs: _Figures, table: pd.DataFrame, x: str, hue: str, x_order, hu
 
 
 def _telemetry_fig(figs: _Figures, metrics: pd.DataFrame, task: str, prec: str, optimizers: list[str]) -> Path | None:
-    import seaborn as sns
-
     m = metrics[(metrics["task"] == task) & (metrics["precision"] == prec)]
     if m.empty or "step" not in m.columns:
         return None
@@ -724,10 +759,13 @@ def _telemetry_fig(figs: _Figures, metrics: pd.DataFrame, task: str, prec: str, 
             if dd.empty:
                 ax.set_visible(False)
                 continue
-            sns.lineplot(data=dd, x="step", y="value", hue="optimizer", style="role", hue_order=opts,
-                         style_order=roles, palette=figs.palette, units="run_id", estimator=None,
-                         dashes={r: _DASHES[i % len(_DASHES)] for i, r in enumerate(roles)},
-                         linewidth=1.2, ax=ax, legend=False)
+            for (opt, role, _rid), r in dd.groupby(["optimizer", "role", "run_id"], sort=False):
+                r = r.sort_values("step")
+                if len(r) > 400:  # plenty for a 3-4 inch panel
+                    r = r.iloc[:: int(math.ceil(len(r) / 400))]
+                dash = _DASHES[roles.index(role) % len(_DASHES)]
+                ax.plot(r["step"].to_numpy(float), r["value"].to_numpy(float), color=figs.palette[opt],
+                        linestyle=(0, dash) if dash else "-", linewidth=1.2)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
             ax.set_ylabel("fraction of entries")
@@ -786,8 +824,6 @@ def _optimal_from_task(task: str, configs: pd.Series) -> float:
 
 
 def _mechanism_fig(figs: _Figures, metrics: pd.DataFrame, optimal: dict[str, float]) -> tuple[Path | None, str]:
-    import seaborn as sns
-
     tasks = _ordered(metrics["task"], ())
     if not tasks:
         return None, ""
@@ -807,9 +843,9 @@ def _mechanism_fig(figs: _Figures, metrics: pd.DataFrame, optimal: dict[str, flo
                 label = f"{ylabel} (log scale; optimum unknown)"
                 notes.append(task)
             d = d.assign(gap=y.where(np.isfinite(y)))
-            opts = _ordered(d["optimizer"], OPTIMIZER_ORDER)
-            sns.lineplot(data=d, x=xcol, y="gap", hue="optimizer", hue_order=opts, palette=figs.palette,
-                         errorbar="sd", ax=ax)
+            for o in _ordered(d["optimizer"], OPTIMIZER_ORDER):
+                _mean_band(ax, d[d["optimizer"] == o], xcol, "gap", figs.palette[o], o, log=True)
+            ax.legend(title="optimizer", fontsize=8)
             ax.set_yscale("log")
             ax.set_xlabel(xcol)
             ax.set_ylabel(label)
@@ -941,7 +977,7 @@ def _curves_section(doc: _Doc, figs: _Figures, metrics: pd.DataFrame, main: pd.D
 
 
 def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.DataFrame, targets, precisions,
-                     optimizers) -> None:
+                     optimizers, baselines: dict[str, str] | None = None, notes: list[str] | None = None) -> None:
     doc.h(1, "Tokens to target relative to AdamW")
     if main.empty or not targets:
         doc.note("No target loss (no fp32 AdamW baseline and none recorded): tokens-to-target omitted.")
@@ -953,6 +989,8 @@ def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.Da
           "over the seeds that reached the target; interval: 95% percentile bootstrap of that ratio of means "
           "(2000 resamples, seeds resampled independently per optimizer; none with fewer than 2 reached seeds). "
           "> 1 means fewer tokens than AdamW. 'not reached' cells are shown explicitly.")
+    for n in notes or []:
+        doc.note(n)
     for task in _ordered(speed["task"], ()):
         tgt, how = targets.get(task, (math.nan, ""))
         s = speed[speed["task"] == task]
@@ -986,7 +1024,7 @@ def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.Da
             "status": s["status"]})
         doc.table(t)
     doc.h(2, "Compared with the paper")
-    doc.ul(paper_comparison(main, speed))
+    doc.ul(paper_comparison(main, speed, baselines))
 
 
 def _telemetry_section(doc: _Doc, figs: _Figures, metrics: pd.DataFrame, main: pd.DataFrame, precisions,
@@ -1083,7 +1121,7 @@ def _variant_section(doc: _Doc, figs: _Figures, results: pd.DataFrame, phase: st
         notes = {(getattr(r, x), getattr(r, hue)): f"{r.diverged_k}/{r.n} diverged"
                  for r in c.itertuples(index=False) if math.isfinite(r.final_mean) and r.diverged_k > 0}
         p = _point_ci(figs, c, x, hue, x_order, hue_order, "final_mean", "final_lo", "final_hi",
-                      "final loss (nats), runs not diverged", f"{task}: {title.lower()} — final loss, 95% t interval",
+                      f"final loss{_loss_unit(task)}, runs not diverged", f"{task}: {title.lower()} — final loss, 95% t interval",
                       f"{name}_{_slug(task)}", missing=missing, notes=notes,
                       hue_colors=figs.palette if hue == "optimizer" else None)
         doc.fig(p, f"{task}: final loss per {x} and {hue} (mean over seeds that did not diverge, 95% t interval).")
@@ -1144,19 +1182,69 @@ def _run_table(results: pd.DataFrame) -> pd.DataFrame:
 # ============================================================================================ entry points
 
 
-def _prepare(out_dir: Path):
+def _split_lrs(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Main runs of one optimizer at several LRs (e.g. ``--lrs``) are kept apart as "name@lr" (never pooled)."""
+    res, notes = results.copy(), []
+    main = res[res["phase"].isin(MAIN_PHASES)]
+    for (task, opt), g in main.groupby(["task", "optimizer"], sort=False):
+        if g["lr"].nunique() > 1:
+            res.loc[g.index, "optimizer"] = [f"{opt}@{_fmt(lr)}" for lr in g["lr"]]
+            notes.append(f"{task}: {opt} ran at {g['lr'].nunique()} learning rates; each is shown as {opt}@lr.")
+    return res, notes
+
+
+def _baselines(main: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
+    """task -> the AdamW label to compare against. With several AdamW LRs, the one with the lowest mean final
+    loss at fp32 (a diverged run counts as +inf), the protocol's own tuning rule; stated in the report."""
+    out, notes = {}, []
+    for task in _ordered(main["task"], ()):
+        m = main[main["task"] == task]
+        labels = [o for o in _ordered(m["optimizer"], OPTIMIZER_ORDER) if o.split("@")[0] == BASELINE]
+        if len(labels) <= 1:
+            if labels:
+                out[task] = labels[0]
+            continue
+        ref = m[m["precision"] == "fp32"] if (m["precision"] == "fp32").any() else m
+
+        def score(label: str) -> float:
+            g = ref[ref["optimizer"] == label]
+            vals = np.where(g["diverged"] | ~np.isfinite(g["final"]), np.inf, g["final"])
+            return float(np.mean(vals)) if len(vals) else math.inf
+
+        out[task] = min(labels, key=score)
+        notes.append(f"{task}: speedups are relative to {out[task]}, the AdamW learning rate with the lowest mean "
+                     f"final loss at {'fp32' if ref is not m else 'all precisions'}.")
+    return out, notes
+
+
+@dataclass
+class _Data:
+    results: pd.DataFrame  # runs that completed (diverged or not), optimizer labels split by LR where needed
+    failed: pd.DataFrame  # runs with status "error"
+    study: dict
+    metrics: pd.DataFrame
+    targets: dict[str, tuple[float, str]]
+    main: pd.DataFrame
+    speed: pd.DataFrame
+    baselines: dict[str, str]
+    notes: list[str]
+
+
+def _prepare(out_dir: Path) -> _Data:
     """Load everything; runs with status "error" (the run itself failed) are set aside in ``failed``."""
     results = load_results(out_dir)
     failed = results[results["status"] == "error"]
     results = results[results["status"] != "error"].reset_index(drop=True)
+    results, notes = _split_lrs(results)
     study = load_study(out_dir)
     metrics = load_metrics(out_dir, results)
     targets = _targets(results, study, metrics)
     results = _apply_targets(results, metrics, targets)
     results["target"] = [targets.get(t, (math.nan, ""))[0] for t in results["task"]]
     main = results[results["phase"].isin(MAIN_PHASES)]
-    speed = speedup_table(main) if targets else pd.DataFrame()
-    return results, study, metrics, targets, main, speed, failed
+    baselines, bnotes = _baselines(main)
+    speed = speedup_table(main, baselines) if targets else pd.DataFrame()
+    return _Data(results, failed, study, metrics, targets, main, speed, baselines, notes + bnotes)
 
 
 def render_report(out_dir: Path | str) -> dict[str, Path]:
@@ -1166,7 +1254,9 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     DIR/figures/. Raises FileNotFoundError when DIR/results.csv is missing.
     """
     out_dir = Path(out_dir)
-    results, study, metrics, targets, main, speed, failed = _prepare(out_dir)
+    data = _prepare(out_dir)
+    results, study, metrics, targets, main, speed, failed = (data.results, data.study, data.metrics, data.targets,
+                                                             data.main, data.speed, data.failed)
     optimizers = _ordered(results["optimizer"], OPTIMIZER_ORDER)
     precisions = _ordered(results["precision"], PRECISION_ORDER)
     figs = _Figures(out_dir, _palette(optimizers))
@@ -1181,7 +1271,7 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     main_opts = _ordered(main["optimizer"], OPTIMIZER_ORDER)
     _stability_section(doc, figs, main, main_precs, main_opts)
     _curves_section(doc, figs, metrics, main, main_precs, main_opts, targets)
-    _speedup_section(doc, figs, main, speed, targets, main_precs, main_opts)
+    _speedup_section(doc, figs, main, speed, targets, main_precs, main_opts, data.baselines, data.notes)
     _telemetry_section(doc, figs, metrics, main, main_precs, main_opts)
     _telemetry_sites_section(doc, out_dir, main)
     _divergence_section(doc, results)
@@ -1229,7 +1319,8 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
 def summary_text(out_dir: Path | str) -> str:
     """A compact plain-text summary of a results folder for the terminal (no figures are drawn)."""
     out_dir = Path(out_dir)
-    results, study, metrics, targets, main, speed, failed = _prepare(out_dir)
+    data = _prepare(out_dir)
+    results, targets, main, speed, failed = data.results, data.targets, data.main, data.speed, data.failed
     lines = [f"{len(results)} runs in {out_dir} ({int(results['diverged'].sum())} diverged"
              + (f", {len(failed)} failed" if len(failed) else "") + ")"]
     if main.empty:
@@ -1257,7 +1348,7 @@ def summary_text(out_dir: Path | str) -> str:
             else:
                 lines.append(f"  speedup vs adamw  {r.optimizer:<12} {r.precision:<12} {r.status}")
     if not main.empty:
-        lines += ["paper check: " + x for x in paper_comparison(main, speed)]
+        lines += ["paper check: " + x for x in paper_comparison(main, speed, data.baselines)]
     if (out_dir / "report.html").is_file():
         lines.append(f"report: {out_dir / 'report.html'}")
     return "\n".join(lines)

@@ -85,6 +85,10 @@ class RunSpec:
         """Hash of the configuration without its phase: two runs with equal keys produce identical results."""
         d = self.to_dict()
         d.pop("phase")
+        try:  # equal policies written differently ("fp8-all" vs "fp8-all+master=...") are the same run
+            d["precision"] = str(resolve_precision(self.precision))
+        except Exception:
+            pass
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     @classmethod

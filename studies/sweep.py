@@ -125,7 +125,8 @@ def _clone(store: ResultsStore, src: dict[str, Any], spec: RunSpec) -> dict[str,
                 shutil.copyfile(f, tmp)
                 os.replace(tmp, dst_dir / f.name)
     row = dict(src)
-    row.update(run_id=spec.run_id, phase=spec.phase, config_json=spec.config_json)
+    row.update(run_id=spec.run_id, phase=spec.phase, task=spec.task, optimizer=spec.optimizer,
+               precision=spec.precision, lr=spec.lr, seed=spec.seed, config_json=spec.config_json)
     return row
 
 

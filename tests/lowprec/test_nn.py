@@ -157,6 +157,11 @@ def test_native_matches_emulated_and_really_calls_scaled_mm(monkeypatch):
         # differ, a few fp32 ulps of the sum of |products|
         for a, b in zip(outs["emulated"], outs["native"]):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    # an all-zero gradient (scale 0) gives zero gradients, not 0/0
+    q = convert(nn.Linear(16, 16), "fp8-hybrid", backend="native")
+    xi = torch.randn(4, 16, requires_grad=True)
+    q(xi).backward(torch.zeros(4, 16))
+    assert torch.equal(xi.grad, torch.zeros(4, 16)) and torch.equal(q.weight.grad, torch.zeros(16, 16))
 
 
 def test_native_backend_refuses_what_it_cannot_do():
@@ -252,3 +257,108 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="valid presets"):
         convert(nn.Linear(2, 2), "fp9")
     assert lnn.native_dtype(None) is None
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        return self.fc(F.relu(self.c2(x)).flatten(1))
+
+
+def _cnn_run(model, x, y):
+    model.zero_grad()
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_cnn_fp32_noop_and_fp8_conv_matches_torch_casts():
+    torch.manual_seed(9)
+    model = SmallCNN()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    ref = copy.deepcopy(model)
+    convert(model, "fp32")
+    assert isinstance(model.c1, lnn.QuantConv2d) and list(model.state_dict()) == list(ref.state_dict())
+    out_r, g_r = _cnn_run(ref, x, y)
+    out_c, g_c = _cnn_run(model, x, y)
+    assert torch.equal(out_r, out_c) and all(torch.equal(g_r[k], g_c[k]) for k in g_r)
+
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    xi = torch.randn(4, 8, 10, 10, requires_grad=True)
+    gy = torch.randn(4, 16, 5, 5)
+    q = convert(copy.deepcopy(conv), "fp8-hybrid")
+    out = q(xi)
+    out.backward(gy)
+    xr = xi.detach().clone().requires_grad_()
+    out_ref = conv(xr)
+    out_ref.backward(gy)
+    assert sqnr(out_ref.detach(), out.detach()) >= 18 and sqnr(conv.weight.grad, q.weight.grad) >= 17
+    # oracle: the same convolution on torch-cast operands
+    xq = _cast(xi.detach(), torch.float8_e4m3fn).requires_grad_()
+    wq = _cast(conv.weight.detach(), torch.float8_e4m3fn).requires_grad_()
+    o = F.conv2d(xq, wq, conv.bias.detach(), 2, 1)
+    o.backward(_cast(gy, torch.float8_e5m2))
+    torch.testing.assert_close(out.detach(), o.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xi.grad, xq.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q.weight.grad, wq.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_block_axes():
+    torch.manual_seed(10)
+    conv = nn.Conv2d(40, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 40, 6, 6, requires_grad=True)
+    gy = torch.randn(2, 8, 6, 6)
+    q = convert(copy.deepcopy(conv), "mxfp8")
+    out = q(x)
+    out.backward(gy)
+    w = conv.weight.detach()
+
+    def mx(t, axis):
+        return quantize(t, "mxfp8:axis=%d" % axis)
+
+    torch.testing.assert_close(out.detach(), F.conv2d(mx(x.detach(), 1), mx(w, 1), None, 1, 1), rtol=1e-6, atol=1e-5)
+    gx, _, _ = torch.ops.aten.convolution_backward(mx(gy, 1), x.detach(), mx(w, 0), None, [1, 1], [1, 1], [1, 1],
+                                                   False, [0, 0], 1, [True, False, False])
+    _, gw, _ = torch.ops.aten.convolution_backward(mx(gy, 3), mx(x.detach(), 3), w, None, [1, 1], [1, 1], [1, 1],
+                                                   False, [0, 0], 1, [False, True, False])
+    torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(q.weight.grad, gw, rtol=1e-6, atol=1e-5)
+    same = nn.Sequential(nn.Conv2d(3, 3, 3, padding="same"))
+    assert type(convert(same, "mxfp8")[0]) is nn.Conv2d        # string padding is left unconverted
+
+
+def test_first_nonfinite_names_the_producing_site():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 4))
+    tel = Telemetry(every=10)                # only step 0 is sampled; the NaN check runs on every step
+    convert(model, "weight=e4m3:nosat,activation=e4m3:nosat", telemetry=tel)
+    for step in range(4):
+        if step == 3:
+            with torch.no_grad():
+                model[2].weight[0, 0] = 1000.0  # beyond E4M3's 448: without saturation it becomes NaN
+        out = model(torch.randn(2, 8))
+        tel.next_step()
+    assert torch.isnan(out).any()
+    assert tel.first_nonfinite() == "2:weight"  # layer 3's activation is NaN too, but later in execution order
+    df = tel.frame()
+    assert list(df[df.step == 3].site) == ["2:weight", "3:activation"]
+
+
+def test_probe_reports_every_capability_with_a_reason():
+    caps = probe()
+    for key in ("float8_dtypes", "scaled_mm_cpu", "scaled_mm_rowwise_cpu", "cuda", "cuda_fp8", "scaled_mm_cuda",
+                "compile"):
+        ok, why = caps[key]
+        assert isinstance(ok, bool) and isinstance(why, str) and why
+    assert caps["cuda"][0] == torch.cuda.is_available()
+    if caps["scaled_mm_cpu"][0]:
+        a = torch.ones(4, 16).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(a, a.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0),
+                               out_dtype=torch.float32)
+        assert torch.equal(out, torch.full((4, 4), 16.0))

@@ -204,9 +204,67 @@ def test_flush_subnormals():
     assert q2.tolist()[:3] == [0.0, 0.0, 0.0]
 
 
-def test_e8m0_values():
-    x = torch.tensor([1.0, 1.4, 1.5, 1.6, 3.0, 0.75, 2.0**-130, 2.0**127 * 1.9, 0.0, -1.0])
-    q = quantize(x, "e8m0")
-    assert q[:6].tolist() == [1.0, 1.0, 2.0, 2.0, 4.0, 1.0]  # 1.5 tie -> even exponent (2**0 -> 2**1 is odd)
-    assert q[6] == 2.0**-127 and q[7] == 2.0**127
-    assert torch.isnan(q[8:]).all()  # e8m0 has no zero and no sign
+def test_e8m0_matches_ml_dtypes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50000, generator=g) * 10.0 ** torch.randint(-37, 38, (50000,), generator=g).float()
+    x = torch.cat([x, torch.tensor([1.5, 3.0, 6.0, 0.75, 2.0**-126 * 1.5, 2.0**127 * 1.5, 2.0**127 * 1.2, 0.0, -1.0,
+                                    float("nan"), float("inf")])])
+    x = x[x.abs() >= 2.0**-126]
+    ref = ml_cast(x, ml_dtypes.float8_e8m0fnu)
+    assert same(quantize(x, "e8m0", saturate=False), ref)
+    q = quantize(torch.tensor([2.0**-130, 2.0**127 * 1.9, 0.0, -1.0]), "e8m0")
+    assert q[0] == 2.0**-127 and q[1] == 2.0**127 and torch.isnan(q[2:]).all()  # no zero, no sign
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e3m2", "e2m3", "e2m1", "fp16"])
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])
+@pytest.mark.parametrize("saturate", [True, False])
+def test_functional_round_equals_eager(name, rounding, saturate):
+    # the torch.compile-friendly twin gives the same bits as the eager path (and hence as the oracles above)
+    from lowprec.quantize import functional_round
+
+    dt = ML.get(name, ml_dtypes.float8_e5m2)
+    x = torch.cat([torch.from_numpy(oracle_inputs(dt)), all_bf16().float()])
+    q = quantize(x, name, rounding=rounding, saturate=saturate)
+    assert same(functional_round(x, FORMATS[name], rounding, saturate=saturate), q)
+
+
+def test_functional_stochastic_on_neighbours():
+    from lowprec.quantize import functional_round
+
+    torch.manual_seed(0)
+    x = torch.full((20000,), 1.0 + 0.3 * 0.125)
+    q = functional_round(x, FORMATS["e4m3"], "stochastic")
+    assert set(q.unique().tolist()) == {1.0, 1.125}
+    assert abs((q == 1.125).double().mean().item() - 0.3) < 5 * (0.3 * 0.7 / 20000) ** 0.5
+
+
+@pytest.mark.slow
+def test_compiled_quantizer_matches_eager():
+    x = torch.cat([torch.from_numpy(oracle_inputs(ML["e2m1"])), all_bf16().float()])
+    f = lowprec.compiled_quantizer("e2m1", saturate=False)
+    assert same(f(x), quantize(x, "e2m1", saturate=False))
+    with pytest.raises(ValueError):
+        lowprec.compiled_quantizer("mxfp8")
+
+
+@pytest.mark.slow
+def test_qtorch_agrees_where_semantics_agree():
+    # qtorch (the peer) rounds ties away from zero and has no reserved codes; away from ties and inside the
+    # OCP range its e5m2 and e2m1 grids agree with ours, and FloatingPoint(4, 3) is our qtorch_e4m3 (max 480)
+    qtorch_quant = pytest.importorskip("qtorch.quant")
+    from qtorch import FloatingPoint
+
+    g = torch.Generator().manual_seed(0)
+    for (e, m), name in (((5, 2), "e5m2"), ((2, 1), "e2m1"), ((4, 3), FloatingPoint(exp=4, man=3))):
+        fmt = lowprec.get_format(name)
+        x = (torch.rand(20000, generator=g) * 2 - 1) * fmt.max
+        x = x[x.abs() >= fmt.min_normal]  # qtorch's subnormal handling differs
+        ours = quantize(x, name)
+        # drop exact ties (where the two tie rules legitimately differ)
+        tz = quantize(x, name, rounding="toward_zero")
+        up = torch.nextafter(tz.abs(), torch.tensor(float("inf")))
+        keep = (x - tz).abs() * 2 != (quantize(x.abs() * 1.0000001, name) - tz.abs()).abs()
+        theirs = qtorch_quant.float_quantize(x, e, m, rounding="nearest")
+        assert torch.equal(ours[keep], theirs[keep]), name
+        del up

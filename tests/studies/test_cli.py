@@ -116,3 +116,78 @@ def test_paper_toml_is_a_valid_full_size_study():
     assert cfg.size == "paper" and len(cfg.seeds) >= 3
     assert {"adamw", "signum", "stosignsgd"} <= set(cfg.optimizers)
     assert {"fp32", "bf16", "fp8-hybrid", "fp8-states", "fp8-all"} <= set(cfg.precisions)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def test_quick_end_to_end_with_report(tmp_path, capsys):
+    out = tmp_path / "q"
+    code, stdout, err = _run(capsys, "run", "--quick", "--out", str(out))
+    assert code == 0, err
+    res = _read(out / "results.csv")
+    assert len(res) == 4 and set(res["optimizer"]) == {"adamw", "stosignsgd"}
+    assert set(res["precision"]) == {"fp32", "fp8-all"} and (res["status"] != "error").all()
+    assert res["run_id"].is_unique
+    for rid in res["run_id"]:
+        assert (out / "runs" / rid / "metrics.csv").is_file()
+    # no tune phase: the target is the fp32 AdamW run's final validation loss x 1.02, reached by that run
+    base = res[(res["optimizer"] == "adamw") & (res["precision"] == "fp32")].iloc[0]
+    assert res["target_loss"].iloc[0] == pytest.approx(base["final_val_loss"] * 1.02)
+    assert base["tokens_to_target"] <= base["tokens"]
+    for f in ("report.html", "report.md", "study.json"):
+        assert (out / f).is_file(), f
+    assert any((out / "figures").glob("*.png"))
+    assert "report" in stdout and "report.html" in stdout
+    # rerun: everything is skipped, nothing duplicated
+    code, stdout, _ = _run(capsys, "run", "--quick", "--out", str(out), "--no-report")
+    assert code == 0 and "0 runs" in stdout and "4 already done" in stdout
+    assert len(_read(out / "results.csv")) == 4
+
+
+def test_full_protocol_small(tmp_path, capsys):
+    """tune -> chosen LRs and target -> main, ablation, rounding, mechanism, on a tiny budget."""
+    import json
+
+    out = tmp_path / "p"
+    code, _, err = _run(capsys, "run", "--tasks", "gpt", "--size", "quick", "--optimizers", "adamw,stosignsgd",
+                        "--precisions", "fp32,fp8-all", "--seeds", "1", "--steps", "6", "--lrs", "1e-3,3e-3",
+                        "--workers", "1", "--out", str(out), "--no-report")
+    assert code == 0, err
+    res = _read(out / "results.csv")
+    study = json.loads((out / "study.json").read_text())
+    assert res["run_id"].is_unique and (res["status"] != "error").all()
+    assert set(res["phase"]) == {"tune", "main", "ablation", "rounding", "mechanism"}
+    tune = res[res["phase"] == "tune"]
+    assert len(tune) == 4 and set(tune["lr"]) == {1e-3, 3e-3} and set(tune["precision"]) == {"fp32"}
+    # chosen LR = lowest mean final validation loss over the tune seeds (independent recomputation)
+    for opt in ("adamw", "stosignsgd"):
+        t = tune[tune["optimizer"] == opt]
+        best = t.loc[t["final_val_loss"].idxmin(), "lr"]
+        assert study["chosen_lrs"]["gpt"]["fp32"][opt] == best
+        main = res[(res["phase"] == "main") & (res["optimizer"] == opt)]
+        assert set(main["lr"]) == {best} and set(main["precision"]) == {"fp32", "fp8-all"}
+    # target = the tuned fp32 AdamW loss x 1.02
+    a = tune[tune["optimizer"] == "adamw"]["final_val_loss"].min()
+    assert study["targets"]["gpt"]["target_loss"] == pytest.approx(a * 1.02)
+    assert res.loc[res["task"] == "gpt", "target_loss"].dropna().nunique() == 1
+    # ablation: every variant at fp8-all with stosignsgd's LR
+    abl = res[res["phase"] == "ablation"]
+    assert set(abl["optimizer"]) == {"stosignsgd", "stosign-nonoise", "stosign-instant", "stosign-decaymax",
+                                     "stosign-nomomentum", "stosign-adamw"}
+    assert set(abl["precision"]) == {"fp8-all"}
+    assert set(abl["lr"]) == {study["chosen_lrs"]["gpt"]["fp32"]["stosignsgd"]}
+    # rounding: 4 master x state rounding variants per optimizer
+    rnd = res[res["phase"] == "rounding"]
+    assert len(rnd) == 8 and rnd["precision"].str.contains("master=bf16:stochastic").sum() == 4
+    # identical configurations in two phases ran once (copied), with identical numbers
+    m = res[(res["phase"] == "main") & (res["optimizer"] == "stosignsgd") & (res["precision"] == "fp8-all")]
+    b = abl[abl["optimizer"] == "stosignsgd"]
+    assert m["final_val_loss"].iloc[0] == b["final_val_loss"].iloc[0]
+    mech = res[res["phase"] == "mechanism"]
+    assert set(mech["task"]) == {"convex-l1"} and set(mech["optimizer"]) == {"signsgd", "signum", "stosignsgd"}
+    assert "convex-l1" in study["optimal_loss"]

@@ -258,8 +258,8 @@ def test_deterministic_signsgd_stalls_on_convex_l1():
         (g,) = torch.autograd.grad(run.train_loss(t), x)
         with torch.no_grad():
             x -= 1e-2 / math.sqrt(t + 1) * g.sign()
-    assert run.val_loss() >= bound - 1e-4
-    torch.testing.assert_close(x.detach().view(-1, 2).sum(1), sums0, atol=1e-4, rtol=0)
+    assert run.val_loss() >= bound - 1e-3                        # (float32 rounding of u ± η: drift ≪ 1e-3)
+    torch.testing.assert_close(x.detach().view(-1, 2).sum(1), sums0, atol=1e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- user data

@@ -1,0 +1,106 @@
+"""Quantizer speed, side by side: lowprec vs qtorch's float_quantize vs torch's native float8 cast round trip.
+
+    python benchmarks/bench_quantize.py            # 16M fp32 elements, 1 thread, median of 7 interleaved rounds
+    python benchmarks/bench_quantize.py --n 4000000 --threads 2 --no-compile
+
+Prints a markdown table (milliseconds; "x" columns are speed-ups of lowprec over the peer, >1 = faster).
+qtorch's first import JIT-compiles its C++ extension (~20 s, not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import lowprec
+
+
+def timer(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16 * 1024 * 1024)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-qtorch", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.n, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+
+    qtorch_fq = None
+    if not args.no_qtorch:
+        from qtorch.quant import float_quantize as qtorch_fq  # JIT-compiles on first import
+
+    def lp(spec: str, rounding: str = "nearest") -> Callable[[], object]:
+        return lambda: lowprec.quantize(x, spec, rounding=rounding, generator=g)
+
+    def qt(e: int, m: int, rounding: str) -> Callable[[], object] | None:
+        return None if qtorch_fq is None else (lambda: qtorch_fq(x, e, m, rounding=rounding))
+
+    def native(dt: torch.dtype) -> Callable[[], object]:
+        return lambda: x.to(dt).to(torch.float32)
+
+    rows: list[tuple[str, Callable | None, Callable | None, Callable | None]] = [
+        ("e4m3 nearest", lp("e4m3"), qt(4, 3, "nearest"), native(torch.float8_e4m3fn)),
+        ("e5m2 nearest", lp("e5m2"), qt(5, 2, "nearest"), native(torch.float8_e5m2)),
+        ("e2m1 nearest (emulated)", lp("e2m1"), qt(2, 1, "nearest"), None),
+        ("bf16 nearest", lp("bf16"), qt(8, 7, "nearest"), native(torch.bfloat16)),
+        ("e4m3 stochastic", lp("e4m3", "stochastic"), qt(4, 3, "stochastic"), None),
+        ("e5m2 stochastic", lp("e5m2", "stochastic"), qt(5, 2, "stochastic"), None),
+        ("e2m1 stochastic", lp("e2m1", "stochastic"), qt(2, 1, "stochastic"), None),
+        ("bf16 stochastic", lp("bf16", "stochastic"), qt(8, 7, "stochastic"), None),
+        ("mxfp8 (block 32, E8M0)", lp("mxfp8"), None, None),
+        ("mxfp4 (block 32, E8M0)", lp("mxfp4"), None, None),
+        ("nvfp4 (block 16, E4M3 + fp32)", lp("nvfp4"), None, None),
+        ("torch.rand (reference)", lambda: torch.rand(args.n, generator=g), None, None),
+    ]
+    if not args.no_compile:
+        for spec_, rnd in (("e4m3", "stochastic"), ("e2m1", "stochastic"), ("e2m1", "nearest")):
+            fn = lowprec.compiled_quantizer(spec_, rounding=rnd)
+            t0 = time.perf_counter()
+            fn(x)
+            print(f"lowprec.compiled_quantizer({spec_!r}, rounding={rnd!r}): first call (compile) "
+                  f"{time.perf_counter() - t0:.1f} s")
+            qt_ = qt(*((4, 3) if spec_ == "e4m3" else (2, 1)), rnd)
+            rows.append((f"{spec_} {rnd} (torch.compile)", (lambda f=fn: f(x)), qt_, None))
+
+    times: dict[int, list[list[float]]] = {i: [[], [], []] for i in range(len(rows))}
+    for _ in range(2):  # warm up
+        for _, *fns in rows:
+            for f in fns:
+                if f is not None:
+                    f()
+    for _ in range(args.rounds):  # interleaved so that load changes hit every column alike
+        for i, (_, *fns) in enumerate(rows):
+            for j, f in enumerate(fns):
+                if f is not None:
+                    times[i][j].append(timer(f))
+
+    def med(v: list[float]) -> float | None:
+        return statistics.median(v) if v else None
+
+    def fmt(v: float | None, suffix: str = "") -> str:
+        return "—" if v is None else f"{v:.1f}{suffix}"
+
+    print(f"\n{args.n:,} fp32 elements, torch {torch.__version__}, {args.threads} thread(s), "
+          f"median of {args.rounds} rounds, ms")
+    print("| operation | lowprec | qtorch | torch native cast | vs qtorch | vs native |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for i, (name, *_) in enumerate(rows):
+        a, b, c = (med(times[i][j]) for j in range(3))
+        print(f"| {name} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(b / a if a and b else None, '×')} | "
+              f"{fmt(c / a if a and c else None, '×')} |")
+
+
+if __name__ == "__main__":
+    main()
