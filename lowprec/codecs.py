@@ -157,6 +157,7 @@ def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = 
            saturate: bool | None = None, generator: torch.Generator | None = None, pack: bool = True) -> Encoded:
     """Quantize ``x`` and return its codes and scales (see the module docstring for the layout)."""
     _check_tensor(x)
+    x = x.detach()
     s = _spec(fmt, rounding=rounding, scaling=scaling, saturate=saturate)
     fmt_ = s.format
     x32 = x.float() if x.dtype != torch.float32 else x

@@ -28,6 +28,10 @@ scaling, no accumulator, and ``lowprec.hardware.probe()`` saying ``_scaled_mm`` 
 ``"auto"`` picks native per GEMM when those hold (and, on CUDA, dimensions are multiples of 16), else emulated.
 Native and emulated multiply the same values and both accumulate in fp32: they differ by summation order only.
 
+Stochastic rounding in layers draws from torch's global RNG (seed it for reproducible runs); operands whose
+spec is block/channel-scaled or stochastic are re-quantized from the saved full-precision tensor in the backward
+(as microxcaling does), tensor-scaled deterministic ones reuse the forward's quantized tensor.
+
 Under the ``fp32`` policy (or any policy leaving weight, activation, grad and accumulator unset) the layers call
 ``F.linear`` / ``F.embedding`` directly: bit-for-bit the unconverted model. Parameters are the same objects
 (an optimizer built before ``convert`` keeps working) and ``state_dict`` keys are unchanged.

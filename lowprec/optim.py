@@ -11,9 +11,12 @@ and ``state`` (so LR schedulers, ``zero_grad`` and ``add_param_group`` work as u
    parameters stay fp32 tensors holding values on the master grid (emulated storage); at ``wrap`` time they are
    rounded to the grid with round-to-nearest. Stochastic rounding uses this wrapper's own generator.
 5. **states out**: each floating-point state tensor shaped like its parameter (``exp_avg``, ``exp_avg_sq``,
-   ``momentum_buffer``, ...) whose spec (``policy.state_spec(name)``) is set is stored *packed*:
+   ``momentum_buffer``, ...; never ``step``) whose spec (``policy.state_spec(name)``) is set is stored *packed*:
    ``state[p][name] = {"lowprec_packed": lowprec.encode(...).to_dict()}`` (uint8 codes, 4-bit formats two per
    byte, plus scales). Step counters and other non-float or differently shaped entries are left alone.
+
+Steps 1, 2, 4 and 5 touch only parameters that have a gradient (torch optimizers skip the others; their states
+stay packed, untouched).
 
 Between steps the optimizer state really is the packed codes, so ``state_dict()`` holds them (loadable with
 ``torch.load(weights_only=True)``) together with ``"lowprec"``: the policy string and the stochastic-rounding
@@ -56,6 +59,11 @@ def _active(spec: QuantSpec | None) -> QuantSpec | None:
     return spec
 
 
+def _atleast_1d(t: torch.Tensor) -> torch.Tensor:
+    """Scaling needs at least one dimension: a 0-dim tensor becomes shape (1,), others are untouched."""
+    return t.reshape(1) if t.dim() == 0 else t
+
+
 def state_bytes(state_dict: dict) -> int:
     """Bytes of all tensors in an optimizer ``state_dict()['state']`` (packed codes and scales included)."""
     def walk(v: Any) -> int:
@@ -96,7 +104,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if self._master_spec is not None:
             with torch.no_grad():
                 for p in self._params():
-                    p.copy_(quantize(p, self._master_spec, rounding="nearest"))
+                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
 
     # Shared, not copied: schedulers and users edit param_groups; the base optimizer reads them (and its
     # load_state_dict replaces both objects, so these are properties, not attributes).
@@ -146,7 +154,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if self._master_spec is not None:
             with torch.no_grad():
                 for p in self.param_groups[-1]["params"]:
-                    p.copy_(quantize(p, self._master_spec, rounding="nearest"))
+                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -164,10 +172,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
-                q, scale = quantize_with_scale(p.grad, spec, generator=self._gen(p.device))
+                g = _atleast_1d(p.grad)
+                q, scale = quantize_with_scale(g, spec, generator=self._gen(p.device))
                 if tel is not None and tel.wants():
-                    tel.record("optim:grad", "grad", p.grad, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
-                p.grad.copy_(q)
+                    tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+                p.grad.copy_(q.reshape(p.grad.shape))
 
         # only parameters with a gradient take part in the step (torch optimizers skip the others), so only
         # their states are decoded and re-encoded; the others stay packed untouched
@@ -176,7 +185,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             if st:
                 for name, value in list(st.items()):
                     if _is_packed(value):
-                        st[name] = decode(Encoded.from_dict(value[_PACKED])).to(p.device)
+                        st[name] = decode(Encoded.from_dict(value[_PACKED])).to(p.device).reshape(p.shape)
 
         olds = [p.detach().clone() for p in params] if (sampling and self._master_spec is not None) else None
         self.optimizer.step()
@@ -185,7 +194,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             spec = self._master_spec
             for i, p in enumerate(params):
                 unrounded = p.detach().clone() if sampling else None
-                p.copy_(quantize(p, spec, generator=self._gen(p.device)))
+                p.copy_(quantize(_atleast_1d(p), spec, generator=self._gen(p.device)).reshape(p.shape))
                 if sampling:
                     tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
                     tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
@@ -195,16 +204,16 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             if not st:
                 continue
             for name, value in list(st.items()):
-                if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape):
+                if name == "step" or not (isinstance(value, torch.Tensor) and value.is_floating_point()
+                                          and value.shape == p.shape):
                     continue
                 spec = _active(self.policy.state_spec(name))
                 if spec is None:
                     if tel is not None and name in tel.zero_states:
                         tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
                     continue
-                enc = encode(value, spec, generator=self._gen(p.device))
-                # full statistics on sampled steps; otherwise only when the state went nonfinite (one sum)
-                if tel is not None and (sampling or (tel.check_nonfinite and not bool(torch.isfinite(value.sum())))):
+                enc = encode(_atleast_1d(value), spec, generator=self._gen(p.device))
+                if tel is not None and (sampling or (tel.check_nonfinite and self._nonfinite(value, enc, spec))):
                     self._record_state(tel, name, value, enc, spec)
                 st[name] = {_PACKED: enc.to_dict()}
 
@@ -213,8 +222,19 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         return loss
 
     @staticmethod
+    def _nonfinite(value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> bool:
+        """Cheap check on unsampled steps: the state was nonfinite, or (only possible without saturation in a
+        format with inf/NaN) its encoding overflowed to inf/NaN."""
+        if not bool(torch.isfinite(value.sum())):
+            return True
+        if spec.saturate or not (spec.format.has_inf or spec.format.has_nan):
+            return False
+        return not bool(torch.isfinite(decode(enc).sum()))
+
+    @staticmethod
     def _record_state(tel: Telemetry, name: str, value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> None:
         q = decode(enc)
+        value = value.reshape(q.shape)
         scale = None
         if spec.scaling is not None:   # the scale per element, for the saturation count
             _, scale = quantize_with_scale(value, lowprec_spec(spec, rounding="nearest"))

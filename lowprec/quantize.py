@@ -13,6 +13,12 @@ Semantics (all formats are emulated in float32; the result has the input's dtype
   the smallest normal to a zero of the same sign.
 * ``e4m3``/``e5m2`` with ``nearest`` use torch's native float8 casts (the hardware path); ``bf16``/``fp16``
   with ``nearest`` use torch's casts. Everything else uses float32 bit arithmetic that agrees with them.
+* The output has the input's dtype: when a value on the format's grid (times a non-power-of-two scale) is not
+  representable in that dtype (e.g. fp16 values or fp32-scaled values in a bf16 tensor), the final cast rounds it.
+* Quantization is not differentiable: results carry no autograd history (``lowprec.nn`` provides
+  straight-through layers).
+* Stochastic rounding draws its random bits from ``generator`` (or torch's default generator): identically seeded
+  generators give identical results on the same device.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import enum
 import functools
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -354,14 +360,15 @@ def _round_int(x: torch.Tensor, fmt: Format, rounding: Rounding, rand_bits: int 
     elif rounding == Rounding.TOWARD_ZERO:
         q = torch.trunc(x)
     else:
-        # clamp first so that x + u is exact (|x| small); NaN passes through clamp
+        # exact: P(up) = floor(frac * 2**nb) / 2**nb with nb random bits (24 by default); frac = x - floor(x) is
+        # exact in float32 once x is clamped near the range; NaN passes through clamp and floor
         xc = torch.clamp(x, lo - 1, hi + 1)
-        u = _random_bits(x.shape, x.device, generator) & ((1 << 24) - 1)
+        q = torch.floor(xc)
+        frac = xc - q
         nb = 24 if rand_bits is None else min(rand_bits, 24)
-        if nb < 24:
-            u >>= 24 - nb
-            u <<= 24 - nb
-        q = torch.floor(xc + u.to(torch.float32) * 2.0**-24)
+        u = (_random_bits(x.shape, x.device, generator) & ((1 << 24) - 1)) >> (24 - nb)
+        u = u.to(torch.float32).add_(1.0).mul_(2.0**-nb)  # (k + 1) / 2**nb, k uniform in [0, 2**nb)
+        q += u <= frac
     q = q.clamp_(lo, hi)
     return q.add_(0.0)  # integers have no negative zero
 
@@ -394,6 +401,8 @@ def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.
                     saturate: bool = True, flush_subnormals: bool = False, rand_bits: int | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Round float32 ``x`` onto ``fmt``'s grid (no scaling). Returns a new float32 tensor."""
+    fmt, rounding = get_format(fmt), Rounding.parse(rounding)
+    x = x.detach()
     if fmt.kind == "int":
         return _round_int(x, fmt, rounding, rand_bits, generator)
     if fmt.kind == "scale":
@@ -445,6 +454,7 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
     draws its random integers with ``torch.randint`` from torch's global RNG (seed it with ``torch.manual_seed``),
     so its random stream differs from the eager path's generator stream. Float formats with at most 22 mantissa
     bits only."""
+    fmt = get_format(fmt)
     if fmt.kind != "float" or fmt.man_bits > 22 or fmt.emax + 24 - fmt.man_bits > 127:
         raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits and emax <= "
                          f"{103} + man_bits, got {fmt.name}")
@@ -476,7 +486,7 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
     return q
 
 
-def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any):
+def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A ``torch.compile``'d quantizer ``f(x) -> Tensor`` for one unscaled float spec (fuses the bit arithmetic
     into one loop). Random numbers come from torch's global RNG (no ``generator``). Compiles on first call."""
     s = spec(fmt, **overrides)
@@ -505,6 +515,7 @@ def _check_tensor(x: Any) -> None:
 def _quantize(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
               want_scale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_tensor(x)
+    x = x.detach()
     x32 = x.float() if x.dtype != torch.float32 else x
     fmt = s.format
     if s.scaling is None:
@@ -517,10 +528,9 @@ def _quantize(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
     q = round_to_format(view / safe, fmt, s.rounding, saturate=s.saturate,
                         flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
     q = undo(q.mul_(scale)).to(x.dtype)
-    full = undo(scale.expand_as(view).contiguous()) if want_scale and s.scaling.mode == "block" else scale
-    if want_scale and s.scaling.mode == "channel":
-        full = undo(scale)
-    return q, (full if want_scale else None)
+    if not want_scale:
+        return q, None
+    return q, (undo(scale.expand_as(view)) if s.scaling.mode == "block" else scale)
 
 
 def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str | Rounding | None" = None,

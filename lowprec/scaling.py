@@ -152,7 +152,7 @@ class DelayedScaler:
 
         _check_tensor(x)
         s = self.scale.to(x.device)
-        x32 = x.float()
+        x32 = x.detach().float()
         q = round_to_format(x32 * s, self.spec.format, self.spec.rounding, saturate=self.spec.saturate,
                             flush_subnormals=self.spec.flush_subnormals, rand_bits=self.spec.rand_bits,
                             generator=generator)

@@ -71,6 +71,7 @@ class Telemetry:
         self.zero_states = tuple(zero_states)
         self.step = 0
         self._accs: dict[tuple[int, str, str], _Acc] = {}
+        self._last_sampled: list[_Acc] = []      # the accumulators of the latest sampled step (for summary)
 
     # ------------------------------------------------------------------ step control
     @property
@@ -88,12 +89,17 @@ class Telemetry:
     def reset(self) -> None:
         self.step = 0
         self._accs.clear()
+        self._last_sampled = []
 
     def _acc(self, site: str, role: str, fmt: str, sampled: bool) -> _Acc:
         key = (self.step, site, role)
         acc = self._accs.get(key)
         if acc is None:
             acc = self._accs[key] = _Acc(self.step, site, role, fmt, sampled)
+            if sampled:
+                if self._last_sampled and self._last_sampled[0].step != self.step:
+                    self._last_sampled = []
+                self._last_sampled.append(acc)
         return acc
 
     # ------------------------------------------------------------------ recording
@@ -222,11 +228,9 @@ class Telemetry:
             out[f"{role}_overflow"] = math.nan
         out["state_zero_frac"] = math.nan
         out["lost_update_frac"] = math.nan
-        sampled = [a for a in self._accs.values() if a.sampled]
-        if not sampled:
+        latest = self._last_sampled
+        if not latest:
             return out
-        last = max(a.step for a in sampled)
-        latest = [a for a in sampled if a.step == last]
         for role in ROLES:
             accs = [a for a in latest if a.role == role and "sig2" in a.counts]
             if accs:

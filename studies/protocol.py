@@ -47,10 +47,12 @@ def _task(cfg: StudyConfig, name: str, size: str | None = None):
 
 def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision: str, lr: float, seed: int,
           size: str | None = None, steps: int | None = None, data: str | None = None) -> RunSpec:
+    own = phase == "mechanism"  # the convex tasks keep their own step count (mechanism_steps or the default)
     return RunSpec(
         task=task, optimizer=optimizer, precision=precision, lr=float(lr), seed=int(seed), phase=phase,
-        size=size or cfg.size, data=data, steps=steps if steps is not None else cfg.steps,
-        tokens=None if steps is not None else cfg.tokens, eval_every=cfg.eval_every, schedule=cfg.schedule,
+        size=size or cfg.size, data=data, steps=steps if (steps is not None or own) else cfg.steps,
+        tokens=None if (steps is not None or own) else cfg.tokens, eval_every=None if own else cfg.eval_every,
+        schedule=cfg.schedule,
         warmup_frac=cfg.warmup_frac, telemetry_every=cfg.telemetry_every,
         thresholds=dataclasses.asdict(cfg.thresholds))
 

@@ -239,7 +239,8 @@ def _targets(results: pd.DataFrame, study: dict, metrics: pd.DataFrame) -> dict[
             out[task] = (float(col.mode().iloc[0]),
                          str(rule) if rule else "as recorded in results.csv (the fp32 AdamW baseline's loss)")
             continue
-        base = main[(main["task"] == task) & (main["optimizer"] == BASELINE) & (main["precision"] == "fp32")
+        base = main[(main["task"] == task) & (main["optimizer"].str.split("@").str[0] == BASELINE)
+                    & (main["precision"] == "fp32")
                     & ~main["diverged"]]
         best = base["best_val_loss"].dropna()
         if len(best):
@@ -1105,8 +1106,9 @@ def _variant_section(doc: _Doc, figs: _Figures, results: pd.DataFrame, phase: st
         doc.note(f"No {phase}-phase runs in this study: section omitted.")
         return
     doc.p(intro)
-    sub = sub.assign(rounding=["stochastic" if "stochastic" in p.lower() else "nearest" for p in sub["precision"]])
     cells = cell_table(sub, ["task", "precision", "optimizer"])
+    labels = _variant_labels(_ordered(sub["precision"], PRECISION_ORDER))
+    cells.insert(1, "variant", [labels[p] for p in cells["precision"]])
     for task in _ordered(sub["task"], ()):
         c = cells[cells["task"] == task]
         if phase == "ablation":
@@ -1114,8 +1116,8 @@ def _variant_section(doc: _Doc, figs: _Figures, results: pd.DataFrame, phase: st
                          _ordered(c["optimizer"], OPTIMIZER_ORDER), f"{task}: ablation, diverged seeds (k/n)",
                          f"{name}_stability_{_slug(task)}")
             doc.fig(p, f"{task}: fraction of seeds diverged per StoSignSGD variant.")
-        x_order = _ordered(c[x], OPTIMIZER_ORDER if x == "optimizer" else PRECISION_ORDER)
-        hue_order = _ordered(c[hue], OPTIMIZER_ORDER if hue == "optimizer" else PRECISION_ORDER)
+        x_order = _ordered(c[x], OPTIMIZER_ORDER if x == "optimizer" else tuple(labels.values()))
+        hue_order = _ordered(c[hue], OPTIMIZER_ORDER if hue == "optimizer" else tuple(labels.values()))
         missing = {(getattr(r, x), getattr(r, hue)): f"{r.diverged_k}/{r.n} diverged"
                    for r in c.itertuples(index=False) if not math.isfinite(r.final_mean)}
         notes = {(getattr(r, x), getattr(r, hue)): f"{r.diverged_k}/{r.n} diverged"
@@ -1128,8 +1130,41 @@ def _variant_section(doc: _Doc, figs: _Figures, results: pd.DataFrame, phase: st
     doc.table(_cells_display(cells))
 
 
+def _variant_labels(precisions: list[str]) -> dict[str, str]:
+    """Short labels for precision variants that differ in a few policy segments ("fp8-all+master=bf16:stochastic"):
+    the segments not shared by all variants; a segment that differs only by ":stochastic" reads "<role> stochastic"
+    or "<role> nearest". Falls back to the full name."""
+    parts = {p: [x for x in re.split(r"[+,;]", p) if x] for p in precisions}
+    if len(parts) < 2:
+        return {p: p for p in precisions}
+    common = set.intersection(*(set(v) for v in parts.values()))
+    strip = lambda seg: re.sub(r":stochastic", "", seg)  # noqa: E731
+    by_role: dict[str, set] = {}
+    for segs in parts.values():
+        for seg in segs:
+            if seg not in common:
+                by_role.setdefault(seg.split("=")[0], set()).add(strip(seg))
+    out = {}
+    for p, segs in parts.items():
+        words = []
+        for seg in segs:
+            if seg in common:
+                continue
+            role = seg.split("=")[0]
+            if "=" in seg and len(by_role[role]) == 1:
+                words.append(f"{role} {'stochastic' if 'stochastic' in seg else 'nearest'}")
+            else:
+                words.append(seg)
+        present = {seg.split("=")[0] for seg in segs}
+        words += [f"{r} nearest" for r in by_role if r not in present and len(by_role[r]) == 1]
+        out[p] = ", ".join(sorted(words)) if words else p
+    if len(set(out.values())) < len(out):  # ambiguous: keep the full names
+        return {p: p for p in precisions}
+    return out
+
+
 def _cells_display(cells: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({c: cells[c] for c in ("task", "precision", "optimizer") if c in cells.columns})
+    out = pd.DataFrame({c: cells[c] for c in ("task", "variant", "precision", "optimizer") if c in cells.columns})
     out["lr"] = [_fmt(v) for v in cells["lr"]]
     out["seeds"] = cells["n"].astype(int)
     out["diverged"] = [f"{k}/{n}" for k, n in zip(cells["diverged_k"], cells["n"])]
@@ -1282,10 +1317,11 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     _variant_section(doc, figs, results, "ablation", "Ablation of StoSignSGD",
                      "Which component carries stability: StoSignSGD against variants without noise (= Signum), "
                      "without the max buffer, with a decayed max, without momentum, and the sign conversion of AdamW.",
-                     "ablation", "optimizer", "precision")
+                     "ablation", "optimizer", "variant")
     _variant_section(doc, figs, results, "rounding", "Nearest vs stochastic rounding",
                      "The same optimizers with round-to-nearest and stochastic rounding of master weights and "
-                     "optimizer states (the precision name says which).", "rounding", "optimizer", "precision")
+                     "optimizer states; 'variant' names the rounding per role (the table gives the full precision).",
+                     "rounding", "variant", "optimizer")
     _mechanism_section(doc, figs, results, metrics, study)
 
     doc.h(1, "Final loss per cell (main runs)")

@@ -40,7 +40,7 @@ RESULT_COLUMNS = [
     "status", "config_json",
 ]
 # optimizer-state entries that hold a second moment or a magnitude bound (their zero fraction is logged)
-SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "max_abs", "bound", "G", "max", "buffer_max", "g_max")
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "bound")  # AdamW, AMSGrad, StoSignSGD's G
 
 
 @dataclass(frozen=True)
@@ -345,58 +345,71 @@ def _seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- explanation
 def _pct(x: float) -> str:
-    if x >= 0.995 or x <= 0.005:
-        return f"{100 * x:.0f}%"
-    return f"{100 * x:.0f}%" if x >= 0.1 else f"{100 * x:.1f}%"
+    if x == 0:
+        return "0%"
+    if x < 0.001:
+        return "<0.1%"
+    return f"{100 * x:.1f}%" if x < 0.1 else f"{100 * x:.0f}%"
+
+
+def _fmt_of(f, i) -> str:
+    v = f.loc[i, "format"] if "format" in f else ""
+    return f" in {v}" if isinstance(v, str) and v else ""
 
 
 def explain(frame, metrics: list[dict], spec: RunSpec, diverged: bool, step: int | None, reason: str,
             first_site: str | None) -> tuple[str, str]:
     """(site, one sentence) explaining a divergence, or naming the closest site of a run that did not diverge.
 
-    The site is the telemetry's first non-finite site if any, else the site with the largest flushed-to-zero or
-    saturated fraction in the records up to the divergence (or over the whole run).
+    Evidence, from the telemetry records up to the divergence step (the whole run otherwise): the first site whose
+    output held a NaN/inf (``first_site``); the site with the largest flushed-to-zero or saturated fraction; the
+    latest zero fraction of a second-moment state (exp_avg_sq, StoSignSGD's bound). The site returned is the
+    first non-finite site if any, else the worst flushed/saturated site.
     """
     head = f"{spec.optimizer} {spec.precision}, seed {spec.seed}"
     worst_site, worst_text, worst_val = "", "", 0.0
-    if frame is not None and len(frame):
-        f = frame
-        if diverged and step is not None and "step" in f:
-            f = f[f["step"] <= step]
+    zero_text = ""
+    f = frame if frame is not None and len(frame) else None
+    if f is not None and diverged and step is not None and "step" in f:
+        f = f[f["step"] <= step]
+    if f is not None and len(f):
         for col, what in (("flushed_frac", "flushed to zero"), ("saturated_frac", "saturated")):
-            if col not in f or not len(f):
+            if col not in f:
                 continue
             vals = f[col].astype(float).fillna(0.0)
-            if vals.max() > worst_val:
+            if len(vals) and vals.max() > worst_val:
                 i = vals.idxmax()
                 worst_val = float(vals.max())
-                worst_site = str(f.loc[i, "site"]) if "site" in f else ""
-                role = str(f.loc[i, "role"]) if "role" in f else ""
-                fmt = ""
-                for fc in ("format", "spec", "fmt"):
-                    if fc in f and isinstance(f.loc[i, fc], str):
-                        fmt = f" in {f.loc[i, fc]}"
-                        break
-                at = f" (step {int(f.loc[i, 'step'])})" if "step" in f else ""
-                worst_text = f"{_pct(worst_val)} of {role or 'the'} entries at {worst_site} {what}{fmt}{at}"
-    zf = [m["state_zero_frac"] for m in metrics if isinstance(m.get("state_zero_frac"), float)
-          and not math.isnan(m["state_zero_frac"])]
-    zero_text = f"{_pct(zf[-1])} of second-moment state entries were zero" if zf and zf[-1] >= 0.01 else ""
+                worst_site = str(f.loc[i, "site"])
+                at = f" at step {int(f.loc[i, 'step'])}" if "step" in f else ""
+                worst_text = (f"{_pct(worst_val)} of {f.loc[i, 'role']} entries at {worst_site} {what}"
+                              f"{_fmt_of(f, i)}{at}")
+        if "zero_frac" in f and "site" in f:
+            sm = f[f["site"].astype(str).str.split(":").str[-1].isin(SECOND_MOMENT_KEYS) & f["zero_frac"].notna()]
+            if len(sm):
+                last = sm[sm["step"] == sm["step"].max()] if "step" in sm else sm
+                i = last["zero_frac"].astype(float).idxmax()
+                z = float(last.loc[i, "zero_frac"])
+                if z >= 0.01:
+                    name = str(last.loc[i, "site"]).split(":")[-1]
+                    zero_text = f"{_pct(z)} of {name} entries were zero{_fmt_of(last, i)} ({last.loc[i, 'site']})"
+    if not zero_text:
+        zf = [m["state_zero_frac"] for m in metrics if isinstance(m.get("state_zero_frac"), float)
+              and not math.isnan(m["state_zero_frac"])]
+        if zf and zf[-1] >= 0.01:
+            zero_text = f"{_pct(zf[-1])} of second-moment state entries were zero"
     if diverged:
         site = first_site or worst_site
         s = f"{head}: diverged at step {step} ({reason})"
-        details = []
+        details = [t for t in (zero_text, worst_text) if t]
         if first_site:
             details.append(f"the first non-finite value appeared at {first_site}")
-        if worst_text:
-            details.append(worst_text)
-        if zero_text:
-            details.append(zero_text)
         if details:
             s += "; before it, " + "; ".join(details)
-        elif frame is None or not len(frame):
-            s += "; no quantized site was recorded (full precision), so the optimizer and learning rate " \
-                 "diverged on their own"
+        quantized = frame is not None and "flushed_frac" in frame and frame["flushed_frac"].notna().any()
+        if not quantized:
+            s += "; nothing was quantized (full precision), so the optimizer at this learning rate diverged on " \
+                 "its own"
         return site, s + "."
     if worst_text:
         s = f"{head}: did not diverge; closest site: {worst_text}"
@@ -469,7 +482,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
     schedule = getattr(task, "schedule", None) or spec.schedule
 
     policy = resolve_precision(spec.precision)
-    tel = Telemetry(every=spec.telemetry_every)
+    tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS)
     lowprec.nn.convert(model, policy, telemetry=tel)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)

@@ -39,8 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+__all__ = ["TASKS", "SIZES", "Task", "TaskRun", "get_task", "load_corpus", "pydoc_corpus", "GPT", "MoE", "MLP",
+           "L1Objective"]
+
 SIZES = ("quick", "default", "paper")
-OPTIMIZER_NAMES = ("adamw", "sgd", "signsgd", "signum", "stosignsgd")
 DATA_SEED = 1234          # fixes every task's problem data (teacher, convex instance, validation windows)
 TRAIN_FRACTION = 0.9      # contiguous split: first 90% of the tokens train, last 10% validate
 
@@ -48,9 +50,8 @@ TRAIN_FRACTION = 0.9      # contiguous split: first 90% of the tokens train, las
 # --------------------------------------------------------------------------------------------------- helpers
 
 def _step_seed(seed: int, step: int) -> int:
-    """A well-mixed 63-bit seed for (run seed, step) — batch ``step`` is independent of earlier batches."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x5EED, int(step)]).generate_state(2, np.uint32)
-               .astype(np.uint64).dot([1 << 31, 1]))
+    """A well-mixed 64-bit seed for (run seed, step) — batch ``step`` is independent of earlier batches."""
+    return int(np.random.SeedSequence([int(seed), 0x5EED, int(step)]).generate_state(1, np.uint64)[0])
 
 
 def _check_seed(seed: int) -> int:
@@ -158,7 +159,11 @@ class L1Objective(nn.Module):
 
 
 def l1_problem(dim: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed convex instance ``(A, b, x_star)`` (from ``DATA_SEED``; float32)."""
+    """The fixed convex instance ``(A, b, x_star)`` (from ``DATA_SEED``; float32). ``dim`` even, ``0 < eps < 1``."""
+    if dim < 2 or dim % 2:
+        raise ValueError(f"dim must be an even integer >= 2, got {dim}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1) (the SignSGD stall needs eps < 1), got {eps}")
     g = torch.Generator().manual_seed(DATA_SEED)
     n = dim // 2
     scales = torch.exp(torch.empty(n).uniform_(math.log(0.5), math.log(2.0), generator=g))
@@ -446,7 +451,7 @@ def load_corpus(path: str) -> Corpus:
     - a file ending in ``.bin``: uint16 tokens (memory-mapped), first 90% train, last 10% validation;
     - any other file: raw bytes (byte-level, vocabulary 256), first 90% train, last 10% validation.
     For token files the vocabulary is ``max token + 1`` (one pass over the data; nanoGPT's ``meta.pkl`` is not
-    read — unpickling a file is not safe).
+    read — unpickling a file is not safe). Cached per path within a process.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"data must be a path (str), got {type(path).__name__}")
@@ -478,8 +483,8 @@ def _check_corpus(corpus: Corpus, ctx: int) -> None:
     for split, arr in (("training", corpus.train), ("validation", corpus.val)):
         if len(arr) < ctx + 2:
             raise ValueError(f"{corpus.source}: the {split} split has {len(arr)} tokens, fewer than context + 2 = "
-                             f"{ctx + 2}; with a 90/10 split this size needs at least "
-                             f"{math.ceil((ctx + 2) / (1 - TRAIN_FRACTION))} tokens")
+                             f"{ctx + 2}; this size needs at least {ctx + 2} tokens per split, i.e. at least "
+                             f"{math.ceil((ctx + 2) / (1 - TRAIN_FRACTION))} tokens in a single file split 90/10")
 
 
 class LMRun(TaskRun):
@@ -487,7 +492,8 @@ class LMRun(TaskRun):
 
     Batch ``step``: ``batch`` window offsets drawn uniformly from the training split with a generator seeded
     by ``(seed, step)``. Validation: ``val_windows`` windows evenly spaced over the validation split (the same
-    for every seed), evaluated in chunks of ``batch``; ``val_loss`` is the mean over all their tokens.
+    for every seed), evaluated in chunks of ``max(batch, 4096 // ctx)`` windows; ``val_loss`` is the mean over all
+    their tokens.
     For the MoE, ``train_loss`` adds ``aux_weight ·`` the load-balancing loss; ``val_loss`` is cross-entropy only.
     """
 
@@ -528,8 +534,9 @@ class LMRun(TaskRun):
         self.model.eval()
         try:
             total, count = 0.0, 0
-            for i in range(0, len(self.val_offsets), self.batch):
-                x, y = self._windows(self.corpus.val, self.val_offsets[i:i + self.batch])
+            chunk = max(self.batch, 4096 // self.ctx)          # fewer, larger forward passes
+            for i in range(0, len(self.val_offsets), chunk):
+                x, y = self._windows(self.corpus.val, self.val_offsets[i:i + chunk])
                 total += float(F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
                 count += y.numel()
             return total / count
@@ -569,8 +576,8 @@ _MOE = {"quick": dict(n_experts=4, top_k=2), "default": dict(n_experts=4, top_k=
 
 # fp32 starting points per optimizer (studies.optimizers defaults: momentum 0.9, AdamW betas (0.9, 0.95); the
 # runner's cosine schedule with 5% warm-up). Measured on CPU, seed 0, default steps, each over the 3-point grid
-# around it: the best final validation loss (mlp "paper" and LM "paper" are not measured: a third of "default",
-# as larger nanoGPT-like models want smaller steps; convex "paper" likewise). Short "quick" runs prefer larger steps.
+# around it: the best final validation loss. Not measured: convex "quick" (= default), and every "paper" size
+# (a third of "default": larger nanoGPT-like models want smaller steps). Short "quick" runs prefer larger steps.
 _LRS = {
     ("convex", "quick"): {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "stosignsgd": 1e-2},
     ("convex", "default"): {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "stosignsgd": 1e-2},

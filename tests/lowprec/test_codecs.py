@@ -11,6 +11,9 @@ import lowprec
 from lowprec import Encoded, decode, encode, quantize
 from lowprec.codecs import codes_to_values, pack_nibbles, unpack_nibbles, values_to_codes
 
+# ml_dtypes warns when it casts NaN/inf into formats without them; that is part of what we compare
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+
 ML = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2, "e3m2": ml_dtypes.float6_e3m2fn,
       "e2m3": ml_dtypes.float6_e2m3fn, "e2m1": ml_dtypes.float4_e2m1fn, "e8m0": ml_dtypes.float8_e8m0fnu}
 
@@ -75,15 +78,23 @@ def test_int_codes_twos_complement():
                                "e4m3:nosat", "e3m2:flush"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_encode_equals_quantize(f, dtype):
-    x = (torch.randn(5, 45) * torch.exp(torch.randn(5, 45) * 2)).to(dtype)
+    gx = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 45, generator=gx) * torch.exp(torch.randn(5, 45, generator=gx) * 2)).to(dtype)
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     enc = encode(x, f, generator=g1)
     d = decode(enc)
     assert d.dtype == dtype and d.shape == x.shape
     assert same(d, quantize(x, f, generator=g2))
-    # re-encoding the decoded tensor reproduces the codes (exact round trip) for deterministic rounding
-    if "stochastic" not in f:
-        assert torch.equal(encode(d, f).codes, enc.codes)
+    # re-encoding the decoded tensor reproduces the codes (exact round trip) for deterministic rounding with
+    # unscaled or power-of-two scaled specs (fp32/E4M3 scales are recomputed from the decoded amax, which moved)
+    sc = lowprec.spec(f).scaling
+    if "stochastic" not in f and (sc is None or sc.scale_format == "e8m0"):
+        again = encode(d, f)
+        if enc.packed:
+            assert torch.equal(again.codes, enc.codes)
+        else:  # NaN has several codes (its sign may change through a bf16 round trip)
+            fin = ~torch.isnan(d)
+            assert torch.equal(again.codes[fin], enc.codes[fin])
 
 
 def test_nbytes_and_state_dict_round_trip():

@@ -10,6 +10,9 @@ import torch
 import lowprec
 from lowprec import FORMATS, float_format, quantize
 
+# ml_dtypes warns when it casts NaN/inf into formats without them; that is part of what we compare
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+
 ML = {
     "e4m3": ml_dtypes.float8_e4m3fn,
     "e5m2": ml_dtypes.float8_e5m2,
@@ -261,10 +264,19 @@ def test_qtorch_agrees_where_semantics_agree():
         x = (torch.rand(20000, generator=g) * 2 - 1) * fmt.max
         x = x[x.abs() >= fmt.min_normal]  # qtorch's subnormal handling differs
         ours = quantize(x, name)
-        # drop exact ties (where the two tie rules legitimately differ)
-        tz = quantize(x, name, rounding="toward_zero")
-        up = torch.nextafter(tz.abs(), torch.tensor(float("inf")))
-        keep = (x - tz).abs() * 2 != (quantize(x.abs() * 1.0000001, name) - tz.abs()).abs()
+        # exclude ties, where the two tie rules legitimately differ: nudging x by one float32 ulp toward and
+        # away from zero changes the rounded value only next to a midpoint
+        inward = quantize(torch.nextafter(x, torch.zeros_like(x)), name)
+        outward = quantize(torch.nextafter(x, x * float("inf")), name)
+        keep = inward == outward
         theirs = qtorch_quant.float_quantize(x, e, m, rounding="nearest")
-        assert torch.equal(ours[keep], theirs[keep]), name
-        del up
+        assert keep.float().mean() > 0.99 and torch.equal(ours[keep], theirs[keep]), name
+
+
+def test_not_differentiable_and_input_untouched():
+    x = torch.randn(50, requires_grad=True)
+    before = x.detach().clone()
+    for f in ("e4m3", "e2m1", "e4m3:stochastic", "mxfp8", "int4", "bf16"):
+        q = quantize(x, f)
+        assert not q.requires_grad
+    assert torch.equal(x.detach(), before)

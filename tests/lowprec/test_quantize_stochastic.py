@@ -132,3 +132,15 @@ def test_signed_zero_and_subnormal_flush():
     assert torch.equal(torch.signbit(q), torch.signbit(x)) and (q == 0).all()
     tiny = torch.full((1000,), 2.0**-9 * 0.5)
     assert (quantize(tiny, "e4m3", rounding="stochastic", flush_subnormals=True, generator=gen(1)) == 0).all()
+
+
+def test_int_stochastic_probability_resolution():
+    # exact fractions far from zero (float addition x + u would bias these) and a limited number of random bits
+    for x0, frac in ((100.0, 0.3), (-57.0, 0.9), (5.0, 2.0**-20)):
+        x = torch.full((N,), x0 + frac)
+        q = quantize(x, "int8", rounding="stochastic", generator=gen(12))
+        p = (q == x0 + 1).double().mean().item()
+        se = math.sqrt(max(frac * (1 - frac), 1e-6) / N)
+        assert abs(p - frac) < Z * se
+    q = quantize(torch.full((N,), 2.3), "int8", rounding="stochastic", rand_bits=2, generator=gen(13))
+    assert abs((q == 3).double().mean().item() - 0.25) < Z * math.sqrt(0.25 * 0.75 / N)

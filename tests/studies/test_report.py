@@ -333,3 +333,31 @@ def test_missing_or_bad_results(tmp_path):
     pd.DataFrame({"task": ["gpt"], "seed": [0]}).to_csv(tmp_path / "results.csv", index=False)
     with pytest.raises(ValueError, match="optimizer"):
         render_report(tmp_path)
+
+
+def test_several_lrs_kept_apart_and_failed_runs_left_out(tmp_path):
+    """Main runs at two AdamW LRs are not pooled: the baseline is the LR with the lower mean final loss at fp32;
+    runs with status "error" are listed but counted nowhere."""
+    rows = []
+    # (optimizer, lr, precision, seed, final, ttt)
+    spec = [("adamw", 1e-3, "fp32", 0, 2.5, 3000.0), ("adamw", 1e-3, "fp32", 1, 2.6, 3200.0),
+            ("adamw", 3e-3, "fp32", 0, 2.1, 2000.0), ("adamw", 3e-3, "fp32", 1, 2.2, 2400.0),
+            ("stosignsgd", 3e-3, "fp32", 0, 2.0, 1000.0), ("stosignsgd", 3e-3, "fp32", 1, 2.0, 1100.0)]
+    for i, (opt, lr, prec, seed, final, ttt) in enumerate(spec):
+        r = _row(f"r{i}", "main", "gpt", opt, prec, seed, final=final, ttt=ttt)
+        r["lr"] = lr
+        rows.append({**r, "status": "ok"})
+    bad = _row("r9", "main", "gpt", "stosignsgd", "fp32", 2, final=math.nan, explanation="the run failed (boom)")
+    rows.append({**bad, "lr": 3e-3, "status": "error"})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    written = render_report(tmp_path)
+    table = pd.read_csv(written["table:speedup"])
+    row = table[table.optimizer == "stosignsgd"].iloc[0]
+    # baseline adamw@0.003 (mean final 2.15 < 2.55): (2000+2400)/2 / ((1000+1100)/2)
+    assert row.speedup == pytest.approx(2200 / 1050)
+    assert set(table.optimizer) == {"adamw@0.001", "stosignsgd"}  # the other AdamW LR is compared too
+    text = written["html"].read_text()
+    assert "adamw@0.003, the AdamW learning rate with the lowest mean final loss" in text
+    assert "Failed runs" in text and "boom" in text
+    cells = pd.read_csv(written["table:cells"])
+    assert cells[cells.optimizer == "stosignsgd"]["n"].iloc[0] == 2  # the failed seed is not counted

@@ -1,4 +1,3 @@
-import copy
 import io
 import warnings
 
@@ -217,3 +216,14 @@ def test_nonfinite_state_reported_on_unsampled_step():
     row = tel.frame().iloc[-1]
     assert (row["step"], row["site"], row["nan_count"], row["sampled"]) == (1, "optim:exp_avg_sq", 8, False)
     assert torch.isnan(opt.state[p]["exp_avg_sq"]["lowprec_packed"]["codes"].view(torch.float8_e4m3fn).float()).all()
+
+
+def test_scalar_parameters_and_their_step_counters():
+    p, q = nn.Parameter(torch.tensor(1.0)), nn.Parameter(torch.ones(3))
+    opt = wrap(torch.optim.AdamW([p, q], lr=1e-2), "fp8-all,grad=e5m2:block32")
+    for _ in range(2):
+        p.grad, q.grad = torch.tensor(0.5), torch.ones(3)
+        opt.step()
+    assert torch.equal(opt.state[p]["step"], torch.tensor(2.0))          # never encoded, even for 0-dim params
+    assert "lowprec_packed" in opt.state[p]["exp_avg"] and p.shape == ()
+    assert p.item() < 1.0 and torch.equal(p.detach().to(torch.bfloat16).float(), p.detach())
