@@ -166,12 +166,31 @@ def _ordered(values: Iterable[str], known: tuple[str, ...]) -> list[str]:
 
 
 def _palette(optimizers: Iterable[str]) -> dict[str, Any]:
-    """One colour per optimizer, the same in every figure (colour-blind palette, fixed order)."""
+    """One colour per optimizer, the same in every figure (colour-blind palette, fixed order). Labels "name@lr"
+    (one optimizer at several LRs) get shades of the optimizer's colour."""
     import seaborn as sns
 
-    names = _ordered(list(OPTIMIZER_ORDER) + list(optimizers), OPTIMIZER_ORDER)
+    optimizers = list(optimizers)
+    bases = _ordered(list(OPTIMIZER_ORDER) + [o.split("@")[0] for o in optimizers], OPTIMIZER_ORDER)
     colors = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10) + sns.color_palette("pastel", 10)
-    return {n: colors[i % len(colors)] for i, n in enumerate(names)}
+    pal: dict[str, Any] = {n: colors[i % len(colors)] for i, n in enumerate(bases)}
+    shades = (0.0, -0.45, 0.45, -0.7, 0.7)
+    for base in bases:
+        variants = sorted((o for o in optimizers if o.split("@")[0] == base and "@" in o),
+                          key=lambda o: float(o.split("@")[1]) if _is_float(o.split("@")[1]) else math.inf)
+        for k, label in enumerate(variants):
+            f = shades[k % len(shades)]
+            c = np.array(pal[base])
+            pal[label] = tuple(c * (1 + f) if f < 0 else c + (1 - c) * f)
+    return pal
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _slug(text: str) -> str:
@@ -653,10 +672,12 @@ def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: l
 
 
 def _xticks(ax, labels: list[str]) -> None:
+    import textwrap
+
     ax.set_xticks(range(len(labels)))
-    long = max((len(v) for v in labels), default=0) > 10
-    ax.set_xticklabels(labels, rotation=20 if long else 0, ha="right" if long else "center",
-                       rotation_mode="anchor", fontsize=8 if long else 9)
+    long = max((len(v) for v in labels), default=0) > 12
+    shown = [textwrap.fill(v.replace(",", ", "), 18) if long else v for v in labels]
+    ax.set_xticklabels(shown, fontsize=8 if long else 9)
 
 
 def _point_ci(figs: _Figures, table: pd.DataFrame, x: str, hue: str, x_order, hue_order, y: str, lo: str, hi: str,
@@ -1123,7 +1144,7 @@ def _variant_section(doc: _Doc, figs: _Figures, results: pd.DataFrame, phase: st
         notes = {(getattr(r, x), getattr(r, hue)): f"{r.diverged_k}/{r.n} diverged"
                  for r in c.itertuples(index=False) if math.isfinite(r.final_mean) and r.diverged_k > 0}
         p = _point_ci(figs, c, x, hue, x_order, hue_order, "final_mean", "final_lo", "final_hi",
-                      f"final loss{_loss_unit(task)}, runs not diverged", f"{task}: {title.lower()} — final loss, 95% t interval",
+                      f"final loss{_loss_unit(task)}", f"{task}: {title.lower()} — final loss, 95% t interval",
                       f"{name}_{_slug(task)}", missing=missing, notes=notes,
                       hue_colors=figs.palette if hue == "optimizer" else None)
         doc.fig(p, f"{task}: final loss per {x} and {hue} (mean over seeds that did not diverge, 95% t interval).")
@@ -1142,7 +1163,7 @@ def _variant_labels(precisions: list[str]) -> dict[str, str]:
     by_role: dict[str, set] = {}
     for segs in parts.values():
         for seg in segs:
-            if seg not in common:
+            if seg not in common and "=" in seg:
                 by_role.setdefault(seg.split("=")[0], set()).add(strip(seg))
     out = {}
     for p, segs in parts.items():
@@ -1155,8 +1176,8 @@ def _variant_labels(precisions: list[str]) -> dict[str, str]:
                 words.append(f"{role} {'stochastic' if 'stochastic' in seg else 'nearest'}")
             else:
                 words.append(seg)
-        present = {seg.split("=")[0] for seg in segs}
-        words += [f"{r} nearest" for r in by_role if r not in present and len(by_role[r]) == 1]
+        present = {seg.split("=")[0] for seg in segs if "=" in seg}
+        words += [f"{r} as in preset" for r in by_role if r not in present]
         out[p] = ", ".join(sorted(words)) if words else p
     if len(set(out.values())) < len(out):  # ambiguous: keep the full names
         return {p: p for p in precisions}
