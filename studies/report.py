@@ -213,6 +213,13 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def _fmt_int(v: Any) -> str:
+    try:
+        return str(int(v)) if math.isfinite(float(v)) else "—"
+    except (TypeError, ValueError):
+        return str(v)
+
+
 def _fmt_tokens(v: float) -> str:
     if v is None or not math.isfinite(v):
         return "—"
@@ -357,7 +364,8 @@ def paper_comparison(results: pd.DataFrame, speed: pd.DataFrame, baselines: dict
         return ["No FP8 precision in this study, so the paper's FP8 claims (AdamW fails; StoSignSGD needs "
                 "1.44×–2.14× fewer tokens) cannot be checked here."]
     lo_p, hi_p = PAPER_SPEEDUP
-    cells = [(task, prec, pname) for task in _ordered(main["task"], ()) for prec in fp8
+    tasks = [t for t in _ordered(main["task"], ()) if not t.startswith("convex")]  # the claims are about LMs
+    cells = [(task, prec, pname) for task in tasks for prec in fp8
              for pname in _ordered(main.loc[(main["task"] == task) & (main["precision"] == prec), "optimizer"],
                                    OPTIMIZER_ORDER) if pname.split("@")[0] == PROPOSED]
     for task, prec, pname in cells:
@@ -571,11 +579,12 @@ def _heatmap(figs: _Figures, cells: pd.DataFrame, row: str, col: str, row_order,
         fig, axes = figs.new(w=max(3.6, 1.1 * len(col_order) + 1.8), h=max(2.6, 0.55 * len(row_order) + 1.3))
         ax = axes[0, 0]
         sns.heatmap(frac.astype(float), ax=ax, vmin=0, vmax=1, cmap="Reds", annot=labels.fillna("").to_numpy(),
-                    fmt="", linewidths=0.5, linecolor="white", cbar_kws={"label": "fraction of seeds diverged"})
+                    fmt="", linewidths=0.5, linecolor="white", cbar_kws={"label": "fraction diverged"})
         ax.set_title(title)
         ax.set_xlabel(col)
         ax.set_ylabel(row)
-        ax.tick_params(axis="x", rotation=30)
+        long = max((len(str(c)) for c in col_order), default=0) > 10
+        ax.tick_params(axis="x", rotation=30 if long else 0)
         ax.tick_params(axis="y", rotation=0)
         return figs.save(fig, name)
 
@@ -641,14 +650,18 @@ def _loss_curves(figs: _Figures, metrics: pd.DataFrame, task: str, precisions: l
                     ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes, color="grey")
                 else:
                     _mean_band(ax, d, "tokens", "y", figs.palette[opt], "mean ± sd over seeds")
-                    for rid, r in d[d["diverged"]].groupby("run_id"):
-                        last = r.dropna(subset=["y"]).sort_values("tokens").tail(1)
-                        if last.empty:
-                            x, y = float(r["tokens"].min()), top
-                        else:
-                            x, y = float(last["tokens"].iloc[0]), min(float(last["y"].iloc[0]), top)
+                    for rid in d.loc[d["diverged"], "run_id"].unique():
+                        r = mt[mt["run_id"] == rid].sort_values("tokens")
+                        fin = r[np.isfinite(r["loss"])] if "loss" in r else r.iloc[0:0]
+                        x = float(r["tokens"].max())
+                        cap = top - 0.03 * (top - bottom)
+                        if len(fin):
+                            ax.plot(fin["tokens"].to_numpy(float), np.minimum(fin["loss"].to_numpy(float), cap),
+                                    color="crimson", linewidth=0.8, alpha=0.6,
+                                    label="diverged run: training loss")
+                        y = min(float(fin["loss"].iloc[-1]), cap) if len(fin) else cap
                         ax.plot([x], [y], marker="X", color="crimson", markersize=9, linestyle="none",
-                                label="diverged run (last finite loss)")
+                                clip_on=False, label="diverged run: where it stopped")
                         marked = True
                 if target is not None and math.isfinite(target):
                     ax.axhline(target, color="black", linestyle=":", linewidth=1, label=f"target {target:.4g}")
@@ -994,8 +1007,8 @@ def _curves_section(doc: _Doc, figs: _Figures, metrics: pd.DataFrame, main: pd.D
         if p is None:
             doc.note(f"{task}: no loss values in metrics.csv.")
         else:
-            doc.fig(p, f"{task}: loss vs tokens, mean ± sd over seeds; ✕ = a diverged run's last finite loss; "
-                       f"dotted line = target loss.")
+            doc.fig(p, f"{task}: loss vs tokens, mean ± sd over seeds; red: a diverged run's training loss and ✕ "
+                       f"where it stopped (clipped to the panel); dotted line = target loss.")
 
 
 def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.DataFrame, targets, precisions,
@@ -1106,7 +1119,7 @@ def _divergence_section(doc: _Doc, results: pd.DataFrame) -> None:
             reason = f" ({r.divergence_reason})" if r.divergence_reason else ""
             site = f"; first site: {r.divergence_site}" if r.divergence_site else ""
             expl = f"; {r.explanation}" if r.explanation else "; no telemetry explanation recorded"
-            lines.append(f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {int(r.seed)}, diverged {step}"
+            lines.append(f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {_fmt_int(r.seed)}, diverged {step}"
                          f"{reason}{site}{expl}")
         doc.ul(lines)
     ok = results[~results["diverged"] & ((results["divergence_site"] != "") | (results["explanation"] != ""))]
@@ -1115,7 +1128,8 @@ def _divergence_section(doc: _Doc, results: pd.DataFrame) -> None:
         lines = []
         for r in ok.itertuples(index=False):
             parts = [x for x in (r.divergence_site and f"closest site: {r.divergence_site}", r.explanation) if x]
-            lines.append(f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {int(r.seed)} — " + "; ".join(parts))
+            lines.append(f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {_fmt_int(r.seed)} — "
+                         + "; ".join(parts))
         doc.ul(lines)
 
 
@@ -1333,7 +1347,7 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     _divergence_section(doc, results)
     if len(failed):
         doc.h(2, "Failed runs (errors, not divergences; left out of every statistic)")
-        doc.ul([f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {_fmt(r.seed)} — "
+        doc.ul([f"[{r.phase}] {r.task}: {r.optimizer} {r.precision}, seed {_fmt_int(r.seed)} — "
                 f"{r.explanation or 'no message'}" for r in failed.itertuples(index=False)])
     _variant_section(doc, figs, results, "ablation", "Ablation of StoSignSGD",
                      "Which component carries stability: StoSignSGD against variants without noise (= Signum), "
@@ -1389,21 +1403,25 @@ def summary_text(out_dir: Path | str) -> str:
         tgt = targets.get(task)
         lines.append(f"[{task}] diverged seeds (k/n)" + (f"; target loss {tgt[0]:.4g}" if tgt else ""))
         w = max([len(p) for p in precs] + [9])
-        lines.append(" " * (w + 2) + "".join(f"{o[:12]:>13}" for o in opts))
+        cw = max([len(o) for o in opts] + [6]) + 2
+        lines.append(" " * (w + 2) + "".join(f"{o:>{cw}}" for o in opts))
         for p in precs:
             cells = []
             for o in opts:
                 g = m[(m["precision"] == p) & (m["optimizer"] == o)]
                 cells.append(f"{int(g['diverged'].sum())}/{len(g)}" if len(g) else "-")
-            lines.append(f"  {p:<{w}}" + "".join(f"{c:>13}" for c in cells))
+            lines.append(f"  {p:<{w}}" + "".join(f"{c:>{cw}}" for c in cells))
         s = speed[speed["task"] == task] if not speed.empty else speed
+        if not s.empty:
+            lines.append(f"  tokens-to-target speedup vs {data.baselines.get(task, BASELINE)} (95% bootstrap CI):")
+        ow = max([len(o) for o in s["optimizer"]] + [10]) if not s.empty else 10
         for r in s.itertuples(index=False) if not s.empty else []:
+            head = f"    {r.optimizer:<{ow}} {r.precision:<{w}} "
             if math.isfinite(r.speedup):
                 ci = f" [{r.lo:.2f}, {r.hi:.2f}]" if math.isfinite(r.lo) else ""
-                lines.append(f"  speedup vs adamw  {r.optimizer:<12} {r.precision:<12} {r.speedup:.2f}x{ci}"
-                             + ("" if r.status == "ok" else f" ({r.status})"))
+                lines.append(head + f"{r.speedup:.2f}x{ci}" + ("" if r.status == "ok" else f" ({r.status})"))
             else:
-                lines.append(f"  speedup vs adamw  {r.optimizer:<12} {r.precision:<12} {r.status}")
+                lines.append(head + r.status)
     if not main.empty:
         lines += ["paper check: " + x for x in paper_comparison(main, speed, data.baselines)]
     if (out_dir / "report.html").is_file():

@@ -284,8 +284,8 @@ class SpeedupResult:
     ratio = mean(baseline tokens) / mean(optimizer tokens) over the seeds that reached the target; lo/hi: the
     percentile-bootstrap interval of that ratio of means (both groups resampled independently, seeded).
     status: "ok" (every seed of both reached), "partial" (some seeds of either group did not reach: the ratio
-    is conditional on reaching; `base_reached` / `opt_reached` < 1 say how often), "not reached by optimizer" (ratio nan),
-    "baseline never reached target" (ratio nan), "no data".
+    is conditional on reaching; `base_reached` / `opt_reached` < 1 say how often), "not reached by optimizer"
+    (ratio nan), "baseline never reached target" (ratio nan), "no data".
     Unpacks as ``ratio, lo, hi = speedup_ci(...)``.
     """
 

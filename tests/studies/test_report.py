@@ -361,3 +361,24 @@ def test_several_lrs_kept_apart_and_failed_runs_left_out(tmp_path):
     assert "Failed runs" in text and "boom" in text
     cells = pd.read_csv(written["table:cells"])
     assert cells[cells.optimizer == "stosignsgd"]["n"].iloc[0] == 2  # the failed seed is not counted
+
+
+def test_header_only_results_renders(tmp_path):
+    pd.DataFrame(columns=RESULT_COLUMNS).to_csv(tmp_path / "results.csv", index=False)
+    written = render_report(tmp_path)
+    assert written["html"].is_file() and not any(k.startswith("figure:") for k in written)
+    assert "0 runs" in summary_text(tmp_path)
+
+
+def test_rounding_variant_labels():
+    from studies.report import _variant_labels
+
+    base = "fp8-all+master=bf16{m}+state=e4m3{s}:block128"
+    precs = [base.format(m=m, s=s) for m in ("", ":stochastic") for s in ("", ":stochastic")]
+    labels = _variant_labels(precs)
+    assert labels[precs[0]] == "master nearest, state nearest"
+    assert labels[precs[3]] == "master stochastic, state stochastic"
+    assert labels[precs[1]] == "master nearest, state stochastic"
+    # unrelated precisions keep their names; a preset without the overridden role says so
+    assert _variant_labels(["fp32", "bf16"]) == {"fp32": "fp32", "bf16": "bf16"}
+    assert _variant_labels(["fp8-all", "fp8-all+master=bf16:stochastic"])["fp8-all"] == "master as in preset"
