@@ -18,7 +18,7 @@ import torch
 
 from . import scaling as _sc
 from .formats import FORMATS, Format
-from .quantize import QuantSpec, _check_tensor, round_to_format, spec as _spec
+from .quantize import QuantSpec, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
 
 __all__ = ["Encoded", "encode", "decode", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
 
@@ -75,7 +75,7 @@ def codes_to_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
     """float32 values of bit patterns (inverse of :func:`values_to_codes`)."""
     for name, dt in _NATIVE_F8.items():
         if _is_registered(fmt, name):
-            return c.view(dt).to(torch.float32)
+            return e4m3_to_float32(c.view(dt)) if name == "e4m3" else c.view(dt).to(torch.float32)
     for name, (dt, it) in _WIDE.items():
         if _is_registered(fmt, name):
             return c.view(dt).to(torch.float32)

@@ -238,7 +238,11 @@ def valid_names() -> list[str]:
 
 def get_format(fmt: str | Format | Any) -> Format:
     """Resolve a name, alias, pattern (``e3m4``, ``e4m3fn``, ``e3m2fnn``, ``e5m2_b16``, ``int6``, ``int8sym``),
-    a :class:`Format` or a qtorch ``FloatingPoint`` to a :class:`Format`. Unknown names raise ``ValueError``."""
+    a :class:`Format` or a qtorch ``FloatingPoint`` to a :class:`Format`. Unknown names raise ``ValueError``.
+
+    A qtorch ``FloatingPoint(exp, man)`` becomes ``qtorch_e{exp}m{man}``: bias 2**(exp-1)-1 and no reserved codes
+    (no inf, no NaN: qtorch's E4M3 reaches 480, OCP's e4m3 448). lowprec then rounds ties to even and keeps NaN
+    as NaN, where qtorch's own kernels round ties away from zero and turn NaN/inf into ±max."""
     if isinstance(fmt, Format):
         return fmt
     if type(fmt).__name__ == "FloatingPoint" and hasattr(fmt, "exp") and hasattr(fmt, "man"):

@@ -11,7 +11,8 @@ Semantics (all formats are emulated in float32; the result has the input's dtype
   NaN never silently becomes a number; ml_dtypes turns NaN into 0 for FP4/FP6, we do not).
 * Subnormals of the target format are honoured; ``flush_subnormals=True`` sets results whose magnitude is below
   the smallest normal to a zero of the same sign.
-* ``e4m3``/``e5m2`` with ``nearest`` use torch's native float8 casts (the hardware path); ``bf16``/``fp16``
+* ``e4m3``/``e5m2`` with ``nearest`` round with torch's native float8 casts (the hardware path; on CPU the
+  e4m3 codes are widened back by exact bit arithmetic, faster than torch's CPU conversion); ``bf16``/``fp16``
   with ``nearest`` use torch's casts. Everything else uses float32 bit arithmetic that agrees with them.
 * The output has the input's dtype: when a value on the format's grid (times a non-power-of-two scale) is not
   representable in that dtype (e.g. fp16 values or fp32-scaled values in a bf16 tensor), the final cast rounds it.
@@ -286,26 +287,36 @@ def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
 
     Adds a uniform random integer below the kept mantissa bits to the float32 bit pattern, then truncates: exact
     SR with 23-M random bits in the format's normal range (a carry moves into the next binade correctly).
-    Values in the subnormal range are shifted by 2**emin first, so they share the lowest binade's absolute
-    resolution 2**(emin-23) (the shift itself rounds to that resolution)."""
+    Values in the subnormal range are shifted up by 2**emin first, so they share the lowest binade's absolute
+    resolution 2**(emin-23) (the shift itself rounds to that resolution), and shifted back afterwards.
+
+    Two full-size buffers only (``a`` and the random bits; allocation dominates on CPU): the random buffer first
+    holds the subnormal mask, which is then kept in ``a``'s free sign bit (+ shifted, - not shifted)."""
     m = fmt.man_bits
     drop = 23 - m
-    emin_val = fmt.min_normal
-    shift = torch.lt(a, emin_val, out=torch.empty_like(a))  # 1.0 where a is in the subnormal range
-    shift *= emin_val
-    a += shift
-    bits = a.view(torch.int32)
-    r = _random_bits(a.shape, a.device, generator)
-    nb = drop if rand_bits is None else min(rand_bits, drop)
+    thr = fmt.min_normal
+    r64 = torch.empty((a.numel() + 1) // 2, dtype=torch.int64, device=a.device)
+    rf = r64.view(torch.float32)[: a.numel()].view(a.shape)
+    torch.lt(a, thr, out=rf)  # 1.0 where a is in the subnormal range
+    a.add_(rf, alpha=thr)
+    rf.sub_(0.5)
+    torch.copysign(a, rf, out=a)  # sign bit: + shifted, - not shifted (integer SR works on either sign)
     if m == 0:
         nan = torch.isnan(a)
+    r64.random_(generator=generator)
+    r = r64.view(torch.int32)[: a.numel()].view(a.shape)
+    nb = drop if rand_bits is None else min(rand_bits, drop)
     if nb == drop:
         r &= (1 << drop) - 1
     else:  # only the top `nb` of the dropped bits are random: the fraction is truncated to nb bits
         r &= ((1 << nb) - 1) << (drop - nb)
+    bits = a.view(torch.int32)
     bits += r
     bits &= ~((1 << drop) - 1)
-    a -= shift
+    # undo: shifted (a >= 0) -> a - thr (exact), not shifted (a < 0) -> -a; i.e. max(-a, a - thr)
+    torch.sub(a, thr, out=rf)
+    a.neg_()
+    torch.maximum(a, rf, out=a)
     if m == 0:  # the carry could turn NaN into another value
         a.masked_fill_(nan, float("nan"))
     return a
@@ -412,8 +423,9 @@ def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.
     if rounding == Rounding.NEAREST and fmt.name in _NATIVE_F8 and fmt == FORMATS[fmt.name]:
         q = _native_f8(x, fmt, saturate)
     elif rounding == Rounding.NEAREST and fmt.name in _NATIVE_16 and fmt == FORMATS[fmt.name]:
-        xx = x.clamp(-fmt.max, fmt.max) if saturate else x
-        q = xx.to(_NATIVE_16[fmt.name]).to(torch.float32)
+        q = x.to(_NATIVE_16[fmt.name]).to(torch.float32)  # overflow gives ±inf
+        if saturate:
+            q.clamp_(-fmt.max, fmt.max)
     else:
         a = x.abs()
         limit = fmt.max if saturate else min(2.0 ** (fmt.emax + 1), _F32_MAX)
@@ -432,12 +444,33 @@ def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.
     return q
 
 
+def e4m3_to_float32(f8: torch.Tensor) -> torch.Tensor:
+    """``f8.to(torch.float32)`` for a ``torch.float8_e4m3fn`` tensor, bit for bit (tested on all 256 codes).
+
+    On CPU torch's widening conversion is a scalar loop (about 3x slower than the rounding cast itself), so the
+    code's 7 magnitude bits are moved to float32's exponent/mantissa fields and rescaled by 2**120 (the bias
+    difference; subnormal codes land on float32 subnormals and scale exactly). Elsewhere: torch's conversion."""
+    if f8.device.type != "cpu" or f8.numel() == 0:
+        return f8.to(torch.float32)
+    out = torch.empty(f8.shape, dtype=torch.float32)
+    bits = out.view(torch.int32)
+    bits.copy_(f8.view(torch.int8))  # sign-extended code
+    bits <<= 20
+    bits &= -0x78100000  # 0x87F00000: the sign bit and the code's EEEE.MMM at float32 bits 26..20
+    out *= 2.0**120
+    lo, hi = torch.aminmax(out)
+    if bool(hi >= 480.0) or bool(lo <= -480.0):  # NaN codes (S.1111.111) came out as ±480
+        out.masked_fill_(out == 480.0, float("nan"))
+        out.masked_fill_(out == -480.0, -float("nan"))  # keep the NaN's sign bit, as torch does
+    return out
+
+
 def _native_f8(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
     dt = _NATIVE_F8[fmt.name]
     if fmt.name == "e4m3":
         # torch's CPU cast saturates (inf -> 448); make it explicit elsewhere (CUDA casts do not saturate)
         xx = x if x.device.type == "cpu" else x.clamp(-fmt.max, fmt.max)
-        q = xx.to(dt).to(torch.float32)
+        q = e4m3_to_float32(xx.to(dt))
         if not saturate:
             # overflow iff |x| > 464 (the tie 464 rounds to 448, mantissa even); inf included
             q = q.masked_fill_(x.abs() > 464.0, float("nan"))

@@ -146,10 +146,11 @@ def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:
 def chosen_lr(cfg: StudyConfig, chosen: dict, task, optimizer: str, precision: str) -> float:
     """The LR for ``optimizer`` at ``precision``: tuned (per precision or at tune_precision), else the default."""
     per_task = chosen.get(task.name, {})
-    key = precision if cfg.tune_per_precision else cfg.tune_precision
-    for name in (optimizer, base_optimizer(optimizer)):
-        if name in per_task.get(key, {}):
-            return per_task[key][name]["lr"]
+    keys = [precision, cfg.tune_precision] if cfg.tune_per_precision else [cfg.tune_precision]
+    for key in keys:
+        for name in (optimizer, base_optimizer(optimizer)):
+            if name in per_task.get(key, {}):
+                return per_task[key][name]["lr"]
     return _default_lr(task, optimizer)
 
 

@@ -250,20 +250,23 @@ def _set_lr(opt, lr: float) -> None:
 
 
 def _tensors(obj):
+    """Tensors inside a state_dict, skipping hyper-parameters ("param_groups") and RNG states ("rng")."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
+        for k, v in obj.items():
+            if k not in ("param_groups", "rng"):
+                yield from _tensors(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
 
 
 def state_bytes_per_param(opt, n_params: int) -> float:
-    """Bytes of all tensors in the optimizer's ``state_dict()['state']`` divided by the number of parameters."""
+    """Bytes of the optimizer's per-parameter state tensors (``state_dict()`` without param_groups and RNG
+    states, including wrapped optimizers' state such as SignConverted's "base") / the number of parameters."""
     sd = opt.state_dict()
-    total = sum(t.numel() * t.element_size() for t in _tensors(sd.get("state", {})))
+    total = sum(t.numel() * t.element_size() for t in _tensors(sd))
     return total / max(1, n_params)
 
 

@@ -110,3 +110,15 @@ def test_nbytes_and_state_dict_round_trip():
     buf.seek(0)
     back = Encoded.from_dict(torch.load(buf, weights_only=True))
     assert back.spec == enc.spec and torch.equal(decode(back), decode(enc))
+
+
+def test_e4m3_widening_equals_torch_on_every_code():
+    from lowprec.quantize import e4m3_to_float32
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert same(e4m3_to_float32(codes), codes.to(torch.float32))
+    assert torch.equal(torch.signbit(e4m3_to_float32(codes)), torch.signbit(codes.to(torch.float32)))
+    no_nan = codes[(torch.arange(256) & 0x7F) != 0x7F]
+    assert same(e4m3_to_float32(no_nan), no_nan.to(torch.float32))
+    t = codes.reshape(16, 16).t()  # non-contiguous
+    assert same(e4m3_to_float32(t), t.to(torch.float32))

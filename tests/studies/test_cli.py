@@ -200,3 +200,16 @@ def test_full_protocol_small(tmp_path, capsys):
     assert set(mech["task"]) == {"convex-l1"} and set(mech["optimizer"]) == {"signsgd", "signum", "stosignsgd"}
     assert set(mech["steps"]) == {40}                      # its own step count, not the LM's --steps
     assert "convex-l1" in study["optimal_loss"]
+
+
+def test_shards_of_a_sweep_cover_it_exactly_once(tmp_path, capsys):
+    out = tmp_path / "s"
+    base = ["run", "--tasks", "gpt", "--size", "quick", "--optimizers", "adamw,signum", "--precisions", "fp32",
+            "--seeds", "2", "--phases", "main", "--steps", "3", "--workers", "1", "--out", str(out), "--no-report"]
+    assert _run(capsys, *base, "--shard", "0/2")[0] == 0
+    n0 = len(_read(out / "results.csv"))
+    assert _run(capsys, *base, "--shard", "1/2")[0] == 0
+    res = _read(out / "results.csv")
+    assert n0 == 2 and len(res) == 4 and res["run_id"].is_unique
+    code, stdout, _ = _run(capsys, *base)
+    assert code == 0 and "0 runs" in stdout and "4 already done" in stdout

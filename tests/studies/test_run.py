@@ -163,3 +163,38 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
         assert {k: after[rid][k] for k in keep} == {k: r[k] for k in keep}
         assert after[rid]["target_loss"] != "nan"
     assert {(r["optimizer"], r["seed"]) for r in rows} == {(o, str(s)) for o in ("adamw", "signum") for s in range(3)}
+
+
+# ------------------------------------------------------------------------------------------- optimizers
+def test_optimizer_registry_builds_every_optimizer_and_rejects_unknown_names():
+    from studies.optimizers import OPTIMIZERS, make_optimizer
+
+    for name in OPTIMIZERS:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(64))
+        opt = make_optimizer(name, [w], lr=0.01, seed=1)
+        start = float((w.detach() ** 2).sum())
+        for _ in range(50):
+            opt.zero_grad()
+            (w ** 2).sum().backward()
+            opt.step()
+        assert float((w.detach() ** 2).sum()) < 0.9 * start, name     # every optimizer descends on a quadratic
+    with pytest.raises(ValueError, match="stosignsgd"):
+        make_optimizer("lion", [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(1))], lr=-1.0)
+
+
+@pytest.mark.parametrize("name, per_param", [("adamw", 8), ("stosignsgd", 8), ("signum", 4), ("sgd", 4),
+                                             ("stosign-adamw", 12)])
+def test_state_bytes_per_param_closed_form(name, per_param):
+    from studies.optimizers import make_optimizer
+    from studies.run import state_bytes_per_param
+
+    m = torch.nn.Linear(100, 100)                 # 10100 parameters in 2 tensors
+    opt = make_optimizer(name, m.parameters(), lr=1e-3)
+    m(torch.randn(4, 100)).sum().backward()
+    opt.step()
+    # fp32 buffers per parameter, plus AdamW's one fp32 'step' tensor per parameter tensor
+    extra = 2 * 4 / 10100 if name in ("adamw", "stosign-adamw") else 0.0
+    assert state_bytes_per_param(opt, 10100) == pytest.approx(per_param + extra)
