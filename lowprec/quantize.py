@@ -298,7 +298,8 @@ def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
     r64 = torch.empty((a.numel() + 1) // 2, dtype=torch.int64, device=a.device)
     rf = r64.view(torch.float32)[: a.numel()].view(a.shape)
     torch.lt(a, thr, out=rf)  # 1.0 where a is in the subnormal range
-    a.add_(rf, alpha=thr)
+    a.add_(rf, alpha=thr)  # (also quiets signalling NaNs)
+    a.view(torch.int32).clamp_(max=0x7FC00000)  # canonical NaN: adding random bits cannot carry out of it
     rf.sub_(0.5)
     torch.copysign(a, rf, out=a)  # sign bit: + shifted, - not shifted (integer SR works on either sign)
     if m == 0:
@@ -324,6 +325,7 @@ def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
 
 def _toward_zero_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
     m, drop = fmt.man_bits, 23 - fmt.man_bits
+    a.add_(0.0)  # quiets signalling NaNs (e.g. from bf16), so that masking mantissa bits cannot make them inf
     bits = a.view(torch.int32) & ~((1 << drop) - 1)
     q = bits.view(torch.float32)
     if fmt.emin > -126:
@@ -348,7 +350,9 @@ def _nearest_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
         a -= c
         return a
     drop = 23 - m
+    a.add_(0.0)  # quiets signalling NaNs, so that rounding mantissa bits cannot make them inf
     bits = a.view(torch.int32)
+    bits.clamp_(max=0x7FC00000)  # canonical NaN: the rounding increment cannot carry out of it
     t = (bits >> drop) & 1
     t += (1 << (drop - 1)) - 1 if drop > 0 else 0
     t += bits
@@ -480,18 +484,19 @@ def _native_f8(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
 
 
 def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.NEAREST, *, saturate: bool = True,
-                     flush_subnormals: bool = False, rand_bits: int | None = None) -> torch.Tensor:
+                     flush_subnormals: bool = False, rand_bits: int | None = None,
+                     random: torch.Tensor | None = None) -> torch.Tensor:
     """The float-format rounding of :func:`round_to_format` written without in-place ops, for ``torch.compile``.
 
-    Same results as :func:`round_to_format` for nearest and toward_zero (tested to the bit); stochastic rounding
-    draws its random integers with ``torch.randint`` from torch's global RNG (seed it with ``torch.manual_seed``),
-    so its random stream differs from the eager path's generator stream. Float formats with at most 22 mantissa
-    bits only."""
+    Same results as :func:`round_to_format` (tested to the bit). Stochastic rounding uses ``random``, int32
+    random bits shaped like ``x`` (drawn as the eager path draws them: same generator state, same result), or,
+    when None, ``torch.randint`` from torch's global RNG. Float formats with at most 22 mantissa bits only."""
     fmt = get_format(fmt)
-    if fmt.kind != "float" or fmt.man_bits > 22 or fmt.emax + 24 - fmt.man_bits > 127:
-        raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits and emax <= "
-                         f"{103} + man_bits, got {fmt.name}")
     rounding = Rounding.parse(rounding)
+    if fmt.kind != "float" or fmt.man_bits > 22 or (
+            rounding == Rounding.NEAREST and fmt.emax + 24 - fmt.man_bits > 127):
+        raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits (and, for nearest, "
+                         f"emax <= 103 + man_bits), got {fmt.name} with {rounding.value}")
     m, drop = fmt.man_bits, 23 - fmt.man_bits
     limit = fmt.max if saturate else min(2.0 ** (fmt.emax + 1), _F32_MAX)
     a = x.abs().clamp(max=limit)
@@ -501,13 +506,16 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
         q = (a + c) - c
     elif rounding == Rounding.TOWARD_ZERO:
         q = (a.view(torch.int32) & ~((1 << drop) - 1)).view(torch.float32)
-        up = 2.0 ** (m - fmt.emin)
-        q = torch.where(a < fmt.min_normal, torch.trunc(a * up) * (1.0 / up), q)
+        if fmt.emin > -126:  # at emin = -126 the bit mask is right for float32 subnormals too
+            up = 2.0 ** (m - fmt.emin)
+            q = torch.where(a < fmt.min_normal, torch.trunc(a * up) * (1.0 / up), q)
     else:
         shift = (a < fmt.min_normal).to(torch.float32) * fmt.min_normal
         a2 = a + shift
         nb = drop if rand_bits is None else min(rand_bits, drop)
-        r = torch.randint(0, 1 << nb, a.shape, dtype=torch.int32, device=a.device) << (drop - nb)
+        if random is None:
+            random = torch.randint(0, 2**31 - 1, a.shape, dtype=torch.int32, device=a.device)
+        r = random & (((1 << nb) - 1) << (drop - nb))
         q = ((a2.view(torch.int32) + r) & ~((1 << drop) - 1)).view(torch.float32) - shift
         if m == 0:
             q = torch.where(torch.isnan(a), a, q)
@@ -516,22 +524,34 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
     q = torch.copysign(q, x)
     if flush_subnormals:
         q = torch.where(q.abs() < fmt.min_normal, q * 0.0, q)
-    return q
+    return torch.where(torch.isnan(x), x, q)  # explicit: compiled clamp/min need not propagate NaN
 
 
-def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``torch.compile``'d quantizer ``f(x) -> Tensor`` for one unscaled float spec (fuses the bit arithmetic
-    into one loop). Random numbers come from torch's global RNG (no ``generator``). Compiles on first call."""
+def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any) -> Callable[..., torch.Tensor]:
+    """A ``torch.compile``'d quantizer ``f(x, generator=None) -> Tensor`` for one unscaled float spec: the bit
+    arithmetic is fused into one loop; random bits are drawn outside it exactly as :func:`quantize` draws them,
+    so results equal ``quantize(x, spec, generator=...)`` bit for bit. Compiles on first call (seconds); each
+    spec is one more graph of the same function, so beyond torch's recompile limit (default 8 specs per process)
+    further quantizers run eagerly, with the same results."""
     s = spec(fmt, **overrides)
     if s.scaling is not None:
         raise ValueError("compiled_quantizer supports unscaled specs; use quantize() for scaled ones")
     f, r, sat, fl, rb = s.format, s.rounding, s.saturate, s.flush_subnormals, s.rand_bits
     functional_round(torch.zeros(1), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb)  # validate now
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return functional_round(x.float(), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb).to(x.dtype)
+    def core(x: torch.Tensor, random: torch.Tensor | None) -> torch.Tensor:
+        return functional_round(x.float(), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb,
+                                random=random).to(x.dtype)
 
-    return torch.compile(run, dynamic=False)
+    compiled = torch.compile(core, dynamic=False)
+
+    def quantizer(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        _check_tensor(x)
+        x = x.detach()
+        rnd = _random_bits(x.shape, x.device, generator) if r == Rounding.STOCHASTIC else None
+        return compiled(x, rnd)
+
+    return quantizer
 
 
 # --------------------------------------------------------------------------------------------------------

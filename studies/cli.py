@@ -11,7 +11,6 @@ choices; any other failure of ``run`` prints one line (with a hint) and exits 1 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time

@@ -321,7 +321,10 @@ def quick_config() -> StudyConfig:
 
 
 def default_config() -> StudyConfig:
-    """The default study (``precision-sweep run`` with no arguments)."""
+    """The default study (``precision-sweep run`` with no arguments): tiny GPT ("default" size, 250 steps) ×
+    {adamw, signum, stosignsgd} × {fp32, bf16, fp8-hybrid, fp8-states, fp8-all, nvfp4} × 2 seeds, plus the
+    tune, ablation, rounding and mechanism phases — 78 rows (70 runs, 8 copied). Measured: 8.5 min wall with
+    2 workers on the 2-core machine while other jobs took ~1/3 of it (user CPU 10.8 min), report included."""
     return StudyConfig()
 
 

@@ -232,10 +232,17 @@ def test_functional_round_equals_eager(name, rounding, saturate):
     assert same(functional_round(x, FORMATS[name], rounding, saturate=saturate), q)
 
 
-def test_functional_stochastic_on_neighbours():
-    from lowprec.quantize import functional_round
+def test_functional_stochastic_equals_eager_and_is_unbiased():
+    from lowprec.quantize import _random_bits, functional_round
 
-    torch.manual_seed(0)
+    x = torch.cat([torch.from_numpy(oracle_inputs(ML["e4m3"])), torch.randn(5000) * 1e-39])
+    for name in ("e4m3", "e2m1", "bf16"):
+        for sat in (True, False):
+            rnd = _random_bits(x.shape, x.device, torch.Generator().manual_seed(4))
+            got = functional_round(x, FORMATS[name], "stochastic", saturate=sat, random=rnd)
+            ref = quantize(x, name, rounding="stochastic", saturate=sat, generator=torch.Generator().manual_seed(4))
+            assert same(got, ref)
+    torch.manual_seed(0)  # without `random`: torch's global RNG
     x = torch.full((20000,), 1.0 + 0.3 * 0.125)
     q = functional_round(x, FORMATS["e4m3"], "stochastic")
     assert set(q.unique().tolist()) == {1.0, 1.125}
@@ -244,9 +251,14 @@ def test_functional_stochastic_on_neighbours():
 
 @pytest.mark.slow
 def test_compiled_quantizer_matches_eager():
-    x = torch.cat([torch.from_numpy(oracle_inputs(ML["e2m1"])), all_bf16().float()])
-    f = lowprec.compiled_quantizer("e2m1", saturate=False)
-    assert same(f(x), quantize(x, "e2m1", saturate=False))
+    # the torch.compile'd path gives the eager path's bits, stochastic rounding included (same generator seed)
+    x = torch.cat([torch.from_numpy(oracle_inputs(ML["e2m1"])), all_bf16().float(), torch.randn(5000) * 1e-39])
+    for fmt, rounding, saturate in (("e2m1", "nearest", False), ("e4m3", "stochastic", True),
+                                    ("bf16", "stochastic", False)):
+        f = lowprec.compiled_quantizer(fmt, rounding=rounding, saturate=saturate)
+        got = f(x, torch.Generator().manual_seed(5))
+        ref = quantize(x, fmt, rounding=rounding, saturate=saturate, generator=torch.Generator().manual_seed(5))
+        assert same(got, ref), (fmt, rounding)
     with pytest.raises(ValueError):
         lowprec.compiled_quantizer("mxfp8")
 
@@ -280,3 +292,13 @@ def test_not_differentiable_and_input_untouched():
         q = quantize(x, f)
         assert not q.requires_grad
     assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "toward_zero", "stochastic"])
+def test_signalling_nan_payloads_stay_nan(rounding):
+    # float32 NaNs with only low mantissa bits (e.g. widened bf16 NaNs) must not become inf when bits are dropped
+    x = torch.tensor([0x7F810000, 0x7F800001, 0xFF810000 - 2**32, 0x7FC00000, 0x7FFFFFFF, 0xFFFF0000 - 2**32,
+                      0x7FBFFFFF], dtype=torch.int32).view(torch.float32).repeat(100)
+    for name in ("e4m3", "e5m2", "e2m1", "bf16", "fp16", lowprec.float_format(8, 3), lowprec.float_format(8, 0)):
+        q = quantize(x, name, rounding=rounding, saturate=False, generator=torch.Generator().manual_seed(0))
+        assert torch.isnan(q).all(), (name, q)

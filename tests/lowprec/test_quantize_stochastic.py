@@ -144,3 +144,18 @@ def test_int_stochastic_probability_resolution():
         assert abs(p - frac) < Z * se
     q = quantize(torch.full((N,), 2.3), "int8", rounding="stochastic", rand_bits=2, generator=gen(13))
     assert abs((q == 3).double().mean().item() - 0.25) < Z * math.sqrt(0.25 * 0.75 / N)
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e2m1", "e3m2"])
+def test_all_bf16_bit_patterns_land_on_neighbours(name):
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    q = quantize(x, name, rounding="stochastic", generator=gen(14)).float()
+    xf = x.float()
+    assert torch.equal(torch.isnan(q), torch.isnan(xf))
+    f = FORMATS[name]
+    fin = torch.isfinite(xf) & (xf.abs() <= f.max)
+    lo, hi = neighbours(name, xf[fin].double().numpy())
+    qd = q[fin].double().numpy()
+    assert np.all((qd == lo) | (qd == hi))
+    big = torch.isinf(xf) | (xf.abs() > f.max)
+    assert torch.equal(q[big].abs(), torch.full_like(q[big], f.max))  # saturate=True

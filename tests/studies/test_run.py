@@ -198,3 +198,32 @@ def test_state_bytes_per_param_closed_form(name, per_param):
     # fp32 buffers per parameter, plus AdamW's one fp32 'step' tensor per parameter tensor
     extra = 2 * 4 / 10100 if name in ("adamw", "stosign-adamw") else 0.0
     assert state_bytes_per_param(opt, 10100) == pytest.approx(per_param + extra)
+
+
+def test_token_budget_sets_the_step_count(tmp_path):
+    from studies.tasks import get_task
+
+    tps = get_task("gpt", size="quick").tokens_per_step
+    row = execute_run(_spec(steps=None, tokens=5 * tps + 1, eval_every=3), tmp_path, debug=True)
+    assert row["steps"] == 6 and row["steps_done"] == 6 and row["tokens"] == 6 * tps   # ceil(tokens / tps)
+
+
+def test_explanation_names_the_site_and_the_evidence():
+    from studies.run import explain
+
+    frame = pd.DataFrame([
+        dict(step=130, site="optim:exp_avg_sq", role="state", format="e4m3:block128", flushed_frac=0.40,
+             saturated_frac=0.0, zero_frac=0.93),
+        dict(step=130, site="head:grad", role="grad", format="e5m2:tensor", flushed_frac=0.05, saturated_frac=0.0,
+             zero_frac=0.05),
+        dict(step=150, site="head:grad", role="grad", format="e5m2:tensor", flushed_frac=0.99, saturated_frac=0.0,
+             zero_frac=0.99),   # after the divergence: must be ignored
+    ])
+    spec = _spec(precision="fp8-all", seed=1)
+    site, text = explain(frame, [], spec, True, 140, "nan", "optim:exp_avg_sq")
+    assert site == "optim:exp_avg_sq"
+    assert text.startswith("adamw fp8-all, seed 1: diverged at step 140 (nan); before it, ")
+    assert "93% of exp_avg_sq entries were zero in e4m3:block128" in text
+    assert "40% of state entries at optim:exp_avg_sq flushed to zero" in text and "99%" not in text
+    site, text = explain(frame, [], spec, False, None, "", None)
+    assert site == "head:grad" and "did not diverge; closest site: 99% of grad entries at head:grad" in text
