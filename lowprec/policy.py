@@ -113,6 +113,9 @@ class PrecisionPolicy:
           layout; unlike torchao, tensors under 4096 elements are quantized too).
         - ``fp8-all``: the paper's FP8 setting: fp8-hybrid GEMMs (parameter gradients E5M2 too), E4M3 states
           (blocks of 128), bf16 master weights with stochastic rounding.
+        - ``fp8-all-unscaled``: fp8-all with the optimizer states cast to E4M3 with no scaling at all, as a naive
+          FP8 optimizer would store them: second moments (~g²) fall below E4M3's smallest subnormal (2⁻⁹) and flush
+          to zero — the underflow mechanism by which AdamW is reported to fail in FP8.
         - ``mxfp8``: OCP MX E4M3, blocks of 32 along each GEMM's reduction axis, E8M0 scales, on weights,
           activations and gradients; fp32 states and master.
         - ``nvfp4``: E2M1 in blocks of 16 with E4M3 block scales and an fp32 tensor scale on weights, activations
@@ -254,6 +257,8 @@ PRESET_DOCS: dict[str, str] = {
                   "small tensors are quantized too); everything else fp32",
     "fp8-all": "the paper's FP8 setting: fp8-hybrid GEMMs (param gradients E5M2 too), E4M3 optimizer states "
                "(blocks of 128), bf16 master weights with stochastic rounding",
+    "fp8-all-unscaled": "fp8-all with optimizer states cast to E4M3 without any scaling (a naive FP8 optimizer): "
+                        "second moments below 2^-9 flush to zero",
     "mxfp8": "OCP MX: E4M3 elements in blocks of 32 along each GEMM's reduction axis with E8M0 scales, on "
              "weights, activations and gradients; fp32 states and master",
     "nvfp4": "NVFP4: E2M1 elements in blocks of 16 with E4M3 scales and an fp32 tensor scale on weights, "
@@ -269,6 +274,8 @@ _PRESET_TEXT: dict[str, str] = {
     "fp8-states": "state=e4m3:block128",
     "fp8-all": "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:block128,"
                "master=bf16:stochastic",
+    "fp8-all-unscaled": "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3,"
+                        "master=bf16:stochastic",
     "mxfp8": "weight=mxfp8,activation=mxfp8,grad=mxfp8",
     "nvfp4": "weight=nvfp4,activation=nvfp4,grad=nvfp4:stochastic",
     "int4": "weight=int4:block32",
