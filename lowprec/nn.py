@@ -23,10 +23,24 @@ normalisations, pooling, element-wise ops.
 Backends: ``"emulated"`` quantizes then multiplies in fp32 (or through ``lowprec.accumulate.matmul`` when the
 policy has an accumulator). ``"native"`` runs ``torch._scaled_mm`` on float8 operands: each operand is first
 quantized by lowprec (so every rounding mode works) and its grid values cast exactly to
-``torch.float8_e4m3fn``/``float8_e5m2``; it needs E4M3/E5M2 formats with no, tensor or channel (row-wise)
-scaling, no accumulator, and ``lowprec.hardware.probe()`` saying ``_scaled_mm`` runs on the device.
+``torch.float8_e4m3fn``/``float8_e5m2``; it needs E4M3/E5M2 formats with no, tensor, delayed or channel
+(row-wise) scaling, no accumulator, and ``lowprec.hardware.probe()`` saying ``_scaled_mm`` runs on the device.
 ``"auto"`` picks native per GEMM when those hold (and, on CUDA, dimensions are multiples of 16), else emulated.
 Native and emulated multiply the same values and both accumulate in fp32: they differ by summation order only.
+
+Delayed scaling (spec ``e4m3:delayed16``, ``e4m3:delayed1024:margin=1``; Transformer Engine's DelayedScaling):
+every site (layer x role: weight, activation, grad) whose spec is delayed owns a ``lowprec.DelayedScaler``
+(``layer._site.scalers[role]``). Each forward (weight, activation) / backward (grad) call quantizes with the scale
+from that site's amax history of the previous calls (``scale = amax_h * 2**margin / fmt.max``; the first call,
+with an empty history, uses its own amax), then appends its own amax; an operand quantized twice in one step
+(the re-quantization for the second backward GEMM) reuses that step's scale and records once. Values above the
+stale range overflow per the spec's ``saturate`` flag (clamped by default; ``nosat``: NaN for E4M3, inf for E5M2)
+and show in telemetry's ``saturated_frac`` (and ``nan_count``/``inf_count``). Histories are recorded in training
+mode only (``model.eval()`` freezes them, like BatchNorm statistics), are plain attributes (not in
+``state_dict``: a resumed run restarts them) and are reset by re-``convert``/``configure``. The native backend
+supports delayed specs: a delayed scale is a per-tensor scale handed to ``torch._scaled_mm``.
+Outside layers (``quantize``, optimizer states/gradients in ``lowprec.optim``) a delayed spec has no history and
+scales by the current amax (see ``lowprec.Scaling``).
 
 Stochastic rounding in layers draws from torch's global RNG (seed it for reproducible runs); operands whose
 spec is block/channel-scaled or stochastic are re-quantized from the saved full-precision tensor in the backward
@@ -49,6 +63,7 @@ from lowprec import hardware
 from lowprec.accumulate import matmul as acc_matmul
 from lowprec.policy import PrecisionPolicy
 from lowprec.quantize import QuantSpec, quantize_with_scale
+from lowprec.scaling import DelayedScaler, finite_amax
 from lowprec.telemetry import Telemetry
 
 __all__ = ["convert", "QuantLinear", "QuantConv2d", "QuantEmbedding", "BACKENDS", "native_dtype"]
@@ -77,8 +92,8 @@ def _native_reason(spec: QuantSpec | None) -> str | None:
     if native_dtype(spec) is None:
         return f"format {spec.format.name} is not E4M3/E5M2"
     sc = spec.scaling
-    if sc is not None and sc.mode not in ("tensor", "channel"):
-        return f"{sc.mode} scaling (native needs none, tensor or channel/row-wise)"
+    if sc is not None and sc.mode not in ("tensor", "channel", "delayed"):
+        return f"{sc.mode} scaling (native needs none, tensor, delayed or channel/row-wise)"
     return None
 
 
@@ -94,7 +109,7 @@ def _axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = Non
     """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
     axis; N-d operands pass ``channel_axis``)."""
     sc = spec.scaling
-    if sc is None or sc.mode == "tensor":
+    if sc is None or sc.mode in ("tensor", "delayed"):
         return spec
     if sc.mode == "block":
         return replace(spec, scaling=replace(sc, axis=reduce_axis))
@@ -108,7 +123,11 @@ def _axis_free(spec: QuantSpec | None) -> bool:
     if spec is None:
         return True
     deterministic = getattr(spec.rounding, "value", spec.rounding) != "stochastic"
-    return deterministic and (spec.scaling is None or spec.scaling.mode == "tensor")
+    return deterministic and (spec.scaling is None or spec.scaling.mode in ("tensor", "delayed"))
+
+
+def _is_delayed(spec: QuantSpec | None) -> bool:
+    return spec is not None and spec.scaling is not None and spec.scaling.mode == "delayed"
 
 
 class _Operand:
@@ -137,6 +156,9 @@ class _Site:
         self.specs = {r: (None if _is_identity(getattr(policy, r)) else getattr(policy, r)) for r in _GEMM_ROLES}
         self.accumulator = policy.accumulator
         self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
+        # delayed scaling: one amax history per role of this layer (not in state_dict); recorded in training mode
+        self.scalers = {r: DelayedScaler.from_spec(s) for r, s in self.specs.items() if _is_delayed(s)}
+        self.update_history = True
         if backend == "native":
             problems = self.native_problems("weight", "activation") + self.native_problems("grad", "weight") \
                 + self.native_problems("grad", "activation")
@@ -155,14 +177,27 @@ class _Site:
         return out
 
     def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool,
-              channel_axis: int | None = None) -> _Operand:
+              channel_axis: int | None = None, delayed_scale: torch.Tensor | None = None) -> _Operand:
         """Quantize ``t`` for a GEMM reducing over ``reduce_axis`` (block scaling runs along it); channel
-        scaling puts one scale per index of ``channel_axis`` (default: the other axis of a 2-D operand)."""
+        scaling puts one scale per index of ``channel_axis`` (default: the other axis of a 2-D operand).
+
+        Delayed specs: the scale comes from the role's amax history (steps before this one), then ``amax(t)`` is
+        appended (in training mode); ``delayed_scale`` re-quantizes the same operand with the scale already used
+        this step (nothing recorded). Ignored for other specs."""
         spec = self.specs[role]
         if spec is None:
             return _Operand(t, None, None)
         spec = _axis_spec(spec, reduce_axis, channel_axis)
-        q, scale = quantize_with_scale(t, spec)
+        if _is_delayed(spec):
+            if delayed_scale is None:
+                scaler = self.scalers[role]
+                amax = finite_amax(t.detach())
+                delayed_scale = scaler.scales_for(amax)[1]
+                if self.update_history:
+                    scaler.update(amax)
+            q, scale = quantize_with_scale(t, spec, scale=delayed_scale)
+        else:
+            q, scale = quantize_with_scale(t, spec)
         tel = self.telemetry
         if record and tel is not None and tel.wants():
             tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
@@ -230,6 +265,7 @@ class _QuantLinearFn(torch.autograd.Function):
         if bias is not None:
             y = y + bias.float()
         ctx.site = site
+        ctx.update_history = site.update_history   # the backward records grad amaxes iff this forward did
         ctx.x_shape = x.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has_bias = bias is not None
@@ -239,6 +275,7 @@ class _QuantLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         site: _Site = ctx.site
+        site.update_history = ctx.update_history
         x2, w, qxq, qwq, qxs, qws = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1]).float()
         grad_x = grad_w = grad_b = None
@@ -250,17 +287,18 @@ class _QuantLinearFn(torch.autograd.Function):
             if _axis_free(site.specs["weight"]):
                 qw = _Operand(qwq, qws, site.specs["weight"])
             else:
-                qw = site.quant(w, "weight", reduce_axis=0, record=False)
+                qw = site.quant(w, "weight", reduce_axis=0, record=False, delayed_scale=qws)
             grad_x = site.gemm(qg, qw).reshape(ctx.x_shape).to(ctx.dtypes[0])
         if need_w:   # dW [N, K] = dy^T [N, M] @ x [M, K]; reduction over M
             if recorded and _axis_free(site.specs["grad"]):
                 qgw = qg
             else:
-                qgw = site.quant(g2, "grad", reduce_axis=0, record=not recorded)
+                qgw = site.quant(g2, "grad", reduce_axis=0, record=not recorded,
+                                 delayed_scale=qg.scale if recorded else None)
             if _axis_free(site.specs["activation"]):
                 qx = _Operand(qxq, qxs, site.specs["activation"])
             else:
-                qx = site.quant(x2, "activation", reduce_axis=0, record=False)
+                qx = site.quant(x2, "activation", reduce_axis=0, record=False, delayed_scale=qxs)
             grad_w = site.gemm(qgw.t(), qx).to(ctx.dtypes[1])
         if ctx.has_bias and need_b:
             grad_b = g2.sum(0).to(ctx.dtypes[2])
@@ -300,6 +338,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._site.noop:
             return F.linear(x, self.weight, self.bias)
+        self._site.update_history = self.training
         return _QuantLinearFn.apply(x, self.weight, self.bias, self._site)
 
     def extra_repr(self) -> str:
@@ -323,15 +362,17 @@ class _QuantConv2dFn(torch.autograd.Function):
         qw = site.quant(w32, "weight", reduce_axis=1, channel_axis=0, record=True)
         y = F.conv2d(qx.q, qw.q, None if bias is None else bias.float(), stride, padding, dilation, groups)
         ctx.site, ctx.conv, ctx.has_bias = site, conv, bias is not None
+        ctx.update_history = site.update_history
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.save_for_backward(x32, w32, qx.q, qw.q)
+        ctx.save_for_backward(x32, w32, qx.q, qw.q, qx.scale, qw.scale)
         return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, gy):
         site: _Site = ctx.site
+        site.update_history = ctx.update_history
         stride, padding, dilation, groups = ctx.conv
-        x32, w32, qxq, qwq = ctx.saved_tensors
+        x32, w32, qxq, qwq, qxs, qws = ctx.saved_tensors
         g = gy.float()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
@@ -344,15 +385,16 @@ class _QuantConv2dFn(torch.autograd.Function):
             qg = site.quant(g, "grad", reduce_axis=1, channel_axis=0, record=True)
             recorded = True
             wq = qwq if _axis_free(site.specs["weight"]) else \
-                site.quant(w32, "weight", reduce_axis=0, channel_axis=1, record=False).q
+                site.quant(w32, "weight", reduce_axis=0, channel_axis=1, record=False, delayed_scale=qws).q
             grad_x = conv_bwd(qg.q, x32, wq, [True, False, False])[0].to(ctx.dtypes[0])
         if need_w:
             if recorded and _axis_free(site.specs["grad"]):
                 gq = qg.q
             else:
-                gq = site.quant(g, "grad", reduce_axis=3, channel_axis=1, record=not recorded).q
+                gq = site.quant(g, "grad", reduce_axis=3, channel_axis=1, record=not recorded,
+                                delayed_scale=qg.scale if recorded else None).q
             xq = qxq if _axis_free(site.specs["activation"]) else \
-                site.quant(x32, "activation", reduce_axis=3, channel_axis=1, record=False).q
+                site.quant(x32, "activation", reduce_axis=3, channel_axis=1, record=False, delayed_scale=qxs).q
             grad_w = conv_bwd(gq, xq, w32, [False, True, False])[1].to(ctx.dtypes[1])
         if ctx.has_bias and need_b:
             grad_b = g.sum((0, 2, 3)).to(ctx.dtypes[2])
@@ -393,6 +435,7 @@ class QuantConv2d(nn.Conv2d):
         if self._site.noop:
             return super().forward(x)
         conv = (self.stride, self.padding, self.dilation, self.groups)
+        self._site.update_history = self.training
         return _QuantConv2dFn.apply(x, self.weight, self.bias, self._site, conv)
 
     def extra_repr(self) -> str:
@@ -431,6 +474,7 @@ class QuantEmbedding(nn.Embedding):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        self._site.update_history = self.training
         if self._site.specs["weight"] is not None:
             # a row is one embedding vector: block/channel scaling along the embedding dimension
             w = _FakeQuantSTE.apply(w, self._site, "weight", 1)

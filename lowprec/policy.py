@@ -219,6 +219,9 @@ class PrecisionPolicy:
                 scaling = f"tensor ({sc.scale_format})"
             elif sc.mode == "channel":
                 scaling = f"channel ({sc.scale_format})"
+            elif sc.mode == "delayed":
+                scaling = (f"delayed {sc.history_len}" + (f", margin {sc.margin}" if sc.margin else "")
+                           + ("" if sc.algo == "max" else f", {sc.algo}"))
             else:
                 scaling = f"block {sc.block_size} ({sc.scale_format})"
             rnd = spec.rounding.value if hasattr(spec.rounding, "value") else str(spec.rounding)

@@ -64,7 +64,8 @@ class Rounding(str, enum.Enum):
         return self.value
 
 
-_SCALING_MODES = ("tensor", "channel", "block")
+_SCALING_MODES = ("tensor", "channel", "block", "delayed")
+_DELAYED_ALGOS = ("max", "most_recent")
 _SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
 
 
@@ -78,12 +79,23 @@ class Scaling:
     2**(floor(log2(amax)) - emax_elem), clamped to 2**±127; elements saturate) or ``"e4m3"`` (NVFP4: E4M3 scale
     of (amax / fmt.max) / s_global times an fp32 tensor scale s_global = tensor_amax / (448 * fmt.max)).
     Amax is taken over finite values. Fields that do not apply to the mode are normalized to their defaults.
+
+    ``"delayed"``: Transformer Engine's DelayedScaling, one fp32 scale per tensor taken from an amax history of
+    the *previous* steps: ``scale = amax_h * 2**margin / fmt.max`` with ``amax_h`` the max of the last
+    ``history_len`` amaxes (``algo="max"``) or the latest one (``algo="most_recent"``); values above the stale
+    range overflow (saturate, or inf/NaN when the spec does not saturate). The history is state held by the
+    caller: ``lowprec.nn`` layers keep one :class:`lowprec.DelayedScaler` per site; a plain :func:`quantize`
+    call has no history and uses the current amax (a history of one), still divided by ``2**margin``.
+    ``scale_format`` must be fp32. ``history_len``/``margin``/``algo`` apply to delayed scaling only.
     """
 
     mode: str
     axis: int = -1
     block_size: int = 32
     scale_format: str = "fp32"
+    history_len: int = 1024
+    margin: int = 0
+    algo: str = "max"
 
     def __post_init__(self) -> None:
         if self.mode not in _SCALING_MODES:
@@ -95,14 +107,37 @@ class Scaling:
         bs = self.block_size
         if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1:
             raise ValueError(f"invalid block size {bs!r}: must be a positive int (e.g. 16, 32, 128)")
-        if self.mode == "tensor":
+        hl, m = self.history_len, self.margin
+        if not isinstance(hl, int) or isinstance(hl, bool) or hl < 1:
+            raise ValueError(f"invalid delayed-scaling history length {hl!r}: must be a positive int "
+                             "(e.g. 'delayed16', 'delayed1024')")
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"invalid delayed-scaling margin {m!r}: must be a non-negative int (scale / 2**margin)")
+        if self.algo not in _DELAYED_ALGOS:
+            raise ValueError(f"unknown delayed-scaling algo {self.algo!r}; valid: {', '.join(_DELAYED_ALGOS)}")
+        if self.mode == "delayed":
+            if self.scale_format != "fp32":
+                raise ValueError(f"delayed scaling uses fp32 scales, got scale_format={self.scale_format!r}")
+        elif (hl, m, self.algo) != (1024, 0, "max"):
+            raise ValueError(f"history length, margin= and algo= apply to delayed scaling only, not to "
+                             f"{self.mode!r} scaling (e.g. 'e4m3:delayed16:margin=1')")
+        if self.mode in ("tensor", "delayed"):
             object.__setattr__(self, "axis", -1)
         if self.mode != "block":
             object.__setattr__(self, "block_size", 32)
 
     def __str__(self) -> str:
-        s = "block%d" % self.block_size if self.mode == "block" else self.mode
-        if self.mode != "tensor" and self.axis != -1:
+        if self.mode == "block":
+            s = "block%d" % self.block_size
+        elif self.mode == "delayed":
+            s = "delayed%d" % self.history_len
+            if self.margin:
+                s += f":margin={self.margin}"
+            if self.algo != "max":
+                s += f":algo={self.algo}"
+        else:
+            s = self.mode
+        if self.mode not in ("tensor", "delayed") and self.axis != -1:
             s += f":axis={self.axis}"
         if self.scale_format != "fp32":
             s += f":scale={self.scale_format}"
@@ -127,6 +162,9 @@ class QuantSpec:
     """Everything that defines one quantization: format + rounding + scaling + overflow/underflow options.
 
     ``format`` and ``rounding`` accept names; they are normalized to :class:`Format` / :class:`Rounding`.
+    Text form: see :meth:`parse` (``"e4m3:tensor"``, ``"e5m2:stochastic:block32"``, ``"mxfp8"``; delayed
+    scaling: ``"e4m3:delayed16"``, ``"e4m3:delayed1024:margin=1"``, ``"e4m3:delayed1:algo=most_recent"``);
+    ``str(spec)`` is canonical and ``QuantSpec.parse(str(s)) == s``.
     """
 
     format: Format
@@ -150,14 +188,21 @@ class QuantSpec:
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
         """Parse ``"fmt[:token...]"``. Tokens: ``nearest|stochastic|toward_zero``, ``sat|nosat``, ``flush``,
-        ``tensor|channel|block<N>``, ``axis=<int>``, ``scale=<fp32|e8m0|e4m3>``, ``randbits=<int>``.
-        ``fmt`` may be a scaled format name (``mxfp8``, ``mxfp6``, ``mxfp4``, ``nvfp4``)."""
+        ``tensor|channel|block<N>|delayed[<N>]``, ``axis=<int>``, ``scale=<fp32|e8m0|e4m3>``, ``randbits=<int>``,
+        and for delayed scaling ``margin=<int>``, ``algo=<max|most_recent>``.
+        ``fmt`` may be a scaled format name (``mxfp8``, ``mxfp6``, ``mxfp4``, ``nvfp4``).
+
+        Delayed scaling (Transformer Engine): ``delayed<N>`` keeps an amax history of ``N`` steps (``delayed``
+        alone: 1024, TE's default), e.g. ``e4m3:delayed16``, ``e4m3:delayed1024:margin=1``,
+        ``e5m2:delayed1:algo=most_recent:nosat``; ``str(spec)`` always writes the length. See :class:`Scaling`
+        for the rule and for what a plain ``quantize`` call does without a history."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a spec must be a non-empty string like 'e4m3:stochastic', got {text!r}")
         parts = [p.strip() for p in text.strip().split(":")]
         name = parts[0].lower()
         kw: dict[str, Any] = {}
         mode = axis = bs = sfmt = None
+        delayed_kw: dict[str, Any] = {}
         if name in SCALED_FORMATS:
             fmt_name, sc = SCALED_FORMATS[name]
             fmt = get_format(fmt_name)
@@ -178,6 +223,14 @@ class QuantSpec:
                 mode = t
             elif re.fullmatch(r"block\d+", t):
                 mode, bs = "block", int(t[5:])
+            elif re.fullmatch(r"delayed\d*", t):
+                mode = "delayed"
+                if len(t) > 7:
+                    delayed_kw["history_len"] = int(t[7:])
+            elif t.startswith("margin="):
+                delayed_kw["margin"] = _int_token(t, "margin")
+            elif t.startswith("algo="):
+                delayed_kw["algo"] = t.split("=", 1)[1]
             elif t.startswith("axis="):
                 axis = _int_token(t, "axis")
             elif t.startswith("scale="):
@@ -186,13 +239,18 @@ class QuantSpec:
                 kw["rand_bits"] = _int_token(t, "randbits")
             else:
                 raise ValueError(f"unknown token {tok!r} in spec {text!r}; valid tokens: nearest, stochastic, "
-                                 "toward_zero, sat, nosat, flush, tensor, channel, block<N>, axis=<int>, "
-                                 "scale=<fp32|e8m0|e4m3>, randbits=<int>")
-        if mode is None and (axis is not None or bs is not None or sfmt is not None):
-            raise ValueError(f"spec {text!r}: axis=/scale= need a scaling token (tensor, channel, block<N>)")
+                                 "toward_zero, sat, nosat, flush, tensor, channel, block<N>, delayed<N>, "
+                                 "axis=<int>, scale=<fp32|e8m0|e4m3>, margin=<int>, algo=<max|most_recent>, "
+                                 "randbits=<int>")
+        if mode is None and (axis is not None or bs is not None or sfmt is not None or delayed_kw):
+            raise ValueError(f"spec {text!r}: axis=/scale=/margin=/algo= need a scaling token (tensor, channel, "
+                             "block<N>, delayed<N>)")
         if mode is not None:
+            if delayed_kw and mode != "delayed":
+                raise ValueError(f"spec {text!r}: margin=/algo= apply to delayed scaling only "
+                                 "(e.g. 'e4m3:delayed16:margin=1')")
             kw["scaling"] = Scaling(mode, -1 if axis is None else axis, 32 if bs is None else bs,
-                                    "fp32" if sfmt is None else sfmt)
+                                    "fp32" if sfmt is None else sfmt, **delayed_kw)
         return cls(fmt, **kw)
 
     def __str__(self) -> str:
@@ -566,7 +624,7 @@ def _check_tensor(x: Any) -> None:
 
 
 def _quantize(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
-              want_scale: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+              want_scale: bool, given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check_tensor(x)
     x = x.detach()
     x32 = x.float() if x.dtype != torch.float32 else x
@@ -576,7 +634,10 @@ def _quantize(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
                             rand_bits=s.rand_bits, generator=generator)
         return q.to(x.dtype), None
     view, undo = _sc.to_scaling_view(x32, s.scaling)
-    scale = _sc.compute_scale(view, s.scaling, fmt).scale          # broadcastable to view
+    if given is not None:
+        scale = given.to(device=x.device, dtype=torch.float32).reshape([1] * x.dim())
+    else:
+        scale = _sc.compute_scale(view, s.scaling, fmt).scale      # broadcastable to view
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # an E4M3 block scale of 0 zeroes its block
     q = round_to_format(view / safe, fmt, s.rounding, saturate=s.saturate,
                         flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
@@ -601,7 +662,19 @@ def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str
 
 
 def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
-                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        generator: torch.Generator | None = None, *,
+                        scale: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Like :func:`quantize`, also returning the float32 scale broadcastable to ``x`` (None when unscaled):
-    ``q = round(x / scale) * scale``. Block scales are returned expanded to ``x``'s shape."""
-    return _quantize(x, spec(spec_), generator, want_scale=True)
+    ``q = round(x / scale) * scale``. Block scales are returned expanded to ``x``'s shape.
+
+    ``scale``: a given per-tensor scale (one element, positive) used instead of computing one from ``x`` (how a
+    caller holding a delayed-scaling history, e.g. :meth:`lowprec.DelayedScaler.scales_for`'s ``scale_inv``,
+    applies it); only for tensor or delayed scaling. A scale of 0 acts as 1."""
+    s = spec(spec_)
+    if scale is not None:
+        if s.scaling is None or s.scaling.mode not in ("tensor", "delayed"):
+            raise ValueError(f"a given scale needs a spec with tensor or delayed scaling, got {s}")
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        if scale.numel() != 1:
+            raise ValueError(f"a given scale must have one element (per-tensor), got shape {tuple(scale.shape)}")
+    return _quantize(x, s, generator, want_scale=True, given=scale)
