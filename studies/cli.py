@@ -45,6 +45,16 @@ def _pos_int(text: str) -> int:
     return v
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
 def _shard_arg(text: str):
     from studies.config import parse_shard
 
@@ -96,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--phases", help="comma-separated subset of tune,main,ablation,rounding,mechanism")
     r.add_argument("--tune-per-precision", action="store_true", default=None,
                    help="tune the LR at every precision instead of once at fp32")
+    r.add_argument("--tune-max-extensions", type=_nonneg_int, metavar="N",
+                   help="when an optimizer's best LR is at an edge of its grid, try up to N more LRs outward "
+                        "(same rule for every optimizer; default 1, 0 disables)")
     r.add_argument("--no-report", action="store_true", help="skip rendering the report")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
@@ -115,7 +128,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = apply_overrides(cfg, load_toml(args.config))
     overrides = {}
     for name in ("tasks", "size", "optimizers", "precisions", "lrs", "seeds", "steps", "tokens", "workers",
-                 "out", "data", "phases", "tune_per_precision"):
+                 "out", "data", "phases", "tune_per_precision", "tune_max_extensions"):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v

@@ -86,6 +86,7 @@ class StudyConfig:
     tune_precision: str = "fp32"
     tune_seeds: list[int] = field(default_factory=lambda: [0])
     tune_per_precision: bool = False
+    tune_max_extensions: int = 1                     # edge extensions of an optimizer's LR grid (0: none)
     target_optimizer: str = "adamw"
     target_slack: float = 0.02
     # ablation / rounding / mechanism phases
@@ -146,6 +147,9 @@ class StudyConfig:
                 raise ValueError(f"{name} must be non-negative integers, got {v!r}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
+        if (not isinstance(self.tune_max_extensions, int) or isinstance(self.tune_max_extensions, bool)
+                or self.tune_max_extensions < 0):
+            raise ValueError(f"tune_max_extensions must be a non-negative integer, got {self.tune_max_extensions!r}")
         if self.target_slack < 0:
             raise ValueError(f"target_slack must be >= 0, got {self.target_slack!r}")
         self.thresholds.validate()

@@ -6,6 +6,11 @@ Phases (each optional, run in this order):
   ``tune_precision`` (fp32) with ``tune_seeds``. The best LR per optimizer has the lowest mean final validation
   loss over the tune seeds; a diverged or failed run counts as +inf (worst). Ablation variants use the LR chosen
   for the optimizer they ablate (stosignsgd). With ``tune_per_precision`` the grid runs at every precision.
+  Edge extension (the same rule for every optimizer): while the best LR is the lowest (highest) LR tried, the
+  next LR outward is run — the lowest (highest) tried LR divided (multiplied) by the ratio of the grid's two
+  lowest (highest) points, rounded to 2 significant digits — at most ``tune_max_extensions`` times per optimizer
+  and precision; the best over every LR tried is chosen. study.json records the LRs tried (``lr_tried``) and
+  whether the choice is still at an edge of them (``lr_at_edge``: the optimum may then lie outside).
 - target: target loss = mean final validation loss of the ``target_optimizer`` (AdamW) at ``tune_precision`` at
   its chosen LR, × (1 + ``target_slack``). Without a tune phase, the same rule over the main phase's runs of that
   optimizer at that precision (at its best LR when several were run).
@@ -104,6 +109,55 @@ def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
                     for seed in cfg.tune_seeds:
                         specs.append(_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr,
                                            seed=seed, data=cfg.data))
+    return specs
+
+
+def next_lr(tried: list[float], base: list[float], best: float) -> float | None:
+    """The edge-extension LR: when ``best`` is the lowest (highest) of ``tried``, that LR divided (multiplied) by
+    the ratio of the two lowest (highest) points of the base grid ``base``, rounded to 2 significant digits like
+    the tasks' grids; None when ``best`` is interior or ``base`` has fewer than two distinct points (no spacing).
+    """
+    grid = sorted(set(float(v) for v in base))
+    tried = sorted(set(float(v) for v in tried))
+    if len(grid) < 2 or best not in (tried[0], tried[-1]):
+        return None
+    if best == tried[0]:
+        raw = tried[0] * grid[0] / grid[1]
+    else:
+        raw = tried[-1] * grid[-1] / grid[-2]
+    lr = float(f"{raw:.2g}")
+    return lr if lr not in tried and lr > 0 else raw
+
+
+def at_edge(tried: list[float], best: float) -> bool:
+    """Whether ``best`` is the lowest or highest of two or more distinct LRs tried."""
+    tried = sorted(set(float(v) for v in tried))
+    return len(tried) >= 2 and best in (tried[0], tried[-1])
+
+
+def _tune_specs(cfg: StudyConfig, tname: str, opt: str, prec: str, lrs: list[float]) -> list[RunSpec]:
+    return [_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr, seed=seed, data=cfg.data)
+            for lr in lrs for seed in cfg.tune_seeds]
+
+
+def plan_extension(cfg: StudyConfig, tried: dict[tuple[str, str, str], list[float]], rows: list[dict]
+                   ) -> list[RunSpec]:
+    """One edge-extension round: for every (task, precision, optimizer) whose best LR over the rows of its ``tried``
+    LRs is at an edge, add the next LR outward to ``tried`` (in place) and return its tune runs (all tune seeds).
+
+    ``rows`` must hold the finished runs of every tried LR; the caller bounds the number of rounds.
+    """
+    chosen = choose_lrs(cfg, rows)
+    specs: list[RunSpec] = []
+    for (tname, prec, opt), lrs in tried.items():
+        best = chosen.get(tname, {}).get(prec, {}).get(opt, {}).get("lr")
+        if best is None:
+            continue
+        lr = next_lr(lrs, _lr_grid(cfg, _task(cfg, tname), opt), best)
+        if lr is not None:
+            lrs.append(lr)
+            lrs.sort()
+            specs += _tune_specs(cfg, tname, opt, prec, [lr])
     return specs
 
 
@@ -269,7 +323,8 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     """Run the study's phases into ``cfg.out``; write study.json; return the study definition (dict).
 
     With ``shard_kn = (K, N)`` only this shard's part of each phase runs; phases after ``tune`` need every tune run
-    (from all shards) and raise PhaseIncomplete until then.
+    (from all shards) and raise PhaseIncomplete until then. Each LR-extension round of the tune phase is planned
+    from the finished runs of the rounds before it, so it too waits for every shard (one more rerun per round).
     """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,19 +348,47 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         tune = plan_tune(cfg)
         study["lr_grid"] = {t: {o: _lr_grid(cfg, _task(cfg, t), o) for o in tuned_optimizers(cfg)}
                             for t in cfg.tasks}
-        counts["tune"] = run_specs(part(tune), out, workers=cfg.workers, desc="tune", debug=debug,
-                                   progress=progress)
-        missing = _missing(tune, store)
-        if missing:
-            study["status"] = f"waiting: {missing} of {len(tune)} tune runs missing"
-            write_json_atomic(out / "study.json", study)
-            raise PhaseIncomplete(f"the tune phase is incomplete ({missing} of {len(tune)} runs missing, "
-                                  f"e.g. other shards); rerun the same command when they have finished")
-        chosen = choose_lrs(cfg, store.rows())
+        tried = {(t, p, o): sorted(set(_lr_grid(cfg, _task(cfg, t), o)))
+                 for t in cfg.tasks for o in tuned_optimizers(cfg) for p in tune_precisions(cfg)}
+        counts["tune"] = {}
+        # round 0 is the grid; round r >= 1 the edge extensions chosen from the finished rounds 0..r-1. Every
+        # round is a deterministic function of the finished runs, so shards plan the same round and a rerun
+        # skips what is done; a round with missing runs (other shards) stops here until it is complete.
+        batch, rnd = tune, 0
+        while True:
+            c = run_specs(part(batch), out, workers=cfg.workers, desc="tune" if rnd == 0 else f"tune+{rnd}",
+                          debug=debug, progress=progress)
+            for k, v in c.items():
+                counts["tune"][k] = counts["tune"].get(k, 0) + v
+            missing = _missing(batch, store)
+            if missing:
+                what = "tune runs" if rnd == 0 else f"runs of LR-extension round {rnd}"
+                study["status"] = f"waiting: {missing} of {len(batch)} {what} missing"
+                write_json_atomic(out / "study.json", study)
+                raise PhaseIncomplete(f"the tune phase is incomplete ({missing} of {len(batch)} {what} missing, "
+                                      f"e.g. other shards); rerun the same command when they have finished")
+            ids = {s.run_id for s in tune}
+            rows = [r for r in store.rows() if r["run_id"] in ids]
+            if rnd >= cfg.tune_max_extensions:
+                break
+            batch = plan_extension(cfg, tried, rows)
+            if not batch:
+                break
+            tune, rnd = tune + batch, rnd + 1
+        chosen = choose_lrs(cfg, rows)
         study["chosen_lrs"] = {t: {p: {o: v["lr"] for o, v in po.items()} for p, po in pp.items()}
                                for t, pp in chosen.items()}
         study["lr_scores"] = {t: {p: {o: {str(k): s for k, s in v["scores"].items()} for o, v in po.items()}
                                   for p, po in pp.items()} for t, pp in chosen.items()}
+        study["lr_tried"] = {t: {p: {o: v for (t2, p2, o), v in tried.items() if (t2, p2) == (t, p)}
+                                 for p in tune_precisions(cfg)} for t in cfg.tasks}
+        study["lr_at_edge"] = {t: {p: {o: at_edge(tried[t, p, o], v["lr"]) for o, v in po.items()}
+                                   for p, po in pp.items()} for t, pp in chosen.items()}
+        study["lr_extension_rule"] = (
+            f"edge extension: while an optimizer's best LR is the lowest (highest) LR tried, the next LR outward "
+            f"(same ratio as the grid's edge spacing) is run, at most {cfg.tune_max_extensions} time(s) per "
+            f"optimizer and precision; 'at edge of grid' means the best LR is still the lowest or highest tried, "
+            f"so the optimum may lie outside the range")
     targets = compute_targets(cfg, store.rows(), chosen) if "tune" in cfg.phases else {}
     study["targets"] = targets
     write_json_atomic(out / "study.json", study)

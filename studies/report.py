@@ -930,6 +930,8 @@ def _study_section(doc: _Doc, study: dict, results: pd.DataFrame, targets: dict,
     if lr_rows is not None:
         doc.p("Learning-rate grid (the same tuning budget for every optimizer) and the chosen LR:")
         doc.table(lr_rows)
+        if isinstance(study.get("lr_extension_rule"), str):
+            doc.note(f"LRs tried = the grid plus its {study['lr_extension_rule']}.")
     if not study:
         doc.note("study.json is absent: the definition above is derived from results.csv.")
     else:
@@ -949,7 +951,9 @@ def _study_section(doc: _Doc, study: dict, results: pd.DataFrame, targets: dict,
 
 def _lr_rows(study: dict) -> pd.DataFrame | None:
     """Table task/optimizer/grid/chosen from study.json's lr_grid ({task: {opt: [lrs]}} or {opt: [lrs]}) and
-    chosen_lrs ({task: {precision: {opt: lr}}}, {task: {opt: lr}} or {opt: lr}); None when absent."""
+    chosen_lrs ({task: {precision: {opt: lr}}}, {task: {opt: lr}} or {opt: lr}), with the LRs tried and an
+    "at edge of grid" flag from lr_tried / lr_at_edge ({task: {precision: {opt: ...}}}) when present; None when
+    absent."""
     grid, chosen = study.get("lr_grid"), study.get("chosen_lrs")
     if not isinstance(grid, dict) and not isinstance(chosen, dict):
         return None
@@ -961,6 +965,7 @@ def _lr_rows(study: dict) -> pd.DataFrame | None:
         return d if isinstance(first, dict) else {"": d}
 
     g, c = by_task(grid), by_task(chosen)
+    tried_all, edge_all = study.get("lr_tried") or {}, study.get("lr_at_edge") or {}   # {task: {prec: {opt: .}}}
     rows = []
     for task in list(dict.fromkeys([*g, *c])):
         cg = c.get(task, {})
@@ -973,7 +978,12 @@ def _lr_rows(study: dict) -> pd.DataFrame | None:
             row = {"task": task, "optimizer": opt,
                    "grid": ", ".join(_fmt(float(x)) for x in grid_v) if isinstance(grid_v, list) else "—"}
             for prec, v in per_prec.items():
-                row[f"chosen LR{' @ ' + prec if prec else ''}"] = _fmt(float(v[opt])) if opt in v else "—"
+                tried = tried_all.get(task, {}).get(prec, {}).get(opt)
+                if isinstance(tried, list):
+                    row[f"LRs tried{' @ ' + prec if prec else ''}"] = ", ".join(_fmt(float(x)) for x in tried)
+                edge = edge_all.get(task, {}).get(prec, {}).get(opt) is True
+                row[f"chosen LR{' @ ' + prec if prec else ''}"] = (
+                    _fmt(float(v[opt])) + (" (at edge of grid)" if edge else "")) if opt in v else "—"
             rows.append(row)
     return pd.DataFrame(rows).fillna("—") if rows else None
 
