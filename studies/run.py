@@ -435,19 +435,49 @@ def _base_row(spec: RunSpec) -> dict[str, Any]:
     }
 
 
+class Parallel:
+    """How one run is spread over processes. This base class is a single process and changes nothing; a
+    data-parallel rank (``studies.ddp.DDPParallel``) overrides the hooks ``_train`` calls:
+
+    - ``wrap(trun)``: after ``lowprec.nn.convert``, route ``trun``'s forward passes through a wrapper (DDP);
+    - ``batch(step)``: the index of the training batch this process draws at ``step``;
+    - ``mean(value)``: a scalar (the training loss) averaged over processes;
+    - ``agree(reason)``: the divergence reason every process adopts (all stop at the same step);
+    - ``world``: processes per step (tokens per step are ``world`` × the task's);
+    - ``device``: where the task's model and data live (and the optimizer's generator).
+    """
+
+    world = 1
+    device = "cpu"
+
+    def wrap(self, trun) -> None:
+        return None
+
+    def batch(self, step: int) -> int:
+        return step
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def agree(self, reason: str) -> str:
+        return reason
+
+
 def execute_run(spec: RunSpec, out_dir: str | Path, *, target_loss: float | None = None,
-                debug: bool = False) -> dict[str, Any]:
+                debug: bool = False, parallel: Parallel | None = None,
+                run_dir: str | Path | None = None) -> dict[str, Any]:
     """Run ``spec``, write ``out_dir/runs/<run_id>/{metrics,telemetry}.csv``, return the results row.
 
     Any exception becomes a row with ``status="error"`` (traceback in ``runs/<run_id>/error.txt``) unless
-    ``debug`` is true, in which case it propagates.
+    ``debug`` is true, in which case it propagates. ``parallel`` makes this process one rank of a data-parallel
+    run (see :class:`Parallel`); ``run_dir`` overrides where the per-run files go.
     """
     t0 = time.perf_counter()
-    run_dir = Path(out_dir) / "runs" / spec.run_id
+    run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / "runs" / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     row = _base_row(spec)
     try:
-        row.update(_train(spec, run_dir, target_loss))
+        row.update(_train(spec, run_dir, target_loss, parallel or Parallel()))
     except Exception as e:
         if debug:
             raise
@@ -459,7 +489,7 @@ def execute_run(spec: RunSpec, out_dir: str | Path, *, target_loss: float | None
     return row
 
 
-def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str, Any]:
+def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel) -> dict[str, Any]:
     import pandas as pd
 
     import lowprec
@@ -472,9 +502,9 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
     thresholds = Thresholds(**spec.thresholds)
     _seed_everything(spec.seed)
     task = get_task(spec.task, size=spec.size, data=spec.data)
-    trun = task.build(spec.seed)
+    trun = task.build(spec.seed, device=par.device)
     model = trun.model
-    tps = int(trun.tokens_per_step)
+    tps = int(trun.tokens_per_step) * par.world
     if spec.steps is not None:
         steps = spec.steps
     elif spec.tokens is not None:
@@ -487,9 +517,10 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
     policy = resolve_precision(spec.precision)
     tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS)
     lowprec.nn.convert(model, policy, telemetry=tel)
+    par.wrap(trun)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    gen = torch.Generator().manual_seed(1_000_003 * spec.seed + 12_345)
+    gen = torch.Generator(device=par.device).manual_seed(1_000_003 * spec.seed + 12_345)
     opt = lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), policy, telemetry=tel)
 
     det = DivergenceDetector(thresholds)
@@ -500,7 +531,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
         v0 = float(trun.val_loss())
     model.train()
     metrics.append({**blank, "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
-    reason = det.val(0, v0)
+    reason = par.agree(det.val(0, v0))
     diverged_step: int | None = 0 if reason else None
     steps_done = 0
     for step in range(steps if not reason else 0):
@@ -509,8 +540,8 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
         _set_lr(opt, lr)
         _set_telemetry_step(tel, k)
         opt.zero_grad(set_to_none=True)
-        loss = trun.train_loss(step)
-        lv = float(loss.detach())
+        loss = trun.train_loss(par.batch(step))
+        lv = par.mean(float(loss.detach()))
         rec = {**blank, "step": k, "tokens": k * tps, "loss": lv, "lr": lr}
         reason = det.train(k, lv)
         if reason in ("nan", "inf"):
@@ -542,6 +573,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None) -> dict[str,
                 rec["val_loss"] = float(trun.val_loss())
             model.train()
             reason = det.val(k, rec["val_loss"])
+        reason = par.agree(reason)
         metrics.append(rec)
         if reason:
             diverged_step = k
