@@ -11,6 +11,7 @@ float32 ``global_scale``, or float32 values. ``decode(encode(x, spec))`` equals 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from . import scaling as _sc
 from .formats import FORMATS, Format
-from .quantize import QuantSpec, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
+from .quantize import QuantSpec, Rounding, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
 
 __all__ = ["Encoded", "encode", "decode", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
 
@@ -75,10 +76,55 @@ def codes_to_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
     """float32 values of bit patterns (inverse of :func:`values_to_codes`)."""
     for name, dt in _NATIVE_F8.items():
         if _is_registered(fmt, name):
-            return e4m3_to_float32(c.view(dt)) if name == "e4m3" else c.view(dt).to(torch.float32)
+            if name == "e5m2":
+                return c.view(dt).to(torch.float32)
+            if c.device.type != "cpu" or c.numel() >= _SMALL:
+                return e4m3_to_float32(c.view(dt))
+            break  # few codes on CPU: the table (the fixed cost of e4m3_to_float32 dominates small tensors)
     for name, (dt, it) in _WIDE.items():
         if _is_registered(fmt, name):
             return c.view(dt).to(torch.float32)
+    if c.dtype == torch.uint8 and fmt.bits <= 8:
+        return _lookup(c, _table(fmt, c.device))
+    return _codes_to_values_arith(c, fmt)
+
+
+# Formats of up to 8 bits decode by a 256-entry table lookup (one gather instead of a dozen elementwise passes).
+# The table is the format's own code -> value map, computed once by the bit arithmetic below, so the lookup
+# gives the same bits (NaN payloads included). Keyed by the Format (frozen dataclass) and the device.
+_TABLES: dict[tuple[Format, str], torch.Tensor] = {}
+_SMALL = 1 << 16  # below this many e4m3 codes on CPU the table beats lowprec.quantize.e4m3_to_float32
+_PAIR_TABLES: dict[tuple[Format, str], torch.Tensor] = {}
+
+
+def _table(fmt: Format, device: torch.device) -> torch.Tensor:
+    key = (fmt, str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        t = _TABLES[key] = _codes_to_values_arith(torch.arange(256, dtype=torch.uint8), fmt).to(device)
+    return t
+
+
+def _pair_table(fmt: Format, device: torch.device) -> torch.Tensor:
+    """Table for packed 4-bit codes: entry b holds the float32 values of byte b's low and high nibble, in that
+    order, as one int64 (gathering one 8-byte word per byte is much faster than gathering rows of a (256, 2)
+    table; an integer gather copies the bits as they are)."""
+    key = (fmt, str(device))
+    t = _PAIR_TABLES.get(key)
+    if t is None:
+        b = torch.arange(256, dtype=torch.uint8)
+        nib = torch.stack([b & 0xF, b >> 4], dim=-1)
+        vals = _codes_to_values_arith(nib, fmt).contiguous()  # (256, 2) float32
+        t = _PAIR_TABLES[key] = vals.view(torch.int64).reshape(256).to(device)
+    return t
+
+
+def _lookup(c: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[c]`` for uint8 codes ``c`` (index_select on int32 indices: the fastest gather on CPU)."""
+    return torch.index_select(table, 0, c.reshape(-1).to(torch.int32)).reshape(c.shape)
+
+
+def _codes_to_values_arith(c: torch.Tensor, fmt: Format) -> torch.Tensor:
     ci = c.to(torch.int32) & ((1 << fmt.bits) - 1)
     if fmt.kind == "int":
         half = 1 << (fmt.bits - 1)
@@ -119,6 +165,11 @@ def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return out[:numel]
 
 
+@functools.lru_cache(maxsize=256)
+def _spec_text(s: QuantSpec) -> str:
+    return str(s)
+
+
 @dataclass
 class Encoded:
     """An encoded tensor. ``codes``: format bit patterns (4-bit formats two per byte when ``packed``);
@@ -144,13 +195,36 @@ class Encoded:
     def to_dict(self) -> dict[str, Any]:
         """Only tensors and plain Python values (safe for ``torch.load(weights_only=True)``)."""
         return {"codes": self.codes, "scale": self.scale, "global_scale": self.global_scale,
-                "spec": str(self.spec), "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
-                "packed": self.packed}
+                "spec": _spec_text(self.spec), "shape": list(self.shape),
+                "dtype": str(self.dtype).replace("torch.", ""), "packed": self.packed}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Encoded":
-        return cls(codes=d["codes"], scale=d["scale"], spec=QuantSpec.parse(d["spec"]), shape=torch.Size(d["shape"]),
+        return cls(codes=d["codes"], scale=d["scale"], spec=_spec(d["spec"]), shape=torch.Size(d["shape"]),
                    dtype=_DTYPES[d["dtype"]], global_scale=d.get("global_scale"), packed=bool(d["packed"]))
+
+
+def _native_f8_fast(s: QuantSpec) -> bool:
+    """True when ``values_to_codes(round_to_format(y, ...))`` is one native float8 cast of ``y`` (see below)."""
+    f = s.format
+    return (s.rounding == Rounding.NEAREST and not s.flush_subnormals and f.name in _NATIVE_F8
+            and _is_registered(f, f.name) and (s.saturate or f.name == "e5m2"))
+
+
+def _native_f8_codes(y: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
+    """Codes of float32 ``y`` rounded to nearest onto e4m3 (saturating) or e5m2, by a single cast.
+
+    Equal to ``values_to_codes(round_to_format(y, fmt, "nearest", saturate=...), fmt)``: that path casts ``y``
+    to float8, widens the result to float32 (saturating e5m2 by a clamp) and casts it back; every code a float32
+    -> float8 cast produces (NaN gives the canonical 0x7F/0xFF) survives the widening and re-cast unchanged, so
+    the first cast's codes are the answer. Saturating e5m2 clamps ``y`` to ±max before the cast instead of
+    after (the same codes: values beyond ±max, inf included, round to ±max or ±inf, which the clamp sends to
+    ±max). e4m3 on CPU saturates in the cast; elsewhere ``y`` is clamped first, as round_to_format does."""
+    if fmt.name == "e4m3":
+        yy = y if y.device.type == "cpu" else y.clamp(-fmt.max, fmt.max)
+        return yy.to(torch.float8_e4m3fn).view(torch.uint8)
+    yy = y.clamp(-fmt.max, fmt.max) if saturate else y
+    return yy.to(torch.float8_e5m2).view(torch.uint8)
 
 
 def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = None, scaling: Any = None,
@@ -163,18 +237,27 @@ def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = 
     x32 = x.float() if x.dtype != torch.float32 else x
     kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
     scale = glob = None
+    native = _native_f8_fast(s)
     if s.scaling is None:
+        if native:
+            return Encoded(_native_f8_codes(x32, fmt_, s.saturate), None, s, x.shape, x.dtype, None, False)
         q = round_to_format(x32, fmt_, s.rounding, **kw)
     else:
         view, undo = _sc.to_scaling_view(x32, s.scaling)
         info = _sc.compute_scale(view, s.scaling, fmt_)
-        safe = torch.where(info.scale == 0, torch.ones_like(info.scale), info.scale)
-        q = round_to_format(view / safe, fmt_, s.rounding, **kw)
-        q = torch.where(info.scale == 0, q * 0.0, q)  # an E4M3 block scale of 0 zeroes its block
-        q = undo(q)
         scale, glob = info.codes, info.global_scale
         if s.scaling.mode == "block":
             scale = scale.squeeze(-1)
+        if s.scaling.scale_format == "e4m3":
+            # only E4M3 scales can be 0 (fp32 scales of 0 become 1, E8M0 scales are >= 2**-127)
+            safe = torch.where(info.scale == 0, torch.ones_like(info.scale), info.scale)
+            q = round_to_format(view / safe, fmt_, s.rounding, **kw)
+            q = undo(torch.where(info.scale == 0, q * 0.0, q))  # an E4M3 block scale of 0 zeroes its block
+        elif native:
+            codes = undo(_native_f8_codes(view / info.scale, fmt_, s.saturate))
+            return Encoded(codes, scale, s, x.shape, x.dtype, glob, False)
+        else:
+            q = undo(round_to_format(view / info.scale, fmt_, s.rounding, **kw))
     codes = values_to_codes(q, fmt_)
     packed = bool(pack and fmt_.bits == 4)
     if packed:
@@ -188,18 +271,38 @@ def decode(enc: Encoded) -> torch.Tensor:
     n = 1
     for d in enc.shape:
         n *= d
-    codes = unpack_nibbles(enc.codes, n) if enc.packed else enc.codes
-    v = codes_to_values(codes.reshape(enc.shape), fmt)
+    if enc.packed and enc.codes.dtype == torch.uint8:
+        # unpack and decode at once: byte b -> (value of its low nibble, value of its high nibble)
+        pairs = _lookup(enc.codes.reshape(-1), _pair_table(fmt, enc.codes.device))
+        v = pairs.view(torch.float32)[:n].reshape(enc.shape)
+    else:
+        codes = unpack_nibbles(enc.codes, n) if enc.packed else enc.codes
+        v = codes_to_values(codes.reshape(enc.shape), fmt)
     if s.scaling is None:
         return v.to(enc.dtype)
     view, undo = _sc.to_scaling_view(v, s.scaling)
-    sf = s.scaling.scale_format
+    scale = _stored_scale(enc)
+    if _is_registered(fmt, "fp32"):  # v is a view of the int32 codes
+        return undo(view * scale).to(enc.dtype)
+    return undo(view.mul_(scale)).to(enc.dtype)  # v is a fresh tensor: scale it in place
+
+
+def _stored_scale(enc: Encoded) -> torch.Tensor:
+    """The float32 scales of a scaled :class:`Encoded`, broadcastable to its scaling view."""
+    scaling = enc.spec.scaling
+    sf = scaling.scale_format
     if sf == "e8m0":
         scale = _sc.pow2(enc.scale.to(torch.int32) - 127)
     elif sf == "e4m3":
         scale = enc.scale.view(torch.float8_e4m3fn).to(torch.float32) * enc.global_scale
     else:
         scale = enc.scale
-    if s.scaling.mode == "block":
-        scale = scale.unsqueeze(-1)
-    return undo(view * scale).to(enc.dtype)
+    return scale.unsqueeze(-1) if scaling.mode == "block" else scale
+
+
+def _element_scale(enc: Encoded, like: torch.Tensor) -> torch.Tensor:
+    """The scale of every element of ``like`` (shaped as the encoded tensor), as ``quantize_with_scale`` returns
+    it for the same input: block scales expanded to the tensor's shape, other scales broadcastable."""
+    view, undo = _sc.to_scaling_view(like, enc.spec.scaling)
+    scale = _stored_scale(enc)
+    return undo(scale.expand_as(view)) if enc.spec.scaling.mode == "block" else scale

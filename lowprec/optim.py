@@ -33,10 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from lowprec.codecs import Encoded, decode, encode
+from lowprec.codecs import Encoded, _element_scale, decode, encode
 from lowprec.policy import PrecisionPolicy
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
-from lowprec.quantize import spec as lowprec_spec
 from lowprec.telemetry import Telemetry
 
 __all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes"]
@@ -236,8 +235,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         q = decode(enc)
         value = value.reshape(q.shape)
         scale = None
-        if spec.scaling is not None:   # the scale per element, for the saturation count
-            _, scale = quantize_with_scale(value, lowprec_spec(spec, rounding="nearest"))
+        if spec.scaling is not None:   # the scale per element, for the saturation count: the encoding's own
+            scale = _element_scale(enc, q)  # (what quantize_with_scale(value, spec) computes again)
         tel.record(f"optim:{name}", "state", value, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
 
     # ------------------------------------------------------------------ (de)serialisation

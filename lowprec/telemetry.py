@@ -125,33 +125,64 @@ class Telemetry:
         acc = self._acc(site, role, fmt, self.sampling)
         x = x.detach()
         q = q.detach()
-        # comparisons on |x| are much cheaper than torch.isfinite on CPU; NaN compares False everywhere
         ax = x.abs()
-        finite_x = ax < math.inf
-        nonzero = finite_x & (ax > 0)
-        q_zero = q == 0
-        acc.add("numel", q.numel())
-        acc.add("nonzero", torch.count_nonzero(nonzero))
-        acc.add("flushed", torch.count_nonzero(nonzero & q_zero))
-        q_finite = q.abs() < math.inf
-        over = finite_x & ~q_finite
-        if fmt_max is not None:
-            # a few fp32 ulps of slack: with current scaling (scale = amax / max) the amax element itself sits
-            # at max * scale up to rounding and must not count as saturated
-            limit = fmt_max * (1 + 1e-6) if scale is None else fmt_max * (1 + 1e-6) * scale.detach().to(x.dtype)
-            over |= finite_x & (ax > limit)
-        acc.add("saturated", torch.count_nonzero(over))
-        nan = torch.count_nonzero(q != q)
-        acc.add("nan", nan)
-        acc.add("inf", q.numel() - torch.count_nonzero(q_finite) - nan)
+        if bool(torch.isfinite(x.sum() + q.sum())):
+            # all of x and q finite (a NaN/inf anywhere makes its sum nonfinite; an fp32 overflow of the sums
+            # only sends us to the general branch): the same counts with fewer full-size passes
+            q_zero = None
+            if x.dtype == q.dtype == torch.float32 and q.numel() < 2**31:
+                # float comparisons into bool tensors are slow on CPU; on the magnitude bits (an int32 in
+                # [0, 2**31)) "== 0" is the sign of (bits - 1), and the counts are int32 sums of 0/-1 masks
+                xz = x.view(torch.int32) & 0x7FFFFFFF
+                xz -= 1
+                xz >>= 31  # -1 where x == 0, else 0
+                qz = q.view(torch.int32) & 0x7FFFFFFF
+                qz -= 1
+                qz >>= 31  # -1 where q == 0, else 0
+                zeros = -qz.sum(dtype=torch.int32).long()
+                acc.add("nonzero", q.numel() + xz.sum(dtype=torch.int32).long())
+                acc.add("flushed", zeros + (xz & qz).sum(dtype=torch.int32).long())  # zeros of q minus x == q == 0
+                acc.add("zeros", zeros)
+            else:
+                q_zero = q == 0
+                acc.add("nonzero", torch.count_nonzero(x))
+                acc.add("flushed", torch.count_nonzero((x != 0) & q_zero))
+                acc.add("zeros", torch.count_nonzero(q_zero))
+            acc.add("numel", q.numel())
+            acc.add("saturated", torch.count_nonzero(ax > self._limit(x, scale, fmt_max)) if fmt_max is not None
+                    else 0)
+            acc.add("nan", 0)
+            acc.add("inf", 0)
+        else:
+            # comparisons on |x| are much cheaper than torch.isfinite on CPU; NaN compares False everywhere
+            finite_x = ax < math.inf
+            nonzero = finite_x & (ax > 0)
+            q_zero = q == 0
+            acc.add("numel", q.numel())
+            acc.add("nonzero", torch.count_nonzero(nonzero))
+            acc.add("flushed", torch.count_nonzero(nonzero & q_zero))
+            q_finite = q.abs() < math.inf
+            over = finite_x & ~q_finite
+            if fmt_max is not None:
+                over |= finite_x & (ax > self._limit(x, scale, fmt_max))
+            acc.add("saturated", torch.count_nonzero(over))
+            nan = torch.count_nonzero(q != q)
+            acc.add("nan", nan)
+            acc.add("inf", q.numel() - torch.count_nonzero(q_finite) - nan)
+            acc.add("zeros", torch.count_nonzero(q_zero))
         acc.add("sig2", torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
         acc.add("err2", torch.linalg.vector_norm(x - q, dtype=torch.float64) ** 2)
-        acc.add("zeros", torch.count_nonzero(q_zero))
         if scale is not None:
             s = scale.detach()
             smin, smax = float(s.min()), float(s.max())
             acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
             acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
+
+    @staticmethod
+    def _limit(x: torch.Tensor, scale: torch.Tensor | None, fmt_max: float) -> "float | torch.Tensor":
+        # a few fp32 ulps of slack: with current scaling (scale = amax / max) the amax element itself sits
+        # at max * scale up to rounding and must not count as saturated
+        return fmt_max * (1 + 1e-6) if scale is None else fmt_max * (1 + 1e-6) * scale.detach().to(x.dtype)
 
     @torch.no_grad()
     def record_zeros(self, site: str, role: str, q: torch.Tensor, fmt: str = "") -> None:
