@@ -36,7 +36,7 @@ class ScaleInfo:
 
 def finite_amax(x: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Tensor:
     """max |x| over finite values (NaN and ±inf count as 0)."""
-    a = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
+    a = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
     if dim is None:
         return a.amax() if not keepdim else a.amax(dim=tuple(range(a.dim())), keepdim=True)
     return a.amax(dim=dim, keepdim=keepdim)
@@ -85,7 +85,7 @@ def _group_amax(view: torch.Tensor, scaling: "Scaling") -> torch.Tensor:
         ax = _norm_axis(scaling.axis, view.dim())
         dims = tuple(d for d in range(view.dim()) if d != ax)
         if not dims:
-            return torch.nan_to_num(view.abs(), nan=0.0, posinf=0.0)
+            return view.abs().nan_to_num_(nan=0.0, posinf=0.0)
         return finite_amax(view, dim=dims, keepdim=True)
     return finite_amax(view, dim=-1, keepdim=True)
 
