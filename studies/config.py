@@ -73,6 +73,8 @@ class StudyConfig:
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "signum", "stosignsgd"])
     precisions: list[str] = field(
         default_factory=lambda: ["fp32", "bf16", "fp8-hybrid", "fp8-states", "fp8-all", "fp8-all-unscaled", "nvfp4"])
+    task_precisions: dict[str, list[str]] = field(default_factory=dict)  # main-phase precisions per task
+                                                     # (a task not listed: ``precisions``)
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     steps: int | None = None
     tokens: int | None = None
@@ -93,9 +95,11 @@ class StudyConfig:
     ablation_optimizers: list[str] = field(default_factory=lambda: ["stosignsgd", *ABLATION_VARIANTS])
     ablation_precision: str = "fp8-all"
     ablation_seeds: list[int] | None = None          # None: the study's seeds
+    ablation_tasks: list[str] | None = None          # None: every study task
     rounding_optimizers: list[str] | None = None     # None: the study's optimizers
     rounding_precision: str = "fp8-all"
     rounding_seeds: list[int] | None = None          # None: the first study seed
+    rounding_tasks: list[str] | None = None          # None: every study task
     mechanism_tasks: list[str] = field(default_factory=lambda: ["convex-l1"])
     mechanism_optimizers: list[str] = field(default_factory=lambda: ["signsgd", "signum", "stosignsgd"])
     mechanism_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -126,7 +130,14 @@ class StudyConfig:
             get_task(t, size=self.size if t in self.tasks else (self.mechanism_size or self.size), data=self.data)
         from studies.run import resolve_precision
 
-        for p in [*self.precisions, self.tune_precision, self.ablation_precision, self.rounding_precision]:
+        for what, names in [("task_precisions", self.task_precisions), ("ablation_tasks", self.ablation_tasks or []),
+                            ("rounding_tasks", self.rounding_tasks or [])]:
+            for t in names:
+                if t not in self.tasks:
+                    raise ValueError(f"{what}: {t!r} is not a task of this study; valid: {', '.join(self.tasks)}")
+        task_precs = [p for precs in self.task_precisions.values() for p in precs]
+        for p in [*self.precisions, *task_precs, self.tune_precision, self.ablation_precision,
+                  self.rounding_precision]:
             resolve_precision(p)
         for name, v in [("steps", self.steps), ("tokens", self.tokens), ("eval_every", self.eval_every),
                         ("mechanism_steps", self.mechanism_steps)]:
@@ -183,6 +194,13 @@ def parse_seeds(value: Any) -> list[int]:
         except ValueError:
             raise ValueError(f"seeds: expected a count N or a list like 0,1,2, got {value!r}") from None
     raise ValueError(f"seeds: expected a count or a list of integers, got {value!r}")
+
+
+def parse_task_precisions(value: Any) -> dict[str, list[str]]:
+    """A table task name -> precisions (a list, or a string as for ``precisions``)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"task_precisions: expected a table of task = [precisions], got {value!r}")
+    return {str(task): parse_precisions(precs) for task, precs in value.items()}
 
 
 def parse_list(value: Any, what: str) -> list[str]:
@@ -249,6 +267,9 @@ _FIELD_PARSERS = {
     "ablation_optimizers": lambda v: parse_list(v, "ablation_optimizers"),
     "rounding_optimizers": lambda v: None if v is None else parse_list(v, "rounding_optimizers"),
     "mechanism_tasks": lambda v: parse_list(v, "mechanism_tasks"),
+    "ablation_tasks": lambda v: None if v is None else parse_list(v, "ablation_tasks"),
+    "rounding_tasks": lambda v: None if v is None else parse_list(v, "rounding_tasks"),
+    "task_precisions": lambda v: parse_task_precisions(v),
     "mechanism_optimizers": lambda v: parse_list(v, "mechanism_optimizers"),
 }
 
@@ -278,10 +299,18 @@ def _typed(name: str, value: Any, current: Any, ftype: str) -> Any:
     return value
 
 
+_PER_TASK_FIELDS = {"task_precisions", "ablation_tasks", "rounding_tasks"}
+
+
 def apply_overrides(cfg: StudyConfig, values: dict[str, Any]) -> StudyConfig:
     """Return a copy of ``cfg`` with ``values`` (field name -> value, dashes allowed) applied and type-checked."""
     cfg = dataclasses.replace(cfg, thresholds=dataclasses.replace(cfg.thresholds))
     fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    keys = {k.replace("-", "_") for k in values}
+    if "tasks" in keys:  # per-task settings belong to the tasks they were written for: choosing tasks resets them
+        for key in _PER_TASK_FIELDS - keys:
+            setattr(cfg, key, fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING
+                    else fields[key].default)
     for raw_key, value in values.items():
         key = raw_key.replace("-", "_")
         if key not in fields:
@@ -327,8 +356,11 @@ def quick_config() -> StudyConfig:
 def default_config() -> StudyConfig:
     """The default study (``precision-sweep run`` with no arguments): tiny GPT ("default" size, 250 steps) ×
     {adamw, signum, stosignsgd} × {fp32, bf16, fp8-hybrid, fp8-states, fp8-all, fp8-all-unscaled, nvfp4} × 2 seeds,
-    plus the tune, ablation, rounding and mechanism phases. The README's "Results" section gives its measured time."""
-    return StudyConfig()
+    the tiny MoE × the same optimizers × {fp32, fp8-all, fp8-all-unscaled} × 2 seeds, LR tuning for both, and the
+    ablation and rounding phases (GPT) and the mechanism phase (convex). The README's "Results" section gives its
+    measured time."""
+    return StudyConfig(tasks=["gpt", "moe"], task_precisions={"moe": ["fp32", "fp8-all", "fp8-all-unscaled"]},
+                       ablation_tasks=["gpt"], rounding_tasks=["gpt"])
 
 
 def paper_config_path() -> Path:

@@ -94,8 +94,13 @@ def tuned_optimizers(cfg: StudyConfig) -> list[str]:
     return names
 
 
-def tune_precisions(cfg: StudyConfig) -> list[str]:
-    return list(cfg.precisions) if cfg.tune_per_precision else [cfg.tune_precision]
+def main_precisions(cfg: StudyConfig, task: str) -> list[str]:
+    """The main-phase precisions of ``task``: its ``task_precisions`` entry, else the study's ``precisions``."""
+    return list(cfg.task_precisions.get(task, cfg.precisions))
+
+
+def tune_precisions(cfg: StudyConfig, task: str) -> list[str]:
+    return main_precisions(cfg, task) if cfg.tune_per_precision else [cfg.tune_precision]
 
 
 def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
@@ -104,7 +109,7 @@ def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
     for tname in cfg.tasks:
         task = _task(cfg, tname)
         for opt in tuned_optimizers(cfg):
-            for prec in tune_precisions(cfg):
+            for prec in tune_precisions(cfg, tname):
                 for lr in _lr_grid(cfg, task, opt):
                     for seed in cfg.tune_seeds:
                         specs.append(_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr,
@@ -240,19 +245,19 @@ def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
         task = _task(cfg, tname)
         if "main" in cfg.phases:
             for opt in cfg.optimizers:
-                for prec in cfg.precisions:
+                for prec in main_precisions(cfg, tname):
                     lrs = [chosen_lr(cfg, chosen, task, opt, prec)] if tuned or not cfg.lrs else cfg.lrs
                     for lr in lrs:
                         for seed in cfg.seeds:
                             specs.append(_spec(cfg, phase="main", task=tname, optimizer=opt, precision=prec,
                                                lr=lr, seed=seed, data=cfg.data))
-        if "ablation" in cfg.phases:
+        if "ablation" in cfg.phases and tname in (cfg.ablation_tasks or cfg.tasks):
             for opt in cfg.ablation_optimizers:
                 lr = chosen_lr(cfg, chosen, task, opt, cfg.ablation_precision)
                 for seed in cfg.ablation_seeds or cfg.seeds:
                     specs.append(_spec(cfg, phase="ablation", task=tname, optimizer=opt,
                                        precision=cfg.ablation_precision, lr=lr, seed=seed, data=cfg.data))
-        if "rounding" in cfg.phases:
+        if "rounding" in cfg.phases and tname in (cfg.rounding_tasks or cfg.tasks):
             variants = rounding_variants(cfg.rounding_precision)
             for opt in cfg.rounding_optimizers or cfg.optimizers:
                 lr = chosen_lr(cfg, chosen, task, opt, cfg.rounding_precision)
@@ -349,7 +354,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         study["lr_grid"] = {t: {o: _lr_grid(cfg, _task(cfg, t), o) for o in tuned_optimizers(cfg)}
                             for t in cfg.tasks}
         tried = {(t, p, o): sorted(set(_lr_grid(cfg, _task(cfg, t), o)))
-                 for t in cfg.tasks for o in tuned_optimizers(cfg) for p in tune_precisions(cfg)}
+                 for t in cfg.tasks for o in tuned_optimizers(cfg) for p in tune_precisions(cfg, t)}
         counts["tune"] = {}
         # round 0 is the grid; round r >= 1 the edge extensions chosen from the finished rounds 0..r-1. Every
         # round is a deterministic function of the finished runs, so shards plan the same round and a rerun
@@ -381,7 +386,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         study["lr_scores"] = {t: {p: {o: {str(k): s for k, s in v["scores"].items()} for o, v in po.items()}
                                   for p, po in pp.items()} for t, pp in chosen.items()}
         study["lr_tried"] = {t: {p: {o: v for (t2, p2, o), v in tried.items() if (t2, p2) == (t, p)}
-                                 for p in tune_precisions(cfg)} for t in cfg.tasks}
+                                 for p in tune_precisions(cfg, t)} for t in cfg.tasks}
         study["lr_at_edge"] = {t: {p: {o: at_edge(tried[t, p, o], v["lr"]) for o, v in po.items()}
                                    for p, po in pp.items()} for t, pp in chosen.items()}
         study["lr_extension_rule"] = (
