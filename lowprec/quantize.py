@@ -382,13 +382,20 @@ def _stochastic_float(a: torch.Tensor, fmt: Format, rand_bits: int | None,
 
 
 def _toward_zero_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
-    m, drop = fmt.man_bits, 23 - fmt.man_bits
+    drop = 23 - fmt.man_bits
     a.add_(0.0)  # quiets signalling NaNs (e.g. from bf16), so that masking mantissa bits cannot make them inf
     bits = a.view(torch.int32) & ~((1 << drop) - 1)
-    q = bits.view(torch.float32)
+    return _subnormals_and_nan(a, bits.view(torch.float32), fmt, torch.trunc)
+
+
+def _subnormals_and_nan(a: torch.Tensor, q: torch.Tensor, fmt: Format, round_int) -> torch.Tensor:
+    """Finish a bit-masked rounding ``q`` of non-negative ``a``: below the target's smallest normal the grid is the
+    fixed step 2**(emin - M), rounded there by ``round_int`` (torch.trunc or torch.round, half to even); with no
+    mantissa bits (M = 0) masking cannot keep a NaN, so NaN is put back."""
+    m = fmt.man_bits
     if fmt.emin > -126:
         up = 2.0 ** (m - fmt.emin)
-        sub = torch.trunc(a * up).mul_(1.0 / up)
+        sub = round_int(a * up).mul_(1.0 / up)
         q = torch.where(a < fmt.min_normal, sub, q)
     if m == 0:
         q = torch.where(torch.isnan(a), a, q)
@@ -415,14 +422,7 @@ def _nearest_float(a: torch.Tensor, fmt: Format) -> torch.Tensor:
     t += (1 << (drop - 1)) - 1 if drop > 0 else 0
     t += bits
     t &= ~((1 << drop) - 1)
-    q = t.view(torch.float32)
-    if fmt.emin > -126:
-        up = 2.0 ** (m - fmt.emin)
-        sub = torch.round(a * up).mul_(1.0 / up)
-        q = torch.where(a < fmt.min_normal, sub, q)
-    if m == 0:
-        q = torch.where(torch.isnan(a), a, q)
-    return q
+    return _subnormals_and_nan(a, t.view(torch.float32), fmt, torch.round)
 
 
 def _round_int(x: torch.Tensor, fmt: Format, rounding: Rounding, rand_bits: int | None,

@@ -7,7 +7,6 @@ of poisoning every scale. An all-zero tensor or block gets a finite, non-zero sc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 

@@ -56,7 +56,7 @@ OPTIMIZER_ORDER = (
     "adamw", "sgd", "signsgd", "signum", "stosignsgd", "stosign-nonoise", "stosign-instant", "stosign-decaymax",
     "stosign-tensormax", "stosign-nomomentum", "stosign-adamw",
 )
-PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8-hybrid", "fp8-states", "fp8-all", "mxfp8", "nvfp4", "mxfp4", "int4")
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8-hybrid", "fp8-states", "fp8-all", "fp8-all-unscaled", "mxfp8", "nvfp4", "mxfp4", "int4")
 ROLES = ("weight", "activation", "grad", "state", "master")
 _DASHES = ["", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2), (6, 2)]
 
@@ -1338,7 +1338,6 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     results, study, metrics, targets, main, speed, failed = (data.results, data.study, data.metrics, data.targets,
                                                              data.main, data.speed, data.failed)
     optimizers = _ordered(results["optimizer"], OPTIMIZER_ORDER)
-    precisions = _ordered(results["precision"], PRECISION_ORDER)
     figs = _Figures(out_dir, _palette(optimizers))
     doc = _Doc()
 

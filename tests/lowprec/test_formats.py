@@ -3,21 +3,14 @@ import subprocess
 import sys
 
 import ml_dtypes
-import numpy as np
 import pytest
 import torch
 
 import lowprec
+from tests.lowprec.oracles import ML_DTYPES
 from lowprec import FORMATS, Format, float_format, get_format, int_format
 
-ML = {
-    "e4m3": ml_dtypes.float8_e4m3fn,
-    "e5m2": ml_dtypes.float8_e5m2,
-    "e3m2": ml_dtypes.float6_e3m2fn,
-    "e2m3": ml_dtypes.float6_e2m3fn,
-    "e2m1": ml_dtypes.float4_e2m1fn,
-    "e8m0": ml_dtypes.float8_e8m0fnu,
-}
+ML = ML_DTYPES
 
 
 @pytest.mark.parametrize("name", sorted(ML))

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 import lowprec
+from tests.lowprec.oracles import ML_DTYPES
 from lowprec import FORMATS, float_format, quantize
 
 # ml_dtypes warns when it casts NaN/inf into formats without them; that is part of what we compare
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 
-ML = {
-    "e4m3": ml_dtypes.float8_e4m3fn,
-    "e5m2": ml_dtypes.float8_e5m2,
-    "e3m2": ml_dtypes.float6_e3m2fn,
-    "e2m3": ml_dtypes.float6_e2m3fn,
-    "e2m1": ml_dtypes.float4_e2m1fn,
-}
+ML = {k: v for k, v in ML_DTYPES.items() if k != "e8m0"}  # e8m0 (a scale format) is tested in test_formats
 NO_NAN = ("e3m2", "e2m3", "e2m1")  # ml_dtypes turns NaN into 0 there; we keep NaN (tested separately)
 
 

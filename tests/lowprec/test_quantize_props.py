@@ -1,6 +1,5 @@
 """Property tests (hypothesis) and bad-input errors."""
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
