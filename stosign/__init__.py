@@ -8,4 +8,4 @@ from .optim import ABLATIONS, BUFFERS, SignSGD, StoSignSGD
 from .convert import SignConverted
 from . import distributed
 
-__all__ = ["stochastic_sign", "random_int16", "NOISE_SCALE", "StoSignSGD", "SignSGD", "SignConverted", "BUFFERS", "ABLATIONS"]
+__all__ = ["distributed", "stochastic_sign", "random_int16", "NOISE_SCALE", "StoSignSGD", "SignSGD", "SignConverted", "BUFFERS", "ABLATIONS"]

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .optim import BUFFERS, _sign_step_foreach, _sign_step_single, _SignBase
+from .optim import _check_sign_hparams, _sign_step_foreach, _sign_step_single, _SignBase
 
 __all__ = ["SignConverted"]
 
@@ -58,12 +58,7 @@ class SignConverted(_SignBase):
                  foreach: bool | None = None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"SignConverted wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if buffer not in BUFFERS:
-            raise ValueError(f"buffer must be one of {BUFFERS}, got {buffer!r}")
-        if not isinstance(buffer_decay, (int, float)) or not 0.0 < buffer_decay <= 1.0:
-            raise ValueError(f"buffer_decay must be in (0, 1], got {buffer_decay!r}")
-        if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        _check_sign_hparams(weight_decay, buffer, buffer_decay)
         self.base = optimizer
         self.noise = bool(noise)
         self.buffer = buffer
@@ -108,13 +103,10 @@ class SignConverted(_SignBase):
                 torch.sub(saved[id(p)], p, out=u).div_(lr)  # u = (θ_before − θ_after)/lr
             for p in params:
                 p.copy_(saved[id(p)])  # restore
-            for p in movers:
-                st = self.state[p]
-                st["step"] = st.get("step", 0) + 1
+            self._count_step(movers)
             scratch = [saved[id(p)] for p in movers]  # the snapshot is free again
             if self.noise:
-                group_view = {"buffer": self.buffer}
-                bounds = self._bounds(group_view, movers)
+                bounds = self._bounds(self.buffer, movers)
                 noises = self._noise(movers)
             else:
                 bounds, noises = [None] * len(movers), None

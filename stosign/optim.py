@@ -63,6 +63,11 @@ def _check_hparams(lr: Any, momentum: Any, weight_decay: Any, buffer: Any = "max
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    _check_sign_hparams(weight_decay, buffer, buffer_decay)
+
+
+def _check_sign_hparams(weight_decay: Any, buffer: Any = "max", buffer_decay: Any = 0.999) -> None:
+    """The checks of the sign step's own hyperparameters (shared with SignConverted)."""
     if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if buffer not in BUFFERS:
@@ -76,6 +81,22 @@ def _device_key(device: torch.device) -> str:
     if device.type != "cpu" and device.index is None:
         device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda" else 0)
     return str(device)
+
+
+def _carve(params: list[Tensor], keys: list[Any], flat_for: Callable[[Any, int], Tensor]) -> list[Tensor]:
+    """One view shaped like each parameter into a flat tensor per key: ``flat_for(key, total numel)`` is called
+    once per distinct key (in order of first appearance) and the views follow parameter order within it."""
+    totals: dict[Any, int] = {}
+    for p, k in zip(params, keys):
+        totals[k] = totals.get(k, 0) + p.numel()
+    flats = {k: flat_for(k, n) for k, n in totals.items()}
+    offsets = dict.fromkeys(totals, 0)
+    out = []
+    for p, k in zip(params, keys):
+        o = offsets[k]
+        out.append(flats[k][o:o + p.numel()].view(p.shape))
+        offsets[k] = o + p.numel()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,38 +205,15 @@ class _SignBase(Optimizer):
 
     def _views(self, name: str, params: list[Tensor]) -> list[Tensor]:
         """One workspace tensor shaped like each parameter (flat buffers per (device, dtype), reused)."""
-        totals: dict[tuple, int] = {}
-        for p in params:
-            k = (_device_key(p.device), p.dtype)
-            totals[k] = totals.get(k, 0) + p.numel()
-        flats = {k: self._buffer(name, torch.device(k[0]), k[1], n) for k, n in totals.items()}
-        offsets = dict.fromkeys(totals, 0)
-        out = []
-        for p in params:
-            k = (_device_key(p.device), p.dtype)
-            o = offsets[k]
-            out.append(flats[k][o:o + p.numel()].view(p.shape))
-            offsets[k] = o + p.numel()
-        return out
+        keys = [(_device_key(p.device), p.dtype) for p in params]
+        return _carve(params, keys, lambda k, n: self._buffer(name, torch.device(k[0]), k[1], n))
 
     def _noise(self, params: list[Tensor]) -> list[Tensor]:
         """Odd uniform int16 noise shaped like each parameter: one generator call per device, in parameter order."""
-        totals: dict[str, int] = {}
-        for p in params:
-            k = _device_key(p.device)
-            totals[k] = totals.get(k, 0) + p.numel()
-        flats = {}
-        for k, n in totals.items():
+        def draw(k: str, n: int) -> Tensor:
             words = self._buffer("noise", torch.device(k), torch.int64, (n + 3) // 4)
-            flats[k] = random_int16(n, k, self._generator_for(torch.device(k)), out=words).bitwise_or_(1)
-        offsets = dict.fromkeys(totals, 0)
-        out = []
-        for p in params:
-            k = _device_key(p.device)
-            o = offsets[k]
-            out.append(flats[k][o:o + p.numel()].view(p.shape))
-            offsets[k] = o + p.numel()
-        return out
+            return random_int16(n, k, self._generator_for(torch.device(k)), out=words).bitwise_or_(1)
+        return _carve(params, [_device_key(p.device) for p in params], draw)
 
     def release_workspace(self) -> None:
         """Free the scratch buffers (they are reallocated at the next step)."""
@@ -261,14 +259,14 @@ class _SignBase(Optimizer):
                 b.lerp_(g, 1.0 - beta)
         return bufs
 
-    def _bounds(self, group: dict, params: list[Tensor]) -> list[Tensor | None]:
-        buffer = group["buffer"]
+    def _bounds(self, buffer: str, params: list[Tensor]) -> list[Tensor | None]:
+        """The G buffer of each parameter for this ``buffer`` kind (created, or re-created when the kind changed
+        between per-tensor and "tensor_max"); None each for "instant"."""
+        if buffer == "instant":
+            return [None] * len(params)
         out: list[Tensor | None] = []
         for p in params:
             st = self.state[p]
-            if buffer == "instant":
-                out.append(None)
-                continue
             want_scalar = buffer == "tensor_max"
             b = st.get("bound")
             if b is None or (b.dim() == 0) != want_scalar:
@@ -289,6 +287,39 @@ class _SignBase(Optimizer):
             params.append(p)
             grads.append(p.grad)
         return params, grads
+
+    def _count_step(self, params: list[Tensor]) -> None:
+        for p in params:
+            st = self.state[p]
+            st["step"] = st.get("step", 0) + 1
+
+    def _sign_options(self, group: dict) -> tuple[bool, str, float]:
+        """(noise, buffer, buffer_decay) of a param group, for :meth:`step`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            noisy, buffer, buffer_decay = self._sign_options(group)
+            _check_hparams(group["lr"], group["momentum"], group["weight_decay"], buffer, buffer_decay)
+            params, grads = self._collect(group)
+            if not params:
+                continue
+            self._count_step(params)
+            foreach = self._use_foreach(group["foreach"], params)
+            dirs = self._momentum_dirs(group, params, grads, foreach)
+            bounds = self._bounds(buffer, params) if noisy else [None] * len(params)
+            noises = self._noise(params) if noisy else None
+            scratch = self._views("scratch", params)
+            kernel = _sign_step_foreach if foreach else _sign_step_single
+            kernel(params, dirs, bounds, noises, scratch, lr=float(group["lr"]),
+                   weight_decay=float(group["weight_decay"]), buffer=buffer, buffer_decay=float(buffer_decay))
+        return loss
 
 
 class StoSignSGD(_SignBase):
@@ -316,33 +347,8 @@ class StoSignSGD(_SignBase):
                         noise=bool(noise), buffer=buffer, buffer_decay=buffer_decay)
         super().__init__(params, defaults, generator)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            _check_hparams(group["lr"], group["momentum"], group["weight_decay"], group["buffer"],
-                           group["buffer_decay"])
-            params, grads = self._collect(group)
-            if not params:
-                continue
-            for p in params:
-                st = self.state[p]
-                st["step"] = st.get("step", 0) + 1
-            foreach = self._use_foreach(group["foreach"], params)
-            dirs = self._momentum_dirs(group, params, grads, foreach)
-            noisy = group["noise"]
-            bounds = self._bounds(group, params) if noisy else [None] * len(params)
-            noises = self._noise(params) if noisy else None
-            scratch = self._views("scratch", params)
-            kernel = _sign_step_foreach if foreach else _sign_step_single
-            kernel(params, dirs, bounds, noises, scratch, lr=float(group["lr"]),
-                   weight_decay=float(group["weight_decay"]), buffer=group["buffer"],
-                   buffer_decay=float(group["buffer_decay"]))
-        return loss
+    def _sign_options(self, group: dict) -> tuple[bool, str, float]:
+        return group["noise"], group["buffer"], group["buffer_decay"]
 
 
 class SignSGD(_SignBase):
@@ -358,25 +364,5 @@ class SignSGD(_SignBase):
     def add_param_group(self, param_group: dict) -> None:
         Optimizer.add_param_group(self, param_group)  # no random numbers: no generator
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One optimizer step; ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            _check_hparams(group["lr"], group["momentum"], group["weight_decay"])
-            params, grads = self._collect(group)
-            if not params:
-                continue
-            for p in params:
-                st = self.state[p]
-                st["step"] = st.get("step", 0) + 1
-            foreach = self._use_foreach(group["foreach"], params)
-            dirs = self._momentum_dirs(group, params, grads, foreach)
-            scratch = self._views("scratch", params)
-            kernel = _sign_step_foreach if foreach else _sign_step_single
-            kernel(params, dirs, [None] * len(params), None, scratch, lr=float(group["lr"]),
-                   weight_decay=float(group["weight_decay"]), buffer="max", buffer_decay=1.0)
-        return loss
+    def _sign_options(self, group: dict) -> tuple[bool, str, float]:
+        return False, "max", 1.0  # deterministic sign: no bound, no noise
