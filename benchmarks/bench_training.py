@@ -77,27 +77,32 @@ def main() -> None:
         label = f"fwd+bwd {policy} {backend}" + (f" telemetry every={tel.every}" if tel else "")
         cases.append((label, "fwd", fwd_bwd(model, tel)))
 
+    def adamw(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+    def wrapped(policy: str, tel: Telemetry | None = None):
+        return lambda m: wrap(adamw(m), policy, telemetry=tel)
+
     def opt_step(make, model=None):
         model = copy.deepcopy(base) if model is None else model
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
         return make(model).step
 
-    cases.append(("AdamW step (plain)", "opt", opt_step(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))))
+    cases.append(("AdamW step (plain)", "opt", opt_step(adamw)))
     for policy, tel in (("fp32", None), ("fp8-states", None), ("fp8-all", None), ("fp8-all", Telemetry(every=1)),
                         ("fp8-all", Telemetry(every=100))):
-        make = (lambda pol, t: lambda m: wrap(torch.optim.AdamW(m.parameters(), lr=1e-3), pol, telemetry=t))(policy, tel)
         label = f"AdamW step wrap({policy})" + (f" telemetry every={tel.every}" if tel else "")
-        cases.append((label, "opt", opt_step(make)))
+        cases.append((label, "opt", opt_step(wrapped(policy, tel))))
 
     if args.big:
         big = nn.Sequential(*(nn.Linear(args.big, args.big) for _ in range(4)))
         n_big = sum(p.numel() for p in big.parameters())
         cases.append((f"AdamW step (plain) {n_big / 1e6:.1f}M", "big",
-                      opt_step(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3), copy.deepcopy(big))))
+                      opt_step(adamw, copy.deepcopy(big))))
         for policy in ("fp8-states", "fp8-all"):
-            make = (lambda pol: lambda m: wrap(torch.optim.AdamW(m.parameters(), lr=1e-3), pol))(policy)
-            cases.append((f"AdamW step wrap({policy}) {n_big / 1e6:.1f}M", "big", opt_step(make, copy.deepcopy(big))))
+            cases.append((f"AdamW step wrap({policy}) {n_big / 1e6:.1f}M", "big",
+                          opt_step(wrapped(policy), copy.deepcopy(big))))
         del big
 
     for _, _, fn in cases:   # warm-up

@@ -19,11 +19,10 @@ import torch
 
 from . import scaling as _sc
 from .formats import FORMATS, Format
-from .quantize import QuantSpec, Rounding, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
+from .quantize import _NATIVE_F8, QuantSpec, Rounding, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
 
 __all__ = ["Encoded", "encode", "decode", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
 
-_NATIVE_F8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _WIDE = {"bf16": (torch.bfloat16, torch.int16), "fp16": (torch.float16, torch.int16),
          "fp32": (torch.float32, torch.int32)}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

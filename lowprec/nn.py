@@ -61,8 +61,8 @@ from torch import nn
 
 from lowprec import hardware
 from lowprec.accumulate import matmul as acc_matmul
-from lowprec.policy import PrecisionPolicy
-from lowprec.quantize import QuantSpec, quantize_with_scale
+from lowprec.policy import PrecisionPolicy, is_identity
+from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
 from lowprec.scaling import DelayedScaler, finite_amax
 from lowprec.telemetry import Telemetry
 
@@ -97,14 +97,6 @@ def _native_reason(spec: QuantSpec | None) -> str | None:
     return None
 
 
-def _is_identity(spec: QuantSpec | None) -> bool:
-    if spec is None:
-        return True
-    f = spec.format
-    return (f.kind == "float" and f.exp_bits == 8 and f.man_bits == 23 and spec.scaling is None
-            and not spec.flush_subnormals)
-
-
 def _axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
     """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
     axis; N-d operands pass ``channel_axis``)."""
@@ -122,7 +114,7 @@ def _axis_free(spec: QuantSpec | None) -> bool:
     """Quantizing with this spec gives the same result whatever the reduction axis (and is deterministic)."""
     if spec is None:
         return True
-    deterministic = getattr(spec.rounding, "value", spec.rounding) != "stochastic"
+    deterministic = spec.rounding != Rounding.STOCHASTIC
     return deterministic and (spec.scaling is None or spec.scaling.mode in ("tensor", "delayed"))
 
 
@@ -153,7 +145,7 @@ class _Site:
         self.backend = backend
         self.name = name
         self.telemetry = telemetry
-        self.specs = {r: (None if _is_identity(getattr(policy, r)) else getattr(policy, r)) for r in _GEMM_ROLES}
+        self.specs = {r: (None if is_identity(getattr(policy, r)) else getattr(policy, r)) for r in _GEMM_ROLES}
         self.accumulator = policy.accumulator
         self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
         # delayed scaling: one amax history per role of this layer (not in state_dict); recorded in training mode
@@ -202,6 +194,16 @@ class _Site:
         if record and tel is not None and tel.wants():
             tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
         return _Operand(q, scale, spec)
+
+    def requant(self, t: torch.Tensor, role: str, saved_q: torch.Tensor, saved_scale: torch.Tensor | None,
+                reduce_axis: int, channel_axis: int | None = None) -> _Operand:
+        """The operand for a backward GEMM reducing over ``reduce_axis``: the forward's quantized ``saved_q`` when
+        the role's spec gives the same result on every axis, else ``t`` re-quantized along it (the forward's
+        delayed scale ``saved_scale`` reused, nothing recorded)."""
+        if _axis_free(self.specs[role]):
+            return _Operand(saved_q, saved_scale, self.specs[role])
+        return self.quant(t, role, reduce_axis=reduce_axis, record=False, channel_axis=channel_axis,
+                          delayed_scale=saved_scale)
 
     # ------------------------------------------------------------------ GEMM
     def use_native(self, a: _Operand, b: _Operand) -> bool:
@@ -284,10 +286,7 @@ class _QuantLinearFn(torch.autograd.Function):
         if need_x:   # dx [M, K] = dy [M, N] @ W [N, K]; reduction over N
             qg = site.quant(g2, "grad", reduce_axis=1, record=True)
             recorded = True
-            if _axis_free(site.specs["weight"]):
-                qw = _Operand(qwq, qws, site.specs["weight"])
-            else:
-                qw = site.quant(w, "weight", reduce_axis=0, record=False, delayed_scale=qws)
+            qw = site.requant(w, "weight", qwq, qws, reduce_axis=0)
             grad_x = site.gemm(qg, qw).reshape(ctx.x_shape).to(ctx.dtypes[0])
         if need_w:   # dW [N, K] = dy^T [N, M] @ x [M, K]; reduction over M
             if recorded and _axis_free(site.specs["grad"]):
@@ -295,10 +294,7 @@ class _QuantLinearFn(torch.autograd.Function):
             else:
                 qgw = site.quant(g2, "grad", reduce_axis=0, record=not recorded,
                                  delayed_scale=qg.scale if recorded else None)
-            if _axis_free(site.specs["activation"]):
-                qx = _Operand(qxq, qxs, site.specs["activation"])
-            else:
-                qx = site.quant(x2, "activation", reduce_axis=0, record=False, delayed_scale=qxs)
+            qx = site.requant(x2, "activation", qxq, qxs, reduce_axis=0)
             grad_w = site.gemm(qgw.t(), qx).to(ctx.dtypes[1])
         if ctx.has_bias and need_b:
             grad_b = g2.sum(0).to(ctx.dtypes[2])
@@ -384,8 +380,7 @@ class _QuantConv2dFn(torch.autograd.Function):
         if need_x:
             qg = site.quant(g, "grad", reduce_axis=1, channel_axis=0, record=True)
             recorded = True
-            wq = qwq if _axis_free(site.specs["weight"]) else \
-                site.quant(w32, "weight", reduce_axis=0, channel_axis=1, record=False, delayed_scale=qws).q
+            wq = site.requant(w32, "weight", qwq, qws, reduce_axis=0, channel_axis=1).q
             grad_x = conv_bwd(qg.q, x32, wq, [True, False, False])[0].to(ctx.dtypes[0])
         if need_w:
             if recorded and _axis_free(site.specs["grad"]):
@@ -393,8 +388,7 @@ class _QuantConv2dFn(torch.autograd.Function):
             else:
                 gq = site.quant(g, "grad", reduce_axis=3, channel_axis=1, record=not recorded,
                                 delayed_scale=qg.scale if recorded else None).q
-            xq = qxq if _axis_free(site.specs["activation"]) else \
-                site.quant(x32, "activation", reduce_axis=3, channel_axis=1, record=False, delayed_scale=qxs).q
+            xq = site.requant(x32, "activation", qxq, qxs, reduce_axis=3, channel_axis=1).q
             grad_w = conv_bwd(gq, xq, w32, [False, True, False])[1].to(ctx.dtypes[1])
         if ctx.has_bias and need_b:
             grad_b = g.sum((0, 2, 3)).to(ctx.dtypes[2])

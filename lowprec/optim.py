@@ -29,12 +29,13 @@ master rounding). ``step()`` calls ``telemetry.next_step()`` at its end.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
 from lowprec.codecs import Encoded, _element_scale, decode, encode
-from lowprec.policy import PrecisionPolicy
+from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
 
@@ -49,13 +50,7 @@ def _is_packed(value: Any) -> bool:
 
 def _active(spec: QuantSpec | None) -> QuantSpec | None:
     """None for specs that are the identity (fp32, unscaled)."""
-    if spec is None:
-        return None
-    f = spec.format
-    if f.kind == "float" and f.exp_bits == 8 and f.man_bits == 23 and spec.scaling is None \
-            and not spec.flush_subnormals:
-        return None
-    return spec
+    return None if is_identity(spec) else spec
 
 
 def _atleast_1d(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +85,6 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self.telemetry = telemetry
         self.seed = int(seed)
         self._generators: dict[str, torch.Generator] = {}
-        from collections import OrderedDict
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -100,10 +94,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
         self._grad_spec = _active(self.policy.grad)
         self._master_spec = _active(self.policy.master)
-        if self._master_spec is not None:
-            with torch.no_grad():
-                for p in self._params():
-                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
+        self._round_to_master(self._params())
 
     # Shared, not copied: schedulers and users edit param_groups; the base optimizer reads them (and its
     # load_state_dict replaces both objects, so these are properties, not attributes).
@@ -142,6 +133,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             g = self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return g
 
+    def _round_to_master(self, params: list[torch.Tensor]) -> None:
+        """Put new parameters on the master grid (round-to-nearest; no-op without a master spec)."""
+        if self._master_spec is not None:
+            with torch.no_grad():
+                for p in params:
+                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
+
     def __repr__(self) -> str:
         return f"LowPrecisionOptimizer({self.policy}, {self.optimizer!r})"
 
@@ -150,10 +148,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
-        if self._master_spec is not None:
-            with torch.no_grad():
-                for p in self.param_groups[-1]["params"]:
-                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
+        self._round_to_master(self.param_groups[-1]["params"])
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

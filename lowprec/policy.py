@@ -49,6 +49,15 @@ def _to_spec(value: Any, what: str) -> QuantSpec | None:
                     f"got {type(value).__name__}")
 
 
+def is_identity(spec: QuantSpec | None) -> bool:
+    """True for no spec and for specs that change nothing (unscaled fp32 without flushing)."""
+    if spec is None:
+        return True
+    f = spec.format
+    return (f.kind == "float" and f.exp_bits == 8 and f.man_bits == 23 and spec.scaling is None
+            and not spec.flush_subnormals)
+
+
 def _spec_str(spec: QuantSpec | None) -> str:
     return "none" if spec is None else str(spec)
 

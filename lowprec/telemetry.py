@@ -133,12 +133,7 @@ class Telemetry:
             if x.dtype == q.dtype == torch.float32 and q.numel() < 2**31:
                 # float comparisons into bool tensors are slow on CPU; on the magnitude bits (an int32 in
                 # [0, 2**31)) "== 0" is the sign of (bits - 1), and the counts are int32 sums of 0/-1 masks
-                xz = x.view(torch.int32) & 0x7FFFFFFF
-                xz -= 1
-                xz >>= 31  # -1 where x == 0, else 0
-                qz = q.view(torch.int32) & 0x7FFFFFFF
-                qz -= 1
-                qz >>= 31  # -1 where q == 0, else 0
+                xz, qz = self._zero_mask(x), self._zero_mask(q)  # -1 where x (q) == 0, else 0
                 zeros = -qz.sum(dtype=torch.int32).long()
                 acc.add("nonzero", q.numel() + xz.sum(dtype=torch.int32).long())
                 acc.add("flushed", zeros + (xz & qz).sum(dtype=torch.int32).long())  # zeros of q minus x == q == 0
@@ -177,6 +172,14 @@ class Telemetry:
             smin, smax = float(s.min()), float(s.max())
             acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
             acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
+
+    @staticmethod
+    def _zero_mask(t: torch.Tensor) -> torch.Tensor:
+        """int32 mask of float32 ``t``: -1 where ``t == 0`` (either sign), else 0 (the sign of magnitude bits - 1)."""
+        z = t.view(torch.int32) & 0x7FFFFFFF
+        z -= 1
+        z >>= 31
+        return z
 
     @staticmethod
     def _limit(x: torch.Tensor, scale: torch.Tensor | None, fmt_max: float) -> "float | torch.Tensor":

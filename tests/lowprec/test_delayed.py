@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from lowprec import DelayedScaler, QuantSpec, Scaling, quantize, quantize_with_scale
-from lowprec.hardware import probe
 from lowprec.nn import QuantLinear, convert
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
@@ -281,13 +280,8 @@ def test_conv_and_embedding_sites_keep_histories():
     assert emb._site.scalers["weight"].steps == 1 and emb.weight.grad is not None
 
 
-def test_native_backend_takes_delayed_tensor_scales(monkeypatch):
-    caps = probe()
-    if not caps["scaled_mm_cpu"][0]:
-        pytest.skip(caps["scaled_mm_cpu"][1])
-    calls = []
-    real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_native_backend_takes_delayed_tensor_scales(scaled_mm_calls):
+    calls = scaled_mm_calls
     torch.manual_seed(3)
     lin = nn.Linear(48, 32)
     policy = "weight=e4m3:delayed4,activation=e4m3:delayed4:margin=1,grad=e5m2:delayed4"

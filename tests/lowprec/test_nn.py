@@ -110,6 +110,10 @@ def test_fp8_hybrid_linear_sqnr_and_quantized_backward(backend):
     torch.testing.assert_close(q.bias.grad, g2.sum(0))   # bias gradient from the unquantized grad_output
 
 
+def _mx(t, axis):
+    return quantize(t, "mxfp8:axis=%d" % axis)
+
+
 def test_block_formats_quantize_along_each_gemm_reduction_axis():
     torch.manual_seed(2)
     lin = nn.Linear(40, 24, bias=False)      # 40 and the 24-row batch are not multiples of 32: ragged blocks
@@ -120,24 +124,16 @@ def test_block_formats_quantize_along_each_gemm_reduction_axis():
     y.backward(gy)
     w = lin.weight.detach()
 
-    def mx(t, axis):
-        return quantize(t, "mxfp8:axis=%d" % axis)
-
     xd = x.detach()
-    torch.testing.assert_close(y.detach(), mx(xd, 1) @ mx(w, 1).t(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(x.grad, mx(gy, 1) @ mx(w, 0), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(q.weight.grad, mx(gy, 0).t() @ mx(xd, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y.detach(), _mx(xd, 1) @ _mx(w, 1).t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, _mx(gy, 1) @ _mx(w, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.weight.grad, _mx(gy, 0).t() @ _mx(xd, 0), rtol=1e-6, atol=1e-6)
     # the axis matters: blocks along the wrong axis give a different weight gradient
-    assert not torch.allclose(q.weight.grad, mx(gy, 1).t() @ mx(xd, 1), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(q.weight.grad, _mx(gy, 1).t() @ _mx(xd, 1), rtol=1e-6, atol=1e-6)
 
 
-def test_native_matches_emulated_and_really_calls_scaled_mm(monkeypatch):
-    caps = probe()
-    if not caps["scaled_mm_cpu"][0]:
-        pytest.skip(caps["scaled_mm_cpu"][1])
-    calls = []
-    real = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_native_matches_emulated_and_really_calls_scaled_mm(scaled_mm_calls):
+    calls = scaled_mm_calls
     torch.manual_seed(3)
     for policy in ("fp8-hybrid", "weight=e4m3:channel,activation=e4m3:channel,grad=e5m2:channel:stochastic"):
         lin = nn.Linear(96, 80)
@@ -319,13 +315,10 @@ def test_conv_block_axes():
     out.backward(gy)
     w = conv.weight.detach()
 
-    def mx(t, axis):
-        return quantize(t, "mxfp8:axis=%d" % axis)
-
-    torch.testing.assert_close(out.detach(), F.conv2d(mx(x.detach(), 1), mx(w, 1), None, 1, 1), rtol=1e-6, atol=1e-5)
-    gx, _, _ = torch.ops.aten.convolution_backward(mx(gy, 1), x.detach(), mx(w, 0), None, [1, 1], [1, 1], [1, 1],
+    torch.testing.assert_close(out.detach(), F.conv2d(_mx(x.detach(), 1), _mx(w, 1), None, 1, 1), rtol=1e-6, atol=1e-5)
+    gx, _, _ = torch.ops.aten.convolution_backward(_mx(gy, 1), x.detach(), _mx(w, 0), None, [1, 1], [1, 1], [1, 1],
                                                    False, [0, 0], 1, [True, False, False])
-    _, gw, _ = torch.ops.aten.convolution_backward(mx(gy, 3), mx(x.detach(), 3), w, None, [1, 1], [1, 1], [1, 1],
+    _, gw, _ = torch.ops.aten.convolution_backward(_mx(gy, 3), _mx(x.detach(), 3), w, None, [1, 1], [1, 1], [1, 1],
                                                    False, [0, 0], 1, [False, True, False])
     torch.testing.assert_close(x.grad, gx, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(q.weight.grad, gw, rtol=1e-6, atol=1e-5)
