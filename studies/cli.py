@@ -26,51 +26,39 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _seeds_arg(text: str):
-    from studies.config import parse_seeds
+def _config_arg(parser: str, *extra):
+    """An argparse ``type`` calling ``studies.config.<parser>(text, *extra)``; its ValueError becomes the one-line
+    argparse error."""
+    def parse(text: str):
+        from studies import config
 
-    try:
-        return parse_seeds(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        try:
+            return getattr(config, parser)(text, *extra)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return v
+def _int_at_least(minimum: int, what: str):
+    """An argparse ``type`` for an integer >= ``minimum`` (``what`` names the range in the error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return v
+
+    return parse
 
 
-def _shard_arg(text: str):
-    from studies.config import parse_shard
-
-    try:
-        return parse_shard(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _lrs_arg(text: str):
-    from studies.config import parse_floats
-
-    try:
-        return parse_floats(text, "lrs")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_seeds_arg = _config_arg("parse_seeds")
+_shard_arg = _config_arg("parse_shard")
+_lrs_arg = _config_arg("parse_floats", "lrs")
+_pos_int = _int_at_least(1, "positive")
+_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,11 +159,10 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _render(out_dir: str) -> None:
-    from studies.report import render_report, summary_text
+    from studies.report import render_with_summary
 
-    res = render_report(out_dir)
+    res, text = render_with_summary(out_dir)
     path = res.get("html", out_dir) if isinstance(res, dict) else res
-    text = summary_text(out_dir)
     print(text)
     if "report:" not in text:
         print(f"report: {path}")

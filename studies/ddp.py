@@ -220,7 +220,7 @@ def run_ddp(spec: DDPRunSpec, out_dir: str | Path, *, device: str = "cpu", targe
 
 # ----------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from studies.cli import _Parser, _pos_int
+    from studies.cli import _nonneg_int, _Parser, _pos_int
 
     def positive_float(text: str) -> float:
         try:
@@ -231,11 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         return v
 
-    def nonneg_int(text: str) -> int:
-        if not text.isdigit():
-            raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-        return int(text)
-
     p = _Parser(prog="torchrun --nproc_per_node=N -m studies.ddp",
                 description="One precision-sweep run, data-parallel over the torchrun processes.")
     p.add_argument("--task", default="gpt", help="task name (see `precision-sweep list`; default gpt)")
@@ -244,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="stosignsgd", help="optimizer name (default stosignsgd)")
     p.add_argument("--precision", default="fp32", help="policy preset or policy string (default fp32)")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: the task's for the optimizer)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_pos_int, help="training steps (default: the task's)")
     steps.add_argument("--tokens", type=_pos_int, help="training tokens over all ranks")

@@ -110,10 +110,7 @@ def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
         task = _task(cfg, tname)
         for opt in tuned_optimizers(cfg):
             for prec in tune_precisions(cfg, tname):
-                for lr in _lr_grid(cfg, task, opt):
-                    for seed in cfg.tune_seeds:
-                        specs.append(_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr,
-                                           seed=seed, data=cfg.data))
+                specs += _tune_specs(cfg, tname, opt, prec, _lr_grid(cfg, task, opt))
     return specs
 
 

@@ -35,6 +35,7 @@ from studies.stats import divergence_fraction, mean_ci, speedup_ci, tokens_to_ta
 __all__ = [
     "render_report",
     "summary_text",
+    "render_with_summary",
     "load_results",
     "load_study",
     "load_metrics",
@@ -1002,10 +1003,15 @@ def _stability_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, precisions
         doc.fig(p, f"{task}: fraction of seeds that diverged per precision and optimizer (annotated k/n).")
 
 
+def _main_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The metrics rows of the main-phase runs (``metrics`` itself when empty, as it then has no columns)."""
+    return metrics[metrics["phase"].isin(MAIN_PHASES)] if not metrics.empty else metrics
+
+
 def _curves_section(doc: _Doc, figs: _Figures, metrics: pd.DataFrame, main: pd.DataFrame, precisions, optimizers,
                     targets) -> None:
     doc.h(1, "Loss curves")
-    mm = metrics[metrics["phase"].isin(MAIN_PHASES)] if not metrics.empty else metrics
+    mm = _main_metrics(metrics)
     if mm.empty:
         doc.note("No runs/*/metrics.csv for the main runs: loss curves omitted.")
         return
@@ -1039,10 +1045,10 @@ def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.Da
     for task in _ordered(speed["task"], ()):
         tgt, how = targets.get(task, (math.nan, ""))
         s = speed[speed["task"] == task]
-        missing, notes = {}, {}
+        missing, cell_notes = {}, {}
         for r in s.itertuples(index=False):
             if r.status == "partial":
-                notes[(r.precision, r.optimizer)] = (f"{round(r.opt_reached * r.n_opt)}/{r.n_opt} reached"
+                cell_notes[(r.precision, r.optimizer)] = (f"{round(r.opt_reached * r.n_opt)}/{r.n_opt} reached"
                                                      if r.opt_reached < 1 else
                                                      f"AdamW {round(r.base_reached * r.n_base)}/{r.n_base} reached")
             if r.status == "not reached by optimizer":
@@ -1053,7 +1059,7 @@ def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.Da
         opts = [o for o in optimizers if o in set(s["optimizer"])]
         p = _point_ci(figs, s, "precision", "optimizer", precs, opts, "speedup", "lo", "hi",
                       "speedup vs AdamW (× fewer tokens)", f"{task}: tokens to loss {tgt:.4g} vs AdamW",
-                      f"speedup_{_slug(task)}", missing=missing, notes=notes, ref_line=1.0, band=PAPER_SPEEDUP,
+                      f"speedup_{_slug(task)}", missing=missing, notes=cell_notes, ref_line=1.0, band=PAPER_SPEEDUP,
                       band_label="paper, FP8 (1.44×–2.14×)", hue_colors=figs.palette)
         doc.fig(p, f"{task}: tokens-to-target speedup over AdamW (target loss {tgt:.4g}: {how}); bars = 95% "
                    f"bootstrap interval; ▼ = no value (reason annotated).")
@@ -1075,7 +1081,7 @@ def _speedup_section(doc: _Doc, figs: _Figures, main: pd.DataFrame, speed: pd.Da
 def _telemetry_section(doc: _Doc, figs: _Figures, metrics: pd.DataFrame, main: pd.DataFrame, precisions,
                        optimizers) -> None:
     doc.h(1, "Telemetry over training")
-    mm = metrics[metrics["phase"].isin(MAIN_PHASES)] if not metrics.empty else metrics
+    mm = _main_metrics(metrics)
     if mm.empty:
         doc.note("No runs/*/metrics.csv: telemetry omitted.")
         return
@@ -1334,7 +1340,23 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     DIR/figures/. Raises FileNotFoundError when DIR/results.csv is missing.
     """
     out_dir = Path(out_dir)
+    return _render_report(out_dir, _prepare(out_dir))
+
+
+def summary_text(out_dir: Path | str) -> str:
+    """A compact plain-text summary of a results folder for the terminal (no figures are drawn)."""
+    out_dir = Path(out_dir)
+    return _summary_text(out_dir, _prepare(out_dir))
+
+
+def render_with_summary(out_dir: Path | str) -> tuple[dict[str, Path], str]:
+    """:func:`render_report` then :func:`summary_text`, loading the results folder (every metrics.csv) once."""
+    out_dir = Path(out_dir)
     data = _prepare(out_dir)
+    return _render_report(out_dir, data), _summary_text(out_dir, data)
+
+
+def _render_report(out_dir: Path, data: _Data) -> dict[str, Path]:
     results, study, metrics, targets, main, speed, failed = (data.results, data.study, data.metrics, data.targets,
                                                              data.main, data.speed, data.failed)
     optimizers = _ordered(results["optimizer"], OPTIMIZER_ORDER)
@@ -1377,12 +1399,13 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
               "over the seeds that reached it with a 95% t interval.")
         doc.table(_cells_display(cells))
     doc.h(1, "All runs")
-    doc.table(_run_table(results))
+    runs = _run_table(results)
+    doc.table(runs)
 
     tables_dir = out_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for name, df in (("speedup", speed), ("cells", cells), ("runs", _run_table(results))):
+    for name, df in (("speedup", speed), ("cells", cells), ("runs", runs)):
         if not df.empty:
             p = tables_dir / f"{name}.csv"
             df.to_csv(p, index=False)
@@ -1396,10 +1419,7 @@ def render_report(out_dir: Path | str) -> dict[str, Path]:
     return written
 
 
-def summary_text(out_dir: Path | str) -> str:
-    """A compact plain-text summary of a results folder for the terminal (no figures are drawn)."""
-    out_dir = Path(out_dir)
-    data = _prepare(out_dir)
+def _summary_text(out_dir: Path, data: _Data) -> str:
     results, targets, main, speed, failed = data.results, data.targets, data.main, data.speed, data.failed
     lines = [f"{len(results)} runs in {out_dir} ({int(results['diverged'].sum())} diverged"
              + (f", {len(failed)} failed" if len(failed) else "") + ")"]

@@ -171,6 +171,11 @@ def rounding_variants(preset: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------- divergence
+def _nonfinite(loss: float) -> str:
+    """The divergence reason of a non-finite loss: "nan" or "inf"."""
+    return "nan" if math.isnan(loss) else "inf"
+
+
 class DivergenceDetector:
     """Stateful divergence check over training losses (every step) and validation losses (every evaluation)."""
 
@@ -184,10 +189,8 @@ class DivergenceDetector:
 
     def train(self, step: int, loss: float) -> str:
         """Return the divergence reason ("nan", "inf", "spike") or "" for the training loss at ``step``."""
-        if math.isnan(loss):
-            return "nan"
-        if math.isinf(loss):
-            return "inf"
+        if not math.isfinite(loss):
+            return _nonfinite(loss)
         if self.initial_loss is None:
             self.initial_loss = loss
         if step > self.t.warmup_steps:
@@ -203,10 +206,8 @@ class DivergenceDetector:
 
     def val(self, step: int, loss: float) -> str:
         """Return "nan", "inf", "blow-up" or "" for the validation loss at ``step``."""
-        if math.isnan(loss):
-            return "nan"
-        if math.isinf(loss):
-            return "inf"
+        if not math.isfinite(loss):
+            return _nonfinite(loss)
         if self.initial_val is None:
             self.initial_val = loss
             return ""
@@ -323,11 +324,10 @@ def _role_fractions(tel) -> dict[str, float]:
 
 
 def _set_telemetry_step(tel, step: int) -> None:
-    for name in ("set_step",):
-        fn = getattr(tel, name, None)
-        if callable(fn):
-            fn(step)
-            return
+    fn = getattr(tel, "set_step", None)
+    if callable(fn):
+        fn(step)
+        return
     if hasattr(tel, "step") and not callable(getattr(tel, "step")):
         tel.step = step
 
@@ -561,15 +561,15 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Paralle
             du = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before))
             wn = sum(float(b.float().pow(2).sum()) for b in before)
             rec["update_ratio"] = math.sqrt(du) / math.sqrt(wn) if wn > 0 else math.nan
-            same = sum(int((p.detach() == b).sum()) for p, b in zip(params, before))
-            unchanged = same / max(1, n_params)
         steps_done = k
         if k % spec.telemetry_every == 0 or k == steps:
             rec.update(_role_fractions(tel))
             if math.isnan(rec["state_zero_frac"]):
                 rec["state_zero_frac"] = state_zero_frac(opt)
-            if math.isnan(rec["lost_update_frac"]):
-                rec["lost_update_frac"] = unchanged  # no master rounding measured: entries left unchanged
+            if math.isnan(rec["lost_update_frac"]):  # no master rounding measured: entries left unchanged
+                with torch.no_grad():
+                    same = sum(int((p.detach() == b).sum()) for p, b in zip(params, before))
+                rec["lost_update_frac"] = same / max(1, n_params)
         if not reason and (k % eval_every == 0 or k == steps):
             model.eval()
             with torch.no_grad():

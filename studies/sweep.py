@@ -187,8 +187,8 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
             counts["diverged"] += 1
         if row.get("status") == "error":
             counts["errors"] += 1
-        for f in followers.get(spec.reuse_key, []):
-            if row.get("status") != "error":
+        if row.get("status") != "error":  # a failed leader's followers stay unrun (and are retried next time)
+            for f in followers.get(spec.reuse_key, []):
                 store.append(_clone(store, row, f))
                 counts["reused"] += 1
         bar.update(1)
