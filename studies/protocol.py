@@ -275,10 +275,9 @@ def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
 
 def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
     """Fill target_loss and tokens_to_target of every finished row of a task with a target, from metrics.csv."""
-    import numpy as np
     import pandas as pd
 
-    from studies.stats import tokens_to_target
+    from studies.stats import run_tokens_to_target
 
     out_dir = Path(out_dir)
 
@@ -289,11 +288,9 @@ def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
         path = out_dir / "runs" / r["run_id"] / "metrics.csv"
         if not path.exists():
             return r
-        m = pd.read_csv(path, usecols=["tokens", "val_loss"]).dropna()
-        m = m[np.isfinite(m["val_loss"])]
+        m = pd.read_csv(path, usecols=["tokens", "val_loss"])
         r["target_loss"] = t
-        r["tokens_to_target"] = float(tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float),
-                                                       t)) if len(m) else math.nan
+        r["tokens_to_target"] = run_tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), t)
         return r
 
     ResultsStore(out_dir).update(fill)

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from studies.stats import divergence_fraction, mean_ci, speedup_ci, tokens_to_target
+from studies.stats import divergence_fraction, mean_ci, run_tokens_to_target, speedup_ci
 
 __all__ = [
     "render_report",
@@ -293,10 +293,8 @@ def _apply_targets(results: pd.DataFrame, metrics: pd.DataFrame, targets: dict[s
         ttt[i] = math.nan
         if not metrics.empty and "val_loss" in metrics.columns:
             m = metrics[metrics["run_id"] == row.run_id]
-            m = m[m["val_loss"].notna()] if "val_loss" in m else m
-            if len(m) and "tokens" in m:
-                m = m.sort_values("tokens")
-                ttt[i] = tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), target)
+            if "tokens" in m:
+                ttt[i] = run_tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), target)
     res["ttt"] = ttt
     return res
 

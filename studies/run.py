@@ -496,7 +496,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Paralle
     import lowprec.nn
     import lowprec.optim
     from lowprec.telemetry import Telemetry
-    from studies.stats import tokens_to_target
+    from studies.stats import run_tokens_to_target
     from studies.tasks import get_task
 
     thresholds = Thresholds(**spec.thresholds)
@@ -602,8 +602,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Paralle
     losses = mdf["loss"].astype(float).dropna()
     ttt = math.nan
     if target_loss is not None and math.isfinite(target_loss):
-        ev = mdf[np.isfinite(vals)]
-        ttt = float(tokens_to_target(ev["tokens"].to_numpy(float), ev["val_loss"].to_numpy(float), target_loss))
+        ttt = run_tokens_to_target(mdf["tokens"].to_numpy(float), vals.to_numpy(float), target_loss)
     return {
         "steps": steps, "steps_done": steps_done, "tokens": steps_done * tps,
         "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,

@@ -274,6 +274,19 @@ def tokens_to_target(tokens: Sequence[float], val_loss: Sequence[float], target:
     return float(t[i - 1] + frac * (t[i] - t[i - 1]))
 
 
+def run_tokens_to_target(tokens: Sequence[float], val_loss: Sequence[float], target: float) -> float:
+    """`tokens_to_target` of one run's logged metrics: only the rows with a finite validation loss (the evaluation
+    points; the other steps log none) count, taken in order of tokens; nan when there is none."""
+    t = _as_1d(tokens, "tokens")
+    y = _as_1d(val_loss, "val_loss")
+    if t.shape != y.shape:
+        raise ValueError(f"tokens and val_loss must have the same length; got {t.size} and {y.size}")
+    keep = np.isfinite(y)
+    t, y = t[keep], y[keep]
+    order = np.argsort(t, kind="stable")
+    return tokens_to_target(t[order], y[order], target) if t.size else math.nan
+
+
 # --------------------------------------------------------------------------------------------- speedup
 
 

@@ -276,3 +276,17 @@ def test_speedup_partial_and_single_seed():
     assert r0.status == STATUS_NO_DATA and math.isnan(r0.ratio)
     with pytest.raises(ValueError, match="> 0"):
         speedup_ci([0.0, 1.0], [1.0])
+
+
+def test_run_tokens_to_target_uses_only_evaluation_rows_in_token_order():
+    from studies.stats import run_tokens_to_target
+
+    # metrics.csv logs val_loss only every few steps (NaN elsewhere); the crossing of 2.0 lies halfway between the
+    # evaluations at 200 (loss 3.0) and 400 (loss 1.0): 300 tokens.
+    tokens = [400, 100, 200, 300]
+    val = [1.0, math.nan, 3.0, math.nan]
+    assert run_tokens_to_target(tokens, val, 2.0) == pytest.approx(300.0)
+    assert math.isnan(run_tokens_to_target([100, 200], [math.nan, math.nan], 2.0))
+    assert math.isnan(run_tokens_to_target([], [], 2.0))
+    with pytest.raises(ValueError, match="same length"):
+        run_tokens_to_target([1, 2], [1.0], 2.0)
