@@ -87,7 +87,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             results[vote] = dict(loss0=loss0, loss1=loss1, identical=all(torch.equal(everyone[0], t) for t in everyone),
                                  bytes_sent=state.bytes_sent, allreduce_bytes=state.allreduce_bytes,
                                  buckets=state.buckets)
+            del ddp  # release DDP's reducer while the process group is alive (else gloo may abort at exit)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # every rank leaves together
     finally:
         dist.destroy_process_group()
 
