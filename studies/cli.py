@@ -189,9 +189,9 @@ def _cmd_list() -> int:
     print("precision presets:")
     try:
         from lowprec.policy import PrecisionPolicy
-        from studies.run import _preset_names
+        from lowprec.policy import PRESETS
 
-        for name in _preset_names():
+        for name in PRESETS:
             print(f"  {name:20s} {PrecisionPolicy.preset(name)}")
     except ImportError as e:  # pragma: no cover - lowprec training layer missing
         print(f"  (unavailable: {e})")

@@ -16,8 +16,12 @@ Unknown keys and malformed values raise ValueError naming the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import sys
+import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lowprec.policy import PRESETS, PrecisionPolicy
+
 from studies.optimizers import ABLATION_VARIANTS, check_optimizer
+
+__all__ = ["PHASES", "SIZES", "SCHEDULES", "Thresholds", "StudyConfig", "RunSpec", "parse_precision",
+           "precision_label", "rounding_variants", "parse_seeds", "parse_task_precisions", "parse_list",
+           "parse_precisions", "parse_floats", "parse_shard", "apply_overrides", "load_toml", "quick_config",
+           "default_config", "paper_config_path"]
 
 PHASES = ("tune", "main", "ablation", "rounding", "mechanism")
 SIZES = ("quick", "default", "paper")
@@ -128,8 +139,6 @@ class StudyConfig:
 
         for t in [*self.tasks, *(self.mechanism_tasks if "mechanism" in self.phases else [])]:
             get_task(t, size=self.size if t in self.tasks else (self.mechanism_size or self.size), data=self.data)
-        from studies.run import resolve_precision
-
         for what, names in [("task_precisions", self.task_precisions), ("ablation_tasks", self.ablation_tasks or []),
                             ("rounding_tasks", self.rounding_tasks or [])]:
             for t in names:
@@ -138,7 +147,7 @@ class StudyConfig:
         task_precs = [p for precs in self.task_precisions.values() for p in precs]
         for p in [*self.precisions, *task_precs, self.tune_precision, self.ablation_precision,
                   self.rounding_precision]:
-            resolve_precision(p)
+            parse_precision(p)
         for name, v in [("steps", self.steps), ("tokens", self.tokens), ("eval_every", self.eval_every),
                         ("mechanism_steps", self.mechanism_steps)]:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -170,6 +179,121 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------------------------- precision
+def _translate_legacy(text: str) -> str:
+    """The old studies dialect "preset+role=spec+role=spec" -> parse's "preset,role=spec,role=spec" (with a
+    deprecation warning); any other text unchanged."""
+    if "+" not in text:
+        return text
+    new = ",".join(part.strip() for part in text.split("+"))
+    warnings.warn(f"precision {text!r} uses the old '+' form; read as {new!r} (write it that way)",
+                  DeprecationWarning, stacklevel=3)
+    return new
+
+
+def parse_precision(text: "str | PrecisionPolicy") -> PrecisionPolicy:
+    """A preset name or a ``PrecisionPolicy.parse`` string (old "preset+role=spec" strings are translated once,
+    with a deprecation warning) -> ``PrecisionPolicy``. Raises ValueError naming what is valid."""
+    if isinstance(text, PrecisionPolicy):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"precision must be a preset name ({', '.join(PRESETS)}) or a policy string like "
+                         f"weight=e4m3,grad=e5m2, got {text!r}")
+    return PrecisionPolicy.parse(_translate_legacy(text.strip()))
+
+
+def precision_label(precision: "str | PrecisionPolicy") -> str:
+    """The text that names a precision in run ids, results and reports: the text as written (old '+' strings
+    translated), or for a policy object its preset name when it equals one, else ``str(policy)``."""
+    if isinstance(precision, PrecisionPolicy):
+        return next((name for name, p in PRESETS.items() if p == precision), str(precision))
+    parse_precision(precision)  # a bad name fails here, with the valid choices
+    return _translate_legacy(precision.strip())
+
+
+def rounding_variants(precision: "str | PrecisionPolicy") -> dict[str, PrecisionPolicy]:
+    """Nearest vs stochastic rounding of master weights and optimizer states, derived from ``precision``.
+
+    Returns label ("master:nearest,state:stochastic") -> policy, one per combination of the roles the policy
+    quantizes (a role kept in full precision has no rounding to vary).
+    """
+    policy = parse_precision(precision)
+    roles = [r for r in ("master", "state") if getattr(policy, r) is not None]
+    out: dict[str, PrecisionPolicy] = {}
+    for combo in range(2 ** len(roles)):
+        changes, labels = {}, []
+        for i, role in enumerate(roles):
+            old = getattr(policy, role)
+            mode = type(old.rounding)("stochastic" if (combo >> i) & 1 else "nearest")  # the Rounding enum
+            changes[role] = dataclasses.replace(old, rounding=mode)
+            labels.append(f"{role}:{mode.value}")
+        out[",".join(labels)] = dataclasses.replace(policy, **changes)
+    return out
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The full configuration of one run; its hash is the run id.
+
+    ``steps``/``tokens``/``eval_every`` of None mean the task's default (steps from tokens via tokens_per_step).
+    ``precision`` is given as a preset name, a policy string or a ``PrecisionPolicy`` and is kept as its label
+    (see ``precision_label``); ``policy`` is the parsed ``PrecisionPolicy`` the run trains with.
+    """
+
+    task: str
+    optimizer: str
+    precision: str
+    lr: float
+    seed: int
+    phase: str = "custom"
+    size: str = "default"
+    data: str | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    eval_every: int | None = None
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    telemetry_every: int = 10
+    thresholds: dict = field(default_factory=lambda: dataclasses.asdict(Thresholds()))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.precision, PrecisionPolicy):
+            object.__setattr__(self, "policy", self.precision)
+        object.__setattr__(self, "precision", precision_label(self.precision))
+
+    @cached_property
+    def policy(self) -> PrecisionPolicy:
+        """The precision policy of this run (parsed once)."""
+        return parse_precision(self.precision)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {
+            "thresholds": dict(self.thresholds)}
+
+    @property
+    def config_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def run_id(self) -> str:
+        """12 hex digits of the SHA-256 of the configuration (JSON, sorted keys)."""
+        return hashlib.sha256(self.config_json.encode()).hexdigest()[:12]
+
+    @property
+    def reuse_key(self) -> str:
+        """Hash of the configuration without its phase, with the policy in canonical form: two runs with equal
+        keys produce identical results ("fp8-all" and its written-out policy string are the same run)."""
+        d = self.to_dict()
+        d.pop("phase")
+        d["precision"] = str(self.policy)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        return cls(**json.loads(text))
+
+
+# ----------------------------------------------------------------------------------------------- parsing
 def parse_seeds(value: Any) -> list[int]:
     """Seeds: an integer N (or the string "N") means seeds 0..N-1; a list or "a,b,c" means exactly those.
 

@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from studies.run import Parallel, RunSpec, execute_run
+from studies.config import RunSpec
+from studies.run import Parallel, execute_run
 
 __all__ = ["COMMS", "DDPRunSpec", "DDPParallel", "run_ddp", "param_digest", "build_parser", "main"]
 
@@ -179,7 +180,7 @@ def run_ddp(spec: DDPRunSpec, out_dir: str | Path, *, device: str = "cpu", targe
     An exception on rank 0 is recorded as an ``error`` row and re-raised (so torchrun stops the other ranks);
     on other ranks it propagates.
     """
-    from studies.sweep import ResultsStore
+    from studies.store import ResultsStore
 
     if spec.world_size != dist.get_world_size():
         raise ValueError(f"spec.world_size={spec.world_size} but the process group has {dist.get_world_size()} "
@@ -206,7 +207,7 @@ def run_ddp(spec: DDPRunSpec, out_dir: str | Path, *, device: str = "cpu", targe
     digests = _gather_digests(model, device)
     par.ddp = None  # release DDP's reducer before the process group goes away
     if rank == 0:
-        from studies.sweep import write_json_atomic
+        from studies.store import write_json_atomic
 
         row.update(par.comm_columns())
         row["replicas_identical"] = len(set(digests)) == 1
@@ -263,12 +264,12 @@ def spec_from_args(args: argparse.Namespace, world_size: int) -> DDPRunSpec:
     from studies.config import Thresholds
     from studies.optimizers import check_optimizer
     from studies.protocol import _default_lr
-    from studies.run import resolve_precision
+    from studies.config import parse_precision
     from studies.tasks import get_task
 
     task = get_task(args.task, size=args.size, data=args.data)
     check_optimizer(args.optimizer)
-    resolve_precision(args.precision)
+    parse_precision(args.precision)
     names = {f.name: f.type for f in dataclasses.fields(Thresholds)}
     values: dict[str, float] = {}
     for item in args.threshold:

@@ -36,8 +36,9 @@ from typing import Any
 
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer
-from studies.run import RunSpec, rounding_variants
-from studies.sweep import ResultsStore, run_specs, shard, write_json_atomic
+from studies.config import RunSpec, rounding_variants
+from studies.store import ResultsStore, write_json_atomic
+from studies.sweep import run_specs, shard
 
 
 class PhaseIncomplete(RuntimeError):

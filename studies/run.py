@@ -9,165 +9,30 @@ early; the row says when, why, and which telemetry site went first. An exception
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-import os
 import random
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from studies.config import Thresholds
-from studies.optimizers import make_optimizer
+from lowprec.policy import ROLES as POLICY_ROLES
 
-ROLES = ("weight", "activation", "grad", "state", "master")
+from studies.config import RunSpec, Thresholds
+from studies.optimizers import make_optimizer
+from studies.store import RESULT_COLUMNS, write_csv_atomic  # noqa: F401 - RESULT_COLUMNS re-exported until schema.py
+
+ROLES = tuple(r for r in POLICY_ROLES if r != "accumulator")  # roles with telemetry columns
 METRIC_COLUMNS = (
     ["step", "tokens", "loss", "val_loss", "lr", "grad_norm", "update_ratio"]
     + [f"{r}_{k}" for r in ROLES for k in ("underflow", "overflow")]
     + ["state_zero_frac", "lost_update_frac"]
 )
-RESULT_COLUMNS = [
-    "run_id", "phase", "task", "optimizer", "precision", "lr", "seed", "steps", "steps_done", "tokens",
-    "final_loss", "final_val_loss", "best_val_loss", "diverged", "diverged_step", "divergence_reason",
-    "divergence_site", "explanation", "target_loss", "tokens_to_target", "wall_s", "state_bytes_per_param",
-    "status", "config_json",
-]
 # optimizer-state entries that hold a second moment or a magnitude bound (their zero fraction is logged)
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "bound")  # AdamW, AMSGrad, StoSignSGD's G
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """The full configuration of one run; its hash is the run id.
-
-    ``steps``/``tokens``/``eval_every`` of None mean the task's default (steps from tokens via tokens_per_step).
-    ``precision`` is a preset name ("fp8-all"), a policy string ("weight=e4m3,..."), or a preset with overrides
-    ("fp8-all+master=bf16:stochastic", see ``resolve_precision``).
-    """
-
-    task: str
-    optimizer: str
-    precision: str
-    lr: float
-    seed: int
-    phase: str = "custom"
-    size: str = "default"
-    data: str | None = None
-    steps: int | None = None
-    tokens: int | None = None
-    eval_every: int | None = None
-    schedule: str = "cosine"
-    warmup_frac: float = 0.05
-    telemetry_every: int = 10
-    thresholds: dict = field(default_factory=lambda: dataclasses.asdict(Thresholds()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def config_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def run_id(self) -> str:
-        """12 hex digits of the SHA-256 of the configuration (JSON, sorted keys)."""
-        return hashlib.sha256(self.config_json.encode()).hexdigest()[:12]
-
-    @property
-    def reuse_key(self) -> str:
-        """Hash of the configuration without its phase: two runs with equal keys produce identical results."""
-        d = self.to_dict()
-        d.pop("phase")
-        try:  # equal policies written differently ("fp8-all" vs "fp8-all+master=...") are the same run
-            d["precision"] = str(resolve_precision(self.precision))
-        except Exception:
-            pass
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunSpec":
-        return cls(**json.loads(text))
-
-
-# ----------------------------------------------------------------------------------------------- precision
-def resolve_precision(text: str):
-    """Preset name, policy string, or "preset+role=spec+role=spec" -> ``lowprec.PrecisionPolicy``.
-
-    Raises ValueError naming the presets when ``text`` is none of these.
-    """
-    from lowprec.policy import PrecisionPolicy
-
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"precision must be a preset name or a policy string, got {text!r}")
-    text = text.strip()
-    presets = _preset_names()
-    if "+" in text:
-        base, *overrides = text.split("+")
-        policy = _preset(base, presets)
-        changes = {}
-        for ov in overrides:
-            role, _, spec = ov.partition("=")
-            if not spec:
-                raise ValueError(f"precision override {ov!r} must look like role=spec (e.g. master=bf16:stochastic)")
-            changes.update(_policy_fields(PrecisionPolicy.parse(f"{role}={spec}"), only=role))
-        return dataclasses.replace(policy, **changes)
-    if "=" in text:
-        return PrecisionPolicy.parse(text)
-    return _preset(text, presets)
-
-
-def _preset_names() -> list[str]:
-    import lowprec.policy as lp
-
-    presets = getattr(lp, "PRESETS", None)
-    return list(presets) if presets is not None else []
-
-
-def _preset(name: str, presets: list[str]):
-    from lowprec.policy import PrecisionPolicy
-
-    if presets and name not in presets:
-        raise ValueError(f"unknown precision {name!r}; valid presets: {', '.join(presets)} "
-                         f"(or a policy string like weight=e4m3,grad=e5m2)")
-    try:
-        return PrecisionPolicy.preset(name)
-    except (KeyError, ValueError):
-        raise ValueError(f"unknown precision {name!r}; valid presets: {', '.join(presets)} "
-                         f"(or a policy string like weight=e4m3,grad=e5m2)") from None
-
-
-def _policy_fields(policy, only: str) -> dict:
-    if only not in {f.name for f in dataclasses.fields(policy)}:
-        raise ValueError(f"unknown policy role {only!r}; valid: "
-                         f"{', '.join(f.name for f in dataclasses.fields(policy))}")
-    return {only: getattr(policy, only)}
-
-
-def rounding_variants(preset: str) -> dict[str, str]:
-    """Nearest vs stochastic rounding of master weights and optimizer states, derived from ``preset``.
-
-    Returns label -> precision string ("preset+master=...+state=..."), one per combination of the roles the
-    preset quantizes (a role kept in full precision has no rounding to vary).
-    """
-    policy = resolve_precision(preset)
-    roles = [r for r in ("master", "state") if getattr(policy, r, None) is not None]
-    out: dict[str, str] = {}
-    for combo in range(2 ** len(roles)):
-        parts, labels = [], []
-        for i, role in enumerate(roles):
-            old = getattr(policy, role)
-            mode = type(old.rounding)("stochastic" if (combo >> i) & 1 else "nearest")  # the Rounding enum
-            parts.append(f"{role}={dataclasses.replace(old, rounding=mode)}")
-            labels.append(f"{role}:{mode.value}")
-        out[",".join(labels)] = "+".join([preset, *parts])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- divergence
@@ -330,14 +195,6 @@ def _set_telemetry_step(tel, step: int) -> None:
         return
     if hasattr(tel, "step") and not callable(getattr(tel, "step")):
         tel.step = step
-
-
-def _write_csv_atomic(df, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -514,7 +371,7 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Paralle
     eval_every = int(spec.eval_every or task.eval_every)
     schedule = getattr(task, "schedule", None) or spec.schedule
 
-    policy = resolve_precision(spec.precision)
+    policy = spec.policy
     tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS)
     # On a CPU torch._scaled_mm is slower than emulation and gives the same numbers up to summation order, so the
     # study emulates there; on a GPU the native FP8 GEMM runs wherever the hardware has it.
@@ -583,13 +440,13 @@ def _train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Paralle
             break
 
     mdf = pd.DataFrame(metrics, columns=METRIC_COLUMNS)
-    _write_csv_atomic(mdf, run_dir / "metrics.csv")
+    write_csv_atomic(mdf, run_dir / "metrics.csv")
     try:
         frame = tel.frame()
     except Exception:
         frame = None
     if frame is not None:
-        _write_csv_atomic(frame, run_dir / "telemetry.csv")
+        write_csv_atomic(frame, run_dir / "telemetry.csv")
     try:
         first_site = tel.first_nonfinite()
     except Exception:

@@ -1,101 +1,24 @@
-"""Sweep mechanics: the results store (atomic, resumable), deterministic shards, and parallel execution.
+"""Sweep mechanics: deterministic shards, reuse of equal runs, and parallel execution into a results store.
 
-Atomicity: ``results.csv`` is only ever replaced whole. Appending a row takes an exclusive ``fcntl`` lock on
-``DIR/.results.lock``, reads the current file, writes old rows + the new row to a temporary file in the same
-folder, fsyncs it and ``os.replace``-s it over ``results.csv`` (then fsyncs the folder). A SIGKILL at any moment
-leaves either the old or the new file: never a half row, never a lost completed row. A row whose run_id is
-already present replaces it (so each run_id appears once; only failed runs are ever re-run).
+Rows go to ``studies.store.ResultsStore`` (atomic, resumable: see that module); each run id appears once and
+only failed runs are ever re-run.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import csv
-import fcntl
-import json
-import math
 import multiprocessing as mp
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable
 
-from studies.run import RESULT_COLUMNS, RunSpec, execute_run
+from studies.config import RunSpec
+from studies.run import execute_run
+from studies.store import ResultsStore
 
-csv.field_size_limit(sys.maxsize)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "True" if v else "False"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
-
-
-class ResultsStore:
-    """``DIR/results.csv``: one row per run id, appended atomically under a file lock."""
-
-    def __init__(self, out_dir: str | Path):
-        self.dir = Path(out_dir)
-        self.path = self.dir / "results.csv"
-        self.lock_path = self.dir / ".results.lock"
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the exclusive lock on the results file for the duration of the block."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-    def rows(self) -> list[dict[str, str]]:
-        """All rows as dicts of strings (empty list when there is no results file yet)."""
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    def completed(self) -> dict[str, dict[str, str]]:
-        """run_id -> row for every run that finished (status ok or diverged; failed runs are retried)."""
-        return {r["run_id"]: r for r in self.rows() if r.get("status", "ok") != "error"}
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        columns = list(RESULT_COLUMNS)
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-        tmp = self.dir / f".results.csv.tmp-{os.getpid()}"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(v) for k, v in r.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def append(self, row: dict[str, Any]) -> None:
-        """Add ``row`` (replacing any row with the same run_id) atomically."""
-        with self.locked():
-            rows = [r for r in self.rows() if r["run_id"] != row["run_id"]]
-            rows.append(row)
-            self._write(rows)
-
-    def update(self, fn: Callable[[dict[str, str]], dict[str, Any]]) -> None:
-        """Rewrite every row through ``fn`` atomically (used to fill in targets after the tune phase)."""
-        with self.locked():
-            self._write([fn(dict(r)) for r in self.rows()])
+__all__ = ["shard", "run_specs"]
 
 
 def shard(specs: Iterable[RunSpec], k: int, n: int) -> list[RunSpec]:
@@ -223,11 +146,3 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
     finally:
         bar.close()
     return counts
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON via a temporary file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)

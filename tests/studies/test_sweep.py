@@ -13,7 +13,8 @@ import time
 import pytest
 
 from studies.run import RESULT_COLUMNS, RunSpec
-from studies.sweep import ResultsStore, shard
+from studies.store import ResultsStore
+from studies.sweep import shard
 
 
 def _spec(**kw) -> RunSpec:
@@ -78,7 +79,7 @@ def test_sigkill_during_appends_never_leaves_a_half_row_or_loses_an_acknowledged
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_sweep import _row
-        from studies.sweep import ResultsStore
+        from studies.store import ResultsStore
         store = ResultsStore({str(tmp_path)!r})
         i = 0
         while True:

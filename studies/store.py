@@ -1,0 +1,142 @@
+"""Atomic file writes and the results store of a study folder.
+
+One write rule for every file a study writes (results.csv, metrics.csv, telemetry.csv, study.json): the content
+goes to a temporary file in the same folder, is flushed and fsynced, then ``os.replace``-d over the target, and
+the folder is fsynced. A SIGKILL at any moment leaves either the old or the new file, never a mix.
+
+``ResultsStore`` is ``DIR/results.csv``: one row per run id. Appending a row takes an exclusive lock on
+``DIR/.results.lock`` (``filelock``, portable), reads the current rows, and rewrites the whole file atomically;
+a row whose run id is already present replaces it.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock
+
+__all__ = ["RESULT_COLUMNS", "ResultsStore", "write_atomic", "write_csv_atomic", "write_json_atomic", "strict_json"]
+
+csv.field_size_limit(sys.maxsize)
+
+# The results columns (until ``studies.schema`` owns them, this is the one list writer and tests share).
+RESULT_COLUMNS = [
+    "run_id", "phase", "task", "optimizer", "precision", "lr", "seed", "steps", "steps_done", "tokens",
+    "final_loss", "final_val_loss", "best_val_loss", "diverged", "diverged_step", "divergence_reason",
+    "divergence_site", "explanation", "target_loss", "tokens_to_target", "wall_s", "state_bytes_per_param",
+    "status", "config_json",
+]
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # folders cannot be opened for fsync on Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (temporary file, fsync, ``os.replace``, fsync of the folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(tmp, mode, **({} if isinstance(data, bytes) else {"newline": ""})) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_csv_atomic(df, path: str | Path) -> None:
+    """Write a pandas DataFrame as CSV (no index) atomically."""
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_atomic(path, buf.getvalue())
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None, so it serializes as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented strict JSON (non-finite floats become null) atomically."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    write_atomic(path, text + "\n")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "True" if v else "False"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    return str(v)
+
+
+class ResultsStore:
+    """``DIR/results.csv``: one row per run id, appended atomically under a file lock."""
+
+    def __init__(self, out_dir: str | Path):
+        self.dir = Path(out_dir)
+        self.path = self.dir / "results.csv"
+        self.lock_path = self.dir / ".results.lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive lock on the results file for the duration of the block."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.lock_path)):
+            yield
+
+    def rows(self) -> list[dict[str, str]]:
+        """All rows as dicts of strings (empty list when there is no results file yet)."""
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def completed(self) -> dict[str, dict[str, str]]:
+        """run_id -> row for every run that finished (status ok or diverged; failed runs are retried)."""
+        return {r["run_id"]: r for r in self.rows() if r.get("status", "ok") != "error"}
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        columns = list(RESULT_COLUMNS)
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(v) for k, v in r.items()})
+        write_atomic(self.path, buf.getvalue())
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Add ``row`` (replacing any row with the same run_id) atomically."""
+        with self.locked():
+            rows = [r for r in self.rows() if r["run_id"] != row["run_id"]]
+            rows.append(row)
+            self._write(rows)
+
+    def update(self, fn: Callable[[dict[str, str]], dict[str, Any]]) -> None:
+        """Rewrite every row through ``fn`` atomically (used to fill in targets after the tune phase)."""
+        with self.locked():
+            self._write([fn(dict(r)) for r in self.rows()])
