@@ -86,7 +86,7 @@ def test_truncated_last_row_is_refused(tmp_path):
     S.write_results_csv(p, [_row(), _row(run_id="x2", explanation="plain")])
     text = p.read_text()
     p.write_text(text[: text.rindex(",diverged,")])  # the last row loses its status and config_json
-    with pytest.raises(ValueError, match=r"line 3 lacks column\(s\) status, config_json"):
+    with pytest.raises(ValueError, match=r"line 4 lacks column\(s\) status, config_json"):
         S.read_results_csv(p)
 
 
