@@ -211,15 +211,18 @@ def precision_label(precision: "str | PrecisionPolicy") -> str:
     return _translate_legacy(precision.strip())
 
 
-def rounding_variants(precision: "str | PrecisionPolicy") -> dict[str, PrecisionPolicy]:
+def rounding_variants(precision: "str | PrecisionPolicy") -> dict[str, str]:
     """Nearest vs stochastic rounding of master weights and optimizer states, derived from ``precision``.
 
-    Returns label ("master:nearest,state:stochastic") -> policy, one per combination of the roles the policy
-    quantizes (a role kept in full precision has no rounding to vary).
+    Returns label ("master:nearest,state:stochastic") -> precision text in the policy language
+    ("fp8-all,master=bf16,state=e4m3:block128"), one per combination of the roles the policy quantizes (a role
+    kept in full precision has no rounding to vary). Each variant is built as a policy (``dataclasses.replace``)
+    and its text parses back to exactly that policy.
     """
+    base = precision_label(precision)
     policy = parse_precision(precision)
     roles = [r for r in ("master", "state") if getattr(policy, r) is not None]
-    out: dict[str, PrecisionPolicy] = {}
+    out: dict[str, str] = {}
     for combo in range(2 ** len(roles)):
         changes, labels = {}, []
         for i, role in enumerate(roles):
@@ -227,7 +230,11 @@ def rounding_variants(precision: "str | PrecisionPolicy") -> dict[str, Precision
             mode = type(old.rounding)("stochastic" if (combo >> i) & 1 else "nearest")  # the Rounding enum
             changes[role] = dataclasses.replace(old, rounding=mode)
             labels.append(f"{role}:{mode.value}")
-        out[",".join(labels)] = dataclasses.replace(policy, **changes)
+        variant = dataclasses.replace(policy, **changes)
+        text = ",".join([base, *(f"{role}={spec}" for role, spec in changes.items())])
+        if parse_precision(text) != variant:  # a policy whose text does not say what it is would mislabel runs
+            raise ValueError(f"rounding variant {text!r} does not parse back to its policy {variant}")
+        out[",".join(labels)] = text
     return out
 
 
