@@ -35,12 +35,12 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from .optim import _check_sign_hparams, _sign_step_foreach, _sign_step_single, _SignBase
+from .step import SignOptimizer, check_sign_hparams, sign_step_foreach, sign_step_single
 
 __all__ = ["SignConverted"]
 
 
-class SignConverted(_SignBase):
+class SignConverted(SignOptimizer):
     """Wrap ``optimizer`` so that its update direction u becomes the step −lr·sign(u + G⊙n) (see module doc).
 
     Args:
@@ -58,7 +58,7 @@ class SignConverted(_SignBase):
                  foreach: bool | None = None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"SignConverted wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _check_sign_hparams(weight_decay, buffer, buffer_decay)
+        check_sign_hparams(weight_decay, buffer, buffer_decay)
         self.base = optimizer
         self.noise = bool(noise)
         self.buffer = buffer
@@ -110,7 +110,7 @@ class SignConverted(_SignBase):
                 noises = self._noise(movers)
             else:
                 bounds, noises = [None] * len(movers), None
-            kernel = _sign_step_foreach if self._use_foreach(self.foreach, movers) else _sign_step_single
+            kernel = sign_step_foreach if self._use_foreach(self.foreach, movers) else sign_step_single
             kernel(movers, dirs, bounds, noises, scratch, lr=lr, weight_decay=self.weight_decay, buffer=self.buffer,
                    buffer_decay=self.buffer_decay)
         return loss
