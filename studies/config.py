@@ -148,6 +148,12 @@ class StudyConfig:
         for p in [*self.precisions, *task_precs, self.tune_precision, self.ablation_precision,
                   self.rounding_precision]:
             parse_precision(p)
+        # the edge: old '+' strings are translated once, so every later key and run id uses one spelling
+        self.precisions = [precision_label(p) for p in self.precisions]
+        self.task_precisions = {t: [precision_label(p) for p in ps] for t, ps in self.task_precisions.items()}
+        self.tune_precision = precision_label(self.tune_precision)
+        self.ablation_precision = precision_label(self.ablation_precision)
+        self.rounding_precision = precision_label(self.rounding_precision)
         for name, v in [("steps", self.steps), ("tokens", self.tokens), ("eval_every", self.eval_every),
                         ("mechanism_steps", self.mechanism_steps)]:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):

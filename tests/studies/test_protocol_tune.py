@@ -156,12 +156,14 @@ def test_tune_per_precision_extends_each_precision_on_its_own(tmp_path):
     at most 4e-5 is below half the gap to either bf16 neighbour of every coordinate (8 significant bits: for
     |x| >= 2^-5 both gaps are >= 2^-13, half of it 6.1e-5 > 4e-5), so the weights never move, every LR scores the
     same, the tie goes to the smallest LR and the grid extends downward."""
-    low = "fp32+master=bf16:nearest"
+    legacy = "fp32+master=bf16:nearest"   # the old '+' form: translated once at the edge, recorded as `low`
+    low = "fp32,master=bf16:nearest"
     x0 = get_task("convex-l1", size="quick").build(0).model.x.detach()
     assert float(x0.abs().min()) >= 2.0 ** -5                  # premise of the no-movement argument
     out = tmp_path / "pp"
-    study = run_study(_cfg(out, ["signsgd"], [1e-5, 2e-5, 4e-5], 2, precisions=["fp32", low],
-                           tune_per_precision=True), progress=False)
+    with pytest.warns(DeprecationWarning, match="old '\\+' form"):
+        study = run_study(_cfg(out, ["signsgd"], [1e-5, 2e-5, 4e-5], 2, precisions=["fp32", legacy],
+                               tune_per_precision=True), progress=False)
     res = _tune_rows(out)
     assert _lrs(res, "signsgd", "fp32") == [1e-5, 2e-5, 4e-5, 8e-5, 1.6e-4]
     assert _lrs(res, "signsgd", low) == [2.5e-6, 5e-6, 1e-5, 2e-5, 4e-5]
