@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
-__all__ = ["RESULT_COLUMNS", "ResultsStore", "write_atomic", "write_csv_atomic", "write_json_atomic", "strict_json"]
+from studies.schema import to_strict_json
+
+__all__ = ["RESULT_COLUMNS", "ResultsStore", "write_atomic", "write_csv_atomic", "write_json_atomic"]
 
 csv.field_size_limit(sys.maxsize)
 
@@ -65,20 +67,9 @@ def write_csv_atomic(df, path: str | Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def strict_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, ±inf) replaced by None, so it serializes as strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented strict JSON (non-finite floats become null) atomically."""
-    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    text = json.dumps(to_strict_json(obj), indent=2, sort_keys=False, allow_nan=False)
     write_atomic(path, text + "\n")
 
 
