@@ -1,0 +1,92 @@
+"""What every task shares: the Task recipe, the TaskRun it builds, seeds, sizes and the LR grid rule."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["SIZES", "DATA_SEED", "TRAIN_FRACTION", "Task", "TaskRun", "step_seed", "check_seed", "check_step",
+           "lr_grid"]
+
+SIZES = ("quick", "default", "paper")
+DATA_SEED = 1234          # fixes every task's problem data (teacher, convex instance, validation windows)
+TRAIN_FRACTION = 0.9      # contiguous split: first 90% of the tokens train, last 10% validate
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+def step_seed(seed: int, step: int) -> int:
+    """A well-mixed 64-bit seed for (run seed, step) — batch ``step`` is independent of earlier batches."""
+    return int(np.random.SeedSequence([int(seed), 0x5EED, int(step)]).generate_state(1, np.uint64)[0])
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
+def lr_grid(center: float) -> list[float]:
+    """The tuning grid around a default learning rate: center/3, center, 3*center (rounded to 2 digits)."""
+    return [float(f"{v:.2g}") for v in (center / 3, center, center * 3)]
+
+
+# ------------------------------------------------------------------------------------------- Task / TaskRun
+
+class TaskRun:
+    """One instantiated task: a model and its data, for one seed.
+
+    Attributes: ``model`` (the ``nn.Module`` to optimize), ``tokens_per_step`` (tokens — or examples — consumed
+    by one ``train_loss`` call), ``optimal_loss`` (the known minimum of the objective, else ``None``).
+    """
+
+    model: nn.Module
+    tokens_per_step: int
+    optimal_loss: float | None = None
+
+    def train_loss(self, step: int) -> torch.Tensor:
+        """Differentiable scalar loss of the model on training batch ``step``."""
+        raise NotImplementedError
+
+    def val_loss(self) -> float:
+        """Loss on the fixed validation set (no gradient; the model's train/eval mode is restored)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A task recipe. ``build(seed)`` returns a :class:`TaskRun`, deterministic given ``seed``.
+
+    ``default_lrs`` and ``lr_grid`` are keyed by optimizer name (adamw, sgd, signsgd, signum, stosignsgd);
+    ``config`` holds every knob that defines the task (JSON-serialisable, for run ids).
+    """
+
+    name: str
+    description: str
+    size: str
+    default_steps: int
+    eval_every: int
+    default_lrs: dict[str, float]
+    lr_grid: dict[str, list[float]]
+    tokens_per_step: int
+    config: dict
+    builder: Callable[..., TaskRun] = field(repr=False)
+
+    def build(self, seed: int, device: str | torch.device = "cpu") -> TaskRun:
+        """Fresh model and data for ``seed`` (init and batch order depend on it; the problem data does not)."""
+        seed = check_seed(seed)
+        with torch.random.fork_rng(devices=[]):   # leave the caller's global RNG untouched
+            torch.manual_seed(seed)
+            return self.builder(seed=seed, device=torch.device(device), **self.config)
+
+
+
