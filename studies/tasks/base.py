@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["SIZES", "DATA_SEED", "TRAIN_FRACTION", "Task", "TaskRun", "step_seed", "check_seed", "check_step",
-           "lr_grid"]
+           "lr_grid", "sized_task"]
 
 SIZES = ("quick", "default", "paper")
 DATA_SEED = 1234          # fixes every task's problem data (teacher, convex instance, validation windows)
@@ -90,3 +90,14 @@ class Task:
 
 
 
+
+
+def sized_task(name: str, description: str, size: str, config: dict, lrs: dict[str, float],
+               tokens_per_step: int, builder: Callable[..., TaskRun]) -> Task:
+    """The Task of one size: ``config`` is the size's table (its ``steps`` and ``eval_every`` become the
+    defaults, the rest the builder's keyword arguments); ``lrs`` the fp32 default LR per optimizer, each tuned
+    over ``lr_grid`` around it."""
+    c = dict(config)
+    steps, every = c.pop("steps"), c.pop("eval_every")
+    return Task(name, description, size, steps, every, dict(lrs), {k: lr_grid(v) for k, v in lrs.items()},
+                tokens_per_step, c, builder)

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from studies.tasks.base import DATA_SEED, Task, TaskRun, check_step, lr_grid
+from studies.tasks.base import DATA_SEED, Task, TaskRun, check_step, sized_task
 
 __all__ = ["L1Objective", "l1_problem", "ConvexRun", "build_convex", "convex_task", "CONVEX_SIZES", "CONVEX_LRS"]
 
@@ -104,8 +104,5 @@ CONVEX_LRS = {
 
 def convex_task(name: str, description: str, size: str, data: str | None) -> Task:
     """The convex-l1 recipe at ``size`` (embedded problem; ``data`` must be None, checked by the registry)."""
-    c = dict(CONVEX_SIZES[size])
-    steps, every = c.pop("steps"), c.pop("eval_every")
-    lrs = CONVEX_LRS[size]
-    return Task(name, description, size, steps, every, dict(lrs), {k: lr_grid(v) for k, v in lrs.items()},
-                c["dim"], c, build_convex)
+    c = CONVEX_SIZES[size]
+    return sized_task(name, description, size, c, CONVEX_LRS[size], c["dim"], build_convex)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from studies.tasks.base import Task, TaskRun, check_step, lr_grid, step_seed
+from studies.tasks.base import Task, TaskRun, check_step, sized_task, step_seed
 from studies.tasks.corpus import Corpus, check_corpus, load_corpus, pydoc_corpus
 
 __all__ = ["CausalSelfAttention", "FeedForward", "MoE", "Block", "GPT", "LMRun", "build_lm", "lm_task",
@@ -236,16 +236,13 @@ LM_LRS = {
 def lm_task(name: str, description: str, size: str, data: str | None) -> Task:
     """The gpt / moe / text recipe at ``size``; ``data=PATH`` replaces the embedded corpus (checked here)."""
     c = dict(LM_SIZES[size])
-    steps, every = c.pop("steps"), c.pop("eval_every")
     if data is not None:
         data = os.path.abspath(os.fspath(data))
         check_corpus(load_corpus(data), c["ctx"])   # missing/empty/too small -> ValueError here, not later
     c["data"] = data
     if name == "moe":
         c.update(MOE_SIZES[size], expert_hidden=2 * c["d_model"], aux_weight=0.01)
-    lrs = LM_LRS[size]
     if data is not None:
         model = "tiny mixture-of-experts transformer" if name == "moe" else "tiny nanoGPT-style transformer"
         description = f"{model} on {load_corpus(data).source}"
-    return Task(name, description, size, steps, every, dict(lrs), {k: lr_grid(v) for k, v in lrs.items()},
-                c["batch"] * c["ctx"], c, build_lm)
+    return sized_task(name, description, size, c, LM_LRS[size], c["batch"] * c["ctx"], build_lm)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from studies.tasks.base import DATA_SEED, Task, TaskRun, check_step, lr_grid, step_seed
+from studies.tasks.base import DATA_SEED, Task, TaskRun, check_step, sized_task, step_seed
 
 __all__ = ["teacher_data", "MLP", "ClassifierRun", "build_mlp", "mlp_task", "MLP_SIZES", "MLP_LRS"]
 
@@ -88,9 +88,5 @@ MLP_LRS = {
 
 def mlp_task(name: str, description: str, size: str, data: str | None) -> Task:
     """The mlp recipe at ``size`` (embedded teacher data; ``data`` must be None, checked by the registry)."""
-    c = dict(MLP_SIZES[size])
-    steps, every = c.pop("steps"), c.pop("eval_every")
-    c.update(in_dim=32, classes=10, teacher_hidden=64, n_val=2048)
-    lrs = MLP_LRS[size]
-    return Task(name, description, size, steps, every, dict(lrs), {k: lr_grid(v) for k, v in lrs.items()},
-                c["batch"], c, build_mlp)
+    c = dict(MLP_SIZES[size], in_dim=32, classes=10, teacher_hidden=64, n_val=2048)
+    return sized_task(name, description, size, c, MLP_LRS[size], c["batch"], build_mlp)
