@@ -144,11 +144,8 @@ class StudyConfig:
             for t in names:
                 if t not in self.tasks:
                     raise ValueError(f"{what}: {t!r} is not a task of this study; valid: {', '.join(self.tasks)}")
-        task_precs = [p for precs in self.task_precisions.values() for p in precs]
-        for p in [*self.precisions, *task_precs, self.tune_precision, self.ablation_precision,
-                  self.rounding_precision]:
-            parse_precision(p)
-        # the edge: old '+' strings are translated once, so every later key and run id uses one spelling
+        # the edge: every precision is checked (a bad one raises ValueError naming what is valid) and old '+'
+        # strings are translated once, so every later key and run id uses one spelling
         self.precisions = [precision_label(p) for p in self.precisions]
         self.task_precisions = {t: [precision_label(p) for p in ps] for t, ps in self.task_precisions.items()}
         self.tune_precision = precision_label(self.tune_precision)
@@ -213,8 +210,11 @@ def precision_label(precision: "str | PrecisionPolicy") -> str:
     translated), or for a policy object its preset name when it equals one, else ``str(policy)``."""
     if isinstance(precision, PrecisionPolicy):
         return next((name for name, p in PRESETS.items() if p == precision), str(precision))
-    parse_precision(precision)  # a bad name fails here, with the valid choices
-    return _translate_legacy(precision.strip())
+    if not isinstance(precision, str):
+        parse_precision(precision)  # raises ValueError naming what is valid
+    text = _translate_legacy(precision.strip())  # translated (and warned about) once
+    parse_precision(text)  # a bad name fails here, with the valid choices
+    return text
 
 
 def rounding_variants(precision: "str | PrecisionPolicy") -> dict[str, str]:

@@ -22,19 +22,15 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
+from studies import schema
 from studies.schema import to_strict_json
 
 __all__ = ["RESULT_COLUMNS", "ResultsStore", "write_atomic", "write_csv_atomic", "write_json_atomic"]
 
 csv.field_size_limit(sys.maxsize)
 
-# The results columns (until ``studies.schema`` owns them, this is the one list writer and tests share).
-RESULT_COLUMNS = [
-    "run_id", "phase", "task", "optimizer", "precision", "lr", "seed", "steps", "steps_done", "tokens",
-    "final_loss", "final_val_loss", "best_val_loss", "diverged", "diverged_step", "divergence_reason",
-    "divergence_site", "explanation", "target_loss", "tokens_to_target", "wall_s", "state_bytes_per_param",
-    "status", "config_json",
-]
+# The results columns, in studies.schema's order (a list, as csv.DictWriter and the tests compare it).
+RESULT_COLUMNS = list(schema.RESULT_COLUMNS)
 
 
 def _fsync_dir(folder: Path) -> None:
