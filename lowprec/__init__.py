@@ -3,7 +3,7 @@
 from .formats import ALIASES, FORMATS, Format, float_format, format_table, get_format, int_format
 from .quantize import (SCALED_FORMATS, QuantSpec, Rounding, Scaling, compiled_quantizer, quantize,
                        quantize_with_scale, round_to_format, spec)
-from .scaling import DelayedScaler
+from .delayed import DelayedScaler
 from .codecs import Encoded, decode, encode
 
 __all__ = ["ALIASES", "FORMATS", "Format", "float_format", "format_table", "get_format", "int_format",

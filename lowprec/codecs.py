@@ -21,7 +21,7 @@ from . import scaling as _sc
 from .formats import FORMATS, Format
 from .quantize import _NATIVE_F8, QuantSpec, Rounding, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
 
-__all__ = ["Encoded", "encode", "decode", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
+__all__ = ["Encoded", "encode", "decode", "element_scale", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
 
 _WIDE = {"bf16": (torch.bfloat16, torch.int16), "fp16": (torch.float16, torch.int16),
          "fp32": (torch.float32, torch.int32)}
@@ -299,7 +299,7 @@ def _stored_scale(enc: Encoded) -> torch.Tensor:
     return scale.unsqueeze(-1) if scaling.mode == "block" else scale
 
 
-def _element_scale(enc: Encoded, like: torch.Tensor) -> torch.Tensor:
+def element_scale(enc: Encoded, like: torch.Tensor) -> torch.Tensor:
     """The scale of every element of ``like`` (shaped as the encoded tensor), as ``quantize_with_scale`` returns
     it for the same input: block scales expanded to the tensor's shape, other scales broadcastable."""
     view, undo = _sc.to_scaling_view(like, enc.spec.scaling)

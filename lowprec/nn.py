@@ -63,7 +63,8 @@ from lowprec import hardware
 from lowprec.accumulate import matmul as acc_matmul
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
-from lowprec.scaling import DelayedScaler, finite_amax
+from lowprec.delayed import DelayedScaler
+from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
 __all__ = ["convert", "QuantLinear", "QuantConv2d", "QuantEmbedding", "BACKENDS", "native_dtype"]

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from lowprec.codecs import Encoded, _element_scale, decode, encode
+from lowprec.codecs import Encoded, element_scale, decode, encode
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
@@ -231,7 +231,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         value = value.reshape(q.shape)
         scale = None
         if spec.scaling is not None:   # the scale per element, for the saturation count: the encoding's own
-            scale = _element_scale(enc, q)  # (what quantize_with_scale(value, spec) computes again)
+            scale = element_scale(enc, q)  # (what quantize_with_scale(value, spec) computes again)
         tel.record(f"optim:{name}", "state", value, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
 
     # ------------------------------------------------------------------ (de)serialisation

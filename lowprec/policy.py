@@ -27,10 +27,10 @@ from lowprec.accumulate import Accumulator
 from lowprec.formats import Format
 from lowprec.quantize import QuantSpec
 
-__all__ = ["PrecisionPolicy", "PRESETS", "PRESET_DOCS", "ROLES"]
+__all__ = ["PrecisionPolicy", "PRESETS", "PRESET_DOCS", "ROLES", "TENSOR_ROLES"]
 
 ROLES = ("weight", "activation", "grad", "state", "master", "accumulator")
-_SPEC_ROLES = ROLES[:-1]
+TENSOR_ROLES = ROLES[:-1]  # the roles that hold a QuantSpec (the accumulator holds an Accumulator)
 
 
 def _to_spec(value: Any, what: str) -> QuantSpec | None:
@@ -75,7 +75,7 @@ class PrecisionPolicy:
     state_overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for role in _SPEC_ROLES:
+        for role in TENSOR_ROLES:
             object.__setattr__(self, role, _to_spec(getattr(self, role), role))
         acc = self.accumulator
         if acc is not None and not isinstance(acc, Accumulator):
@@ -236,7 +236,7 @@ class PrecisionPolicy:
             rnd = spec.rounding.value if hasattr(spec.rounding, "value") else str(spec.rounding)
             return (role, spec.format.name, rnd, scaling, "yes" if spec.saturate else "no", note)
 
-        for role in _SPEC_ROLES:
+        for role in TENSOR_ROLES:
             rows.append(spec_row(role, getattr(self, role), where[role]))
             if role == "state":
                 for name, spec in self.state_overrides.items():

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowprec.policy import TENSOR_ROLES
+
 __all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS"]
 
-ROLES = ("weight", "activation", "grad", "state", "master")
+ROLES = TENSOR_ROLES
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")  # AdamW/Adam, AMSGrad, RMSprop, Adagrad
 
 _COUNTS = ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "sig2", "err2", "zeros", "intended", "lost")

@@ -58,7 +58,7 @@ OPTIMIZER_ORDER = (
     "stosign-tensormax", "stosign-nomomentum", "stosign-adamw",
 )
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "fp8-hybrid", "fp8-states", "fp8-all", "fp8-all-unscaled", "mxfp8", "nvfp4", "mxfp4", "int4")
-ROLES = ("weight", "activation", "grad", "state", "master")
+from lowprec.policy import TENSOR_ROLES as ROLES
 _DASHES = ["", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2), (6, 2)]
 
 REQUIRED_COLUMNS = ("task", "optimizer", "precision", "seed", "diverged")

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowprec.policy import ROLES as POLICY_ROLES
+from lowprec.policy import TENSOR_ROLES
 
 from studies.config import RunSpec, Thresholds
 from studies.optimizers import make_optimizer
 from studies.store import RESULT_COLUMNS, write_csv_atomic  # noqa: F401 - RESULT_COLUMNS re-exported until schema.py
 
-ROLES = tuple(r for r in POLICY_ROLES if r != "accumulator")  # roles with telemetry columns
+ROLES = TENSOR_ROLES  # roles with telemetry columns
 METRIC_COLUMNS = (
     ["step", "tokens", "loss", "val_loss", "lr", "grad_norm", "update_ratio"]
     + [f"{r}_{k}" for r in ROLES for k in ("underflow", "overflow")]

@@ -11,7 +11,7 @@ import torch
 
 import lowprec
 from lowprec import Encoded, decode, encode, quantize
-from lowprec.codecs import _element_scale, codes_to_values
+from lowprec.codecs import element_scale, codes_to_values
 from lowprec.quantize import quantize_with_scale
 from lowprec.telemetry import Telemetry
 
@@ -122,7 +122,7 @@ def test_float8_codes_are_casts_of_quantized_values(f, dtype):
     if s.scaling is None:
         v = quantize(x.float(), unscaled)
     else:  # the element values: the input divided by its (exact, decoded) scale, quantized unscaled
-        scale = _element_scale(enc, x.float()).expand(x.shape)
+        scale = element_scale(enc, x.float()).expand(x.shape)
         v = quantize(x.float() / torch.where(scale == 0, torch.ones_like(scale), scale), unscaled)
         v = torch.where(scale == 0, v * 0.0, v)  # a zero (E4M3) block scale zeroes its block
     ref = v.to(dt).view(torch.uint8)
@@ -138,13 +138,13 @@ def test_float8_codes_are_casts_of_quantized_values(f, dtype):
 
 @pytest.mark.parametrize("f", ["e4m3:block128", "e4m3:block16:axis=0", "e4m3:channel:axis=0", "e5m2:tensor",
                                "mxfp8", "nvfp4", "mxfp6", "int8:block16"])
-def test_element_scale_equals_quantize_with_scale(f):
+def testelement_scale_equals_quantize_with_scale(f):
     x = torch.randn(9, 70, generator=torch.Generator().manual_seed(1)) * 3
     x[2] = 0.0  # an all-zero row (zero amax)
     enc = encode(x, f)
     q = decode(enc)
     _, ref = quantize_with_scale(x, f)
-    ours = _element_scale(enc, q)
+    ours = element_scale(enc, q)
     assert torch.equal(ours.expand_as(x).view(torch.int32), ref.expand_as(x).view(torch.int32))
 
 
