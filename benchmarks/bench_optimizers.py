@@ -5,6 +5,11 @@
 
 Each optimizer gets fresh gradients once (steps reuse them), two warm-up steps, then the median of --repeats timed
 steps. Ratios are against AdamW. State bytes per parameter are read from the optimizer's state after the run.
+
+Then the wrapped optimizer (``lowprec.optim.wrap(AdamW(foreach=True), policy)``: grad quantize -> state decode ->
+AdamW step -> master rounding -> state encode) on the same parameters and on a tiny-GPT-like set of small tensors
+(``--small``: 2-layer d_model 64 shapes, where per-tensor overhead dominates), without telemetry and with a
+``Telemetry(every=10)`` on an unsampled step (``--wrapped ''`` skips this part).
 """
 import argparse
 import statistics
@@ -13,6 +18,10 @@ import time
 import torch
 
 from stosign import SignSGD, StoSignSGD
+
+# parameter shapes of the default tiny GPT (d_model 64, 2 layers, vocab 256, context 64): many small tensors
+SMALL_SHAPES = [(256, 64), (64, 64)] + [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,),
+                                        (256, 64), (256,), (64, 256), (64,)] * 2 + [(64,), (64,)]
 
 
 def state_bytes_per_param(opt: torch.optim.Optimizer, numel: int) -> float:
@@ -31,6 +40,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--wrapped", default="fp8-states,fp8-all",
+                    help="comma-separated lowprec policies to time wrapped around AdamW ('' to skip)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -65,6 +76,54 @@ def main() -> None:
     print(f"{'optimizer':<26}{'median ms':>10}{'min ms':>9}{'vs AdamW':>10}{'state B/param':>15}")
     for name, med, mn, sb in rows:
         print(f"{name:<26}{med:>10.1f}{mn:>9.1f}{med / base:>9.2f}x{sb:>15.1f}")
+    policies = [p for p in args.wrapped.split(",") if p]
+    if policies:
+        wrapped_rows(params, policies, args.repeats, wd, f"{numel / 1e6:.1f}M parameters")
+        torch.manual_seed(0)
+        small = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in SMALL_SHAPES]
+        for p in small:
+            p.grad = torch.randn(p.shape) * 1e-3
+        n_small = sum(p.numel() for p in small)
+        wrapped_rows(small, policies, max(args.repeats, 20), wd,
+                     f"tiny GPT shapes ({len(small)} tensors, {n_small / 1e3:.0f}k parameters)")
+
+
+def _time_steps(opt: torch.optim.Optimizer, repeats: int) -> list[float]:
+    for _ in range(2):
+        opt.step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def wrapped_rows(params: list[torch.nn.Parameter], policies: list[str], repeats: int, wd: float, what: str) -> None:
+    """Median ms per step of AdamW(foreach) alone and wrapped by lowprec under each policy (with and without an
+    unsampled Telemetry). The parameters are re-randomised from a fixed seed before each optimizer."""
+    import lowprec.optim
+    from lowprec.telemetry import Telemetry
+
+    init = [p.detach().clone() for p in params]
+
+    def adamw() -> torch.optim.Optimizer:
+        with torch.no_grad():
+            for p, v in zip(params, init):
+                p.copy_(v)
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=wd, foreach=True)
+
+    rows = [("AdamW(foreach=True)", statistics.median(_time_steps(adamw(), repeats)) * 1e3)]
+    for policy in policies:
+        rows.append((f"wrap({policy})", statistics.median(_time_steps(lowprec.optim.wrap(adamw(), policy),
+                                                                      repeats)) * 1e3))
+        tel = Telemetry(every=10 ** 9)  # step 0 is sampled: the warm-up steps pass it, the timed ones are not
+        rows.append((f"wrap({policy}) + telemetry", statistics.median(_time_steps(
+            lowprec.optim.wrap(adamw(), policy, telemetry=tel), repeats)) * 1e3))
+    print(f"wrapped AdamW, {what}:")
+    print(f"{'optimizer':<36}{'median ms':>10}{'vs AdamW':>10}")
+    for name, med in rows:
+        print(f"{name:<36}{med:>10.2f}{med / rows[0][1]:>9.2f}x")
 
 
 if __name__ == "__main__":
