@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=2 -m studies.ddp --task gpt --optimizer stosignsgd --precision fp8-all \\
         --lr 1e-3 --steps 200 --out DIR [--comm fp32|sign|sign-majority]
 
-The run is the sweep's run (``studies.run.execute_run``: same task, ``lowprec.nn.convert``, ``lowprec.optim.wrap``,
+The run is the sweep's run (``studies.training.execute_run``: same task, ``lowprec.nn.convert``, ``lowprec.optim.wrap``,
 telemetry, divergence detection, ``metrics.csv``, results row), with these differences:
 
 - **Data**: every process builds the same model (same seed) and draws its own training batches: at step ``s``
@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from studies.config import RunSpec
-from studies.run import Parallel, execute_run
+from studies.training import Parallel, execute_run
 
 __all__ = ["COMMS", "DDPRunSpec", "DDPParallel", "run_ddp", "param_digest", "build_parser", "main"]
 
@@ -58,7 +58,7 @@ _REASONS = ("", "spike", "blow-up", "inf", "nan")
 
 @dataclass(frozen=True)
 class DDPRunSpec(RunSpec):
-    """A :class:`studies.run.RunSpec` plus how it is distributed (part of its configuration and run id)."""
+    """A :class:`studies.config.RunSpec` plus how it is distributed (part of its configuration and run id)."""
 
     world_size: int = 1
     comm: str = "fp32"

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from studies.ddp import DDPRunSpec, main, run_ddp
-from studies.run import RESULT_COLUMNS, RunSpec, execute_run
+from studies.config import RunSpec
+from studies.training import RESULT_COLUMNS, execute_run
 from studies.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[2]

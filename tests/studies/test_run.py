@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from studies.config import Thresholds
-from studies.run import METRIC_COLUMNS, RESULT_COLUMNS, DivergenceDetector, RunSpec, execute_run, lr_at
+from studies.config import RunSpec
+from studies.diagnosis import DivergenceDetector
+from studies.training import METRIC_COLUMNS, RESULT_COLUMNS, execute_run, lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -189,7 +191,7 @@ def test_optimizer_registry_builds_every_optimizer_and_rejects_unknown_names():
                                              ("stosign-adamw", 12)])
 def test_state_bytes_per_param_closed_form(name, per_param):
     from studies.optimizers import make_optimizer
-    from studies.run import state_bytes_per_param
+    from studies.diagnosis import state_bytes_per_param
 
     m = torch.nn.Linear(100, 100)                 # 10100 parameters in 2 tensors
     opt = make_optimizer(name, m.parameters(), lr=1e-3)
@@ -209,7 +211,7 @@ def test_token_budget_sets_the_step_count(tmp_path):
 
 
 def test_explanation_names_the_site_and_the_evidence():
-    from studies.run import explain
+    from studies.diagnosis import explain
 
     frame = pd.DataFrame([
         dict(step=130, site="optim:exp_avg_sq", role="state", format="e4m3:block128", flushed_frac=0.40,

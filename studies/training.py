@@ -1,0 +1,323 @@
+"""One run of the precision sweep: (task, optimizer, precision, lr, seed, steps, thresholds) -> a results row.
+
+The loop reads top to bottom, nanoGPT-style: :func:`setup` (seed, task, ``lowprec.nn.convert`` under the run's
+policy, ``lowprec.optim.wrap``), then per step :func:`train_step` (forward, divergence check of the loss,
+backward, optimizer step; update ratio and telemetry read on sampled steps only), :func:`evaluate` every
+``eval_every`` steps, and :func:`finish` (``metrics.csv``, ``telemetry.csv``, the explanation, the row).
+
+Files: ``DIR/runs/<run_id>/metrics.csv`` (one row per step, ``studies.schema.METRIC_COLUMNS``) and
+``telemetry.csv`` (the lowprec Telemetry frame), each written atomically. Divergence (non-finite loss, spike,
+blow-up; see ``studies.config.Thresholds``) stops the run early with ``status = "diverged"``; the row says when,
+why, and which telemetry site went first. A run that fails (a ValueError, RuntimeError, OSError or
+ArithmeticError: bad input, a torch error, out of memory, unreadable data) becomes a row with ``status = "error"``
+and ``divergence_reason = "error: ..."`` so a sweep never stops on one bad cell; any other exception is a bug and
+propagates.
+
+Per-step cost: the training loss is read on the host every step (the divergence detector needs it); the gradient
+norm stays on the device until the run ends; parameters are cloned (for ``update_ratio`` and
+``lost_update_frac``) only on telemetry-sampled steps (every ``telemetry_every`` steps and the last one).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from studies.config import RunSpec, Thresholds
+from studies.diagnosis import (SECOND_MOMENT_KEYS, DivergenceDetector, explain, optimizer_chain,
+                               state_bytes_per_param, state_zero_frac)
+from studies.optimizers import make_optimizer
+from studies.schema import METRIC_COLUMNS as _SCHEMA_METRIC_COLUMNS
+from studies.store import RESULT_COLUMNS, write_csv_atomic
+
+__all__ = ["METRIC_COLUMNS", "RESULT_COLUMNS", "RUN_FAILURES", "Parallel", "Run", "lr_at", "setup", "evaluate",
+           "train_step", "finish", "train", "execute_run"]
+
+METRIC_COLUMNS = list(_SCHEMA_METRIC_COLUMNS)
+# the exceptions that make a run an "error" row instead of stopping the sweep (anything else is a bug)
+RUN_FAILURES = (ValueError, RuntimeError, OSError, ArithmeticError)
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str, warmup_frac: float) -> float:
+    """Learning rate for 0-based ``step``: "constant", or "cosine" = linear warm-up over warmup_frac·steps then
+    cosine decay to 10% of ``lr`` at the last step."""
+    if schedule == "constant":
+        return lr
+    warm = int(warmup_frac * steps)
+    if warm > 0 and step < warm:
+        return lr * (step + 1) / warm
+    span = max(1, steps - warm - 1)
+    progress = min(1.0, (step - warm) / span)
+    return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class Parallel:
+    """How one run is spread over processes. This base class is a single process and changes nothing; a
+    data-parallel rank (``studies.ddp.DDPParallel``) overrides the hooks the loop calls:
+
+    - ``wrap(trun)``: after ``lowprec.nn.convert``, route ``trun``'s forward passes through a wrapper (DDP);
+    - ``batch(step)``: the index of the training batch this process draws at ``step``;
+    - ``mean(value)``: a scalar (the training loss) averaged over processes;
+    - ``agree(reason)``: the divergence reason every process adopts (all stop at the same step);
+    - ``world``: processes per step (tokens per step are ``world`` × the task's);
+    - ``device``: where the task's model and data live (and the optimizer's generator).
+    """
+
+    world = 1
+    device = "cpu"
+
+    def wrap(self, trun) -> None:
+        return None
+
+    def batch(self, step: int) -> int:
+        return step
+
+    def mean(self, value: float) -> float:
+        return value
+
+    def agree(self, reason: str) -> str:
+        return reason
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds for one run, and what the loop has logged so far."""
+
+    spec: RunSpec
+    par: Parallel
+    trun: Any                        # studies.tasks.TaskRun
+    opt: torch.optim.Optimizer       # lowprec.optim.wrap(...) of the registry optimizer
+    tel: Any                         # lowprec.telemetry.Telemetry shared by the layers and the optimizer
+    params: list[torch.Tensor]
+    steps: int
+    eval_every: int
+    tokens_per_step: int
+    detector: DivergenceDetector
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _blank() -> dict[str, Any]:
+    return {c: math.nan for c in METRIC_COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def setup(spec: RunSpec, par: Parallel) -> Run:
+    """Seed, build the task's model and data, convert the model and wrap the optimizer under ``spec.policy``."""
+    import lowprec.nn
+    import lowprec.optim
+    from lowprec.telemetry import Telemetry
+    from studies.tasks import get_task
+
+    _seed_everything(spec.seed)
+    task = get_task(spec.task, size=spec.size, data=spec.data)
+    trun = task.build(spec.seed, device=par.device)
+    tps = int(trun.tokens_per_step) * par.world
+    if spec.steps is not None:
+        steps = spec.steps
+    elif spec.tokens is not None:
+        steps = max(1, math.ceil(spec.tokens / tps))
+    else:
+        steps = int(task.default_steps)
+    tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS)
+    # On a CPU torch._scaled_mm is slower than emulation and gives the same numbers up to summation order, so the
+    # study emulates there; on a GPU the native FP8 GEMM runs wherever the hardware has it.
+    backend = "emulated" if torch.device(par.device).type == "cpu" else "auto"
+    lowprec.nn.convert(trun.model, spec.policy, telemetry=tel, backend=backend)
+    par.wrap(trun)
+    params = [p for p in trun.model.parameters() if p.requires_grad]
+    gen = torch.Generator(device=par.device).manual_seed(1_000_003 * spec.seed + 12_345)
+    opt = lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), spec.policy,
+                             telemetry=tel)
+    return Run(spec=spec, par=par, trun=trun, opt=opt, tel=tel, params=params, steps=steps,
+               eval_every=int(spec.eval_every or task.eval_every), tokens_per_step=tps,
+               detector=DivergenceDetector(Thresholds(**spec.thresholds)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for o in optimizer_chain(opt):
+        for g in o.param_groups:
+            g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------- evaluate
+def evaluate(run: Run) -> float:
+    """The validation loss of the current model (eval mode, no gradient; train mode restored)."""
+    model = run.trun.model
+    model.eval()
+    with torch.no_grad():
+        v = float(run.trun.val_loss())
+    model.train()
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- step
+def _sampled(run: Run, k: int) -> bool:
+    return k % run.spec.telemetry_every == 0 or k == run.steps
+
+
+def train_step(run: Run, step: int) -> tuple[dict[str, Any], str]:
+    """Train 0-based ``step`` (logged as step ``k = step + 1``): its metrics row and divergence reason ("" if
+    none). A non-finite loss stops before the backward pass (the model is left as it was)."""
+    spec, opt, params, tel = run.spec, run.opt, run.params, run.tel
+    k = step + 1
+    if tel.step != k:  # lowprec.optim.wrap advances the shared counter once per optimizer step
+        raise RuntimeError(f"telemetry step {tel.step} != training step {k}")
+    lr = lr_at(step, run.steps, spec.lr, spec.schedule, spec.warmup_frac)
+    _set_lr(opt, lr)
+    opt.zero_grad(set_to_none=True)
+    loss = run.trun.train_loss(run.par.batch(step))
+    lv = run.par.mean(float(loss.detach()))
+    rec = {**_blank(), "step": k, "tokens": k * run.tokens_per_step, "loss": lv, "lr": lr}
+    reason = run.detector.train(k, lv)
+    if reason in ("nan", "inf"):
+        return rec, reason
+    loss.backward()
+    sampled = _sampled(run, k)
+    with torch.no_grad():
+        gn = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+        rec["grad_norm"] = torch.stack(gn).sum().sqrt() if gn else 0.0  # a device tensor until finish()
+        before = [p.detach().clone() for p in params] if sampled else None
+    opt.step()
+    if sampled:
+        with torch.no_grad():
+            du = sum(float((p.detach() - b).float().pow(2).sum()) for p, b in zip(params, before))
+            wn = sum(float(b.float().pow(2).sum()) for b in before)
+        rec["update_ratio"] = math.sqrt(du) / math.sqrt(wn) if wn > 0 else math.nan
+        rec.update(_telemetry_columns(tel))
+        if math.isnan(rec["state_zero_frac"]):
+            rec["state_zero_frac"] = state_zero_frac(opt)
+        if math.isnan(rec["lost_update_frac"]):  # no master rounding measured: entries left unchanged
+            with torch.no_grad():
+                same = sum(int((p.detach() == b).sum()) for p, b in zip(params, before))
+            rec["lost_update_frac"] = same / max(1, run.n_params)
+    return rec, reason
+
+
+def _telemetry_columns(tel) -> dict[str, float]:
+    """Telemetry.summary() restricted to the metrics columns (<role>_underflow/_overflow, state_zero_frac,
+    lost_update_frac at the latest sampled step); NaN entries are left out."""
+    return {k: float(v) for k, v in tel.summary().items()
+            if k in METRIC_COLUMNS and isinstance(v, (int, float)) and not math.isnan(v)}
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel) -> dict[str, Any]:
+    """Set up, train until ``steps`` or divergence, evaluate every ``eval_every`` steps, finish: the row's
+    columns from ``steps`` on (see :func:`finish`)."""
+    run = setup(spec, par)
+    v0 = evaluate(run)
+    run.metrics.append({**_blank(), "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
+    reason = par.agree(run.detector.val(0, v0))
+    run.tel.next_step()  # step 0 was the initial evaluation; training step 1 comes next
+    diverged_step: int | None = 0 if reason else None
+    steps_done = 0
+    for step in range(run.steps if not reason else 0):
+        k = step + 1
+        rec, reason = train_step(run, step)
+        if reason in ("nan", "inf"):
+            run.metrics.append(rec)
+            diverged_step, steps_done = k, k
+            break
+        steps_done = k
+        if not reason and (k % run.eval_every == 0 or k == run.steps):
+            rec["val_loss"] = evaluate(run)
+            reason = run.detector.val(k, rec["val_loss"])
+        reason = par.agree(reason)
+        run.metrics.append(rec)
+        if reason:
+            diverged_step = k
+            break
+    return finish(run, run_dir, target_loss, reason, diverged_step, steps_done)
+
+
+def finish(run: Run, run_dir: Path, target_loss: float | None, reason: str, diverged_step: int | None,
+           steps_done: int) -> dict[str, Any]:
+    """Write ``metrics.csv`` and ``telemetry.csv``, explain the run, and return the row's columns from ``steps``
+    on (the losses, divergence, explanation, target, state bytes)."""
+    import pandas as pd
+
+    from studies.stats import run_tokens_to_target
+
+    for rec in run.metrics:
+        if isinstance(rec["grad_norm"], torch.Tensor):
+            rec["grad_norm"] = float(rec["grad_norm"])
+    mdf = pd.DataFrame(run.metrics, columns=METRIC_COLUMNS)
+    write_csv_atomic(mdf, run_dir / "metrics.csv")
+    frame = run.tel.frame()
+    write_csv_atomic(frame, run_dir / "telemetry.csv")
+    diverged = bool(reason)
+    site, sentence = explain(frame, run.metrics, run.spec, diverged, diverged_step, reason,
+                             run.tel.first_nonfinite())
+    vals = mdf["val_loss"].astype(float)
+    finite_vals = vals[np.isfinite(vals)]
+    losses = mdf["loss"].astype(float).dropna()
+    ttt = math.nan
+    if target_loss is not None and math.isfinite(target_loss):
+        ttt = run_tokens_to_target(mdf["tokens"].to_numpy(float), vals.to_numpy(float), target_loss)
+    return {
+        "steps": run.steps, "steps_done": steps_done, "tokens": steps_done * run.tokens_per_step,
+        "final_loss": float(losses.iloc[-1]) if len(losses) else math.nan,
+        "final_val_loss": float(vals.dropna().iloc[-1]) if vals.notna().any() else math.nan,
+        "best_val_loss": float(finite_vals.min()) if len(finite_vals) else math.nan,
+        "diverged": diverged, "diverged_step": diverged_step if diverged else None,
+        "divergence_reason": reason, "divergence_site": site if diverged else "",
+        "explanation": sentence, "status": "diverged" if diverged else "ok",
+        "target_loss": target_loss if target_loss is not None else math.nan, "tokens_to_target": ttt,
+        "state_bytes_per_param": state_bytes_per_param(run.opt, run.n_params),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def _base_row(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id, "phase": spec.phase, "task": spec.task, "optimizer": spec.optimizer,
+        "precision": spec.precision, "lr": spec.lr, "seed": spec.seed, "steps": spec.steps, "steps_done": 0,
+        "tokens": 0, "final_loss": math.nan, "final_val_loss": math.nan, "best_val_loss": math.nan,
+        "diverged": False, "diverged_step": None, "divergence_reason": "", "divergence_site": "",
+        "explanation": "", "target_loss": math.nan, "tokens_to_target": math.nan, "wall_s": math.nan,
+        "state_bytes_per_param": math.nan, "status": "ok", "config_json": spec.config_json,
+    }
+
+
+def execute_run(spec: RunSpec, out_dir: str | Path, *, target_loss: float | None = None,
+                debug: bool = False, parallel: Parallel | None = None,
+                run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run ``spec``, write ``out_dir/runs/<run_id>/{metrics,telemetry}.csv``, return the results row (the
+    columns of ``studies.schema.RESULT_COLUMNS``, typed; ``diverged_step`` is None unless it diverged).
+
+    A failure in :data:`RUN_FAILURES` becomes a row with ``status="error"`` (traceback in
+    ``runs/<run_id>/error.txt``) unless ``debug`` is true, in which case it propagates. ``parallel`` makes this
+    process one rank of a data-parallel run (see :class:`Parallel`); ``run_dir`` overrides where the files go.
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / "runs" / spec.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    row = _base_row(spec)
+    try:
+        row.update(train(spec, run_dir, target_loss, parallel or Parallel()))
+    except RUN_FAILURES as e:
+        if debug:
+            raise
+        msg = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        row.update(status="error", divergence_reason=f"error: {msg}",
+                   explanation=f"{spec.optimizer} {spec.precision}, seed {spec.seed}: the run failed ({msg}).")
+    row["wall_s"] = round(time.perf_counter() - t0, 3)
+    return row
