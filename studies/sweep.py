@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from studies.config import RunSpec
-from studies.run import execute_run
+from studies.training import execute_run
 from studies.store import ResultsStore
 
 __all__ = ["shard", "run_specs"]

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from studies.run import RESULT_COLUMNS, RunSpec
+from studies.config import RunSpec
+from studies.store import RESULT_COLUMNS
 from studies.store import ResultsStore
 from studies.sweep import shard
 
