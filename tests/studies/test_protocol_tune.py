@@ -188,7 +188,7 @@ def test_config_cli_and_toml_expose_the_limit(tmp_path):
 
 
 def test_report_shows_the_tried_lrs_and_flags_an_edge(tmp_path):
-    from studies.report import _lr_rows
+    from studies.report import lr_rows as _lr_rows
 
     out = tmp_path / "rep"
     study = run_study(_cfg(out, ["adamw", "signsgd"], [1e-5, 2e-5, 4e-5], 1), progress=False)
