@@ -46,8 +46,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from studies.arguments import OneLineParser, nonneg_int, positive_float, positive_int
 from studies.config import RunSpec
-from studies.training import Parallel, execute_run
+from studies.training import RUN_FAILURES, Parallel, execute_run
 
 __all__ = ["COMMS", "DDPRunSpec", "DDPParallel", "run_ddp", "param_digest", "build_parser", "main"]
 
@@ -221,18 +222,7 @@ def run_ddp(spec: DDPRunSpec, out_dir: str | Path, *, device: str = "cpu", targe
 
 # ----------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    from studies.cli import _nonneg_int, _Parser, _pos_int
-
-    def positive_float(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        return v
-
-    p = _Parser(prog="torchrun --nproc_per_node=N -m studies.ddp",
+    p = OneLineParser(prog="torchrun --nproc_per_node=N -m studies.ddp",
                 description="One precision-sweep run, data-parallel over the torchrun processes.")
     p.add_argument("--task", default="gpt", help="task name (see `precision-sweep list`; default gpt)")
     p.add_argument("--size", default="default", help="task size: quick, default or paper")
@@ -240,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="stosignsgd", help="optimizer name (default stosignsgd)")
     p.add_argument("--precision", default="fp32", help="policy preset or policy string (default fp32)")
     p.add_argument("--lr", type=positive_float, help="learning rate (default: the task's for the optimizer)")
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=_pos_int, help="training steps (default: the task's)")
-    steps.add_argument("--tokens", type=_pos_int, help="training tokens over all ranks")
-    p.add_argument("--eval-every", type=_pos_int, help="validation every k steps (default: the task's)")
+    steps.add_argument("--steps", type=positive_int, help="training steps (default: the task's)")
+    steps.add_argument("--tokens", type=positive_int, help="training tokens over all ranks")
+    p.add_argument("--eval-every", type=positive_int, help="validation every k steps (default: the task's)")
     p.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help="divergence threshold override, e.g. spike_factor=5 (repeatable; see studies.config)")
     p.add_argument("--comm", default="fp32", choices=COMMS,
@@ -252,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "majority vote (sign-majority)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="cpu (gloo) or cuda (nccl, cuda:LOCAL_RANK); default cuda when available")
-    p.add_argument("--threads", type=_pos_int, help="torch threads per process (default cores / local ranks)")
+    p.add_argument("--threads", type=positive_int, help="torch threads per process (default cores / local ranks)")
     p.add_argument("--out", metavar="DIR", default="precision-sweep-results", help="output folder")
     p.add_argument("--save-model", action="store_true", help="rank 0 saves the final state_dict to model.pt")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -262,8 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args: argparse.Namespace, world_size: int) -> DDPRunSpec:
     """Validate the options (ValueError naming the valid choices) and build the run's spec."""
     from studies.config import Thresholds
-    from studies.optimizers import check_optimizer
-    from studies.protocol import _default_lr
+    from studies.optimizers import check_optimizer, default_lr
     from studies.config import parse_precision
     from studies.tasks import get_task
 
@@ -281,7 +270,7 @@ def spec_from_args(args: argparse.Namespace, world_size: int) -> DDPRunSpec:
         except ValueError:
             raise ValueError(f"--threshold {item!r}: {text!r} is not a number") from None
     thresholds = Thresholds(**values).validate()
-    lr = args.lr if args.lr is not None else _default_lr(task, args.optimizer)
+    lr = args.lr if args.lr is not None else default_lr(task, args.optimizer)
     return DDPRunSpec(task=args.task, optimizer=args.optimizer, precision=args.precision, lr=float(lr),
                       seed=args.seed, phase="ddp", size=args.size, data=args.data, steps=args.steps,
                       tokens=args.tokens, eval_every=args.eval_every, thresholds=dataclasses.asdict(thresholds),
@@ -327,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = run_ddp(spec, args.out, device=device, save_model=args.save_model)
         if row is not None:
             _print_row(row, args.out)
-    except Exception as e:
+    except RUN_FAILURES as e:  # a failed run (rank 0's error row is written); anything else is a bug
         if args.debug or dist.get_rank() != 0:
             raise
         sys.stderr.write(f"studies.ddp: error: {' '.join(str(e).split())}\n")

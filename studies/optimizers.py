@@ -12,9 +12,12 @@ Fairness rules (the same for every optimizer, so only the update rule differs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+
+__all__ = ["WEIGHT_DECAY", "MOMENTUM", "ADAMW_BETAS", "ADAMW_EPS", "OptimizerEntry", "OPTIMIZERS",
+           "ABLATION_VARIANTS", "check_optimizer", "make_optimizer", "base_optimizer", "default_lr"]
 
 WEIGHT_DECAY = 0.0
 MOMENTUM = 0.9
@@ -120,3 +123,16 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, *
 def base_optimizer(name: str) -> str:
     """The optimizer whose tuned learning rate ``name`` uses (itself, or stosignsgd for the ablation variants)."""
     return OPTIMIZERS[check_optimizer(name)].base
+
+
+def default_lr(task: Any, optimizer: str) -> float:
+    """The fp32 default learning rate of ``optimizer`` on ``task`` (a ``studies.tasks.Task``): its own entry in
+    ``task.default_lrs``, else its base optimizer's; ValueError naming the known ones if neither exists."""
+    lrs = task.default_lrs
+    if optimizer in lrs:
+        return float(lrs[optimizer])
+    base = base_optimizer(optimizer)
+    if base in lrs:
+        return float(lrs[base])
+    raise ValueError(f"task {task.name!r} has no default learning rate for {optimizer!r} "
+                     f"(known: {', '.join(lrs)}); pass --lrs")
