@@ -2,20 +2,35 @@
 
     precision-sweep run [--quick] [--config FILE] [--tasks ...] [--optimizers ...] [--precisions ...] ...
     precision-sweep report DIR
+    precision-sweep merge OUT DIR...
+    precision-sweep export DIR --tensorboard LOGDIR
     precision-sweep list
 
 Settings are layered: the default study (or ``--quick``), then ``--config FILE`` (TOML, same field names), then
 the command-line options. Unknown names and malformed values exit with status 2 and one line naming the valid
 choices; any other failure of ``run`` prints one line (with a hint) and exits 1 — ``--debug`` shows tracebacks.
+Limits (seeds, steps, tokens, workers, threads) are checked before anything is built. Ctrl-C and SIGTERM stop the
+sweep and its workers at once (exit 130); completed runs are kept.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+__all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "build_parser", "config_from_args", "check_limits", "main"]
+
+MAX_STEPS = 10_000_000        # training steps per run
+MAX_TOKENS = 10 ** 13         # training tokens per run
+MAX_WORKERS = 10_000          # concurrent submitit jobs
+CALIBRATION_STEPS = 3         # steps of the dry run's timing runs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +79,7 @@ _nonneg_int = _int_at_least(0, "non-negative")
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="precision-sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="{run,report,list}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,report,merge,export,list}", parser_class=_Parser)
     sub.required = True
 
     r = sub.add_parser("run", help="run a study (no options: the default study)")
@@ -85,7 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
     steps = r.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_pos_int, help="training steps per run (default: the task's)")
     steps.add_argument("--tokens", type=_pos_int, help="training tokens per run (steps = tokens / tokens-per-step)")
-    r.add_argument("--workers", type=_pos_int, help="parallel worker processes (default 2)")
+    r.add_argument("--workers", type=_pos_int,
+                   help="parallel worker processes (default 2; at most the CPU cores), or with --executor "
+                        "submitit the most jobs running at once")
+    r.add_argument("--threads", type=_pos_int, default=1,
+                   help="torch threads per run (default 1): fixed per run and recorded, so --workers never changes "
+                        "a number")
+    r.add_argument("--executor", choices=("local", "submitit"), default="local",
+                   help="local: this machine (process pool, the default); submitit: Slurm jobs (job arrays), or "
+                        "submitit's local executor with --cluster local")
+    r.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                   help="with --executor submitit: slurm (default) or local (same code path, no scheduler)")
+    r.add_argument("--partition", help="Slurm partition (--executor submitit)")
+    r.add_argument("--time-min", type=_pos_int, default=60, help="Slurm time limit per run, minutes (default 60)")
+    r.add_argument("--mem-gb", type=float, help="Slurm memory per run, GB")
+    r.add_argument("--append", action="store_true",
+                   help="allow adding a different study to a results folder that already holds one")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the runs per phase and an ETA from a short timing run; run nothing")
     r.add_argument("--out", metavar="DIR", help="output folder (default ./precision-sweep-results)")
     r.add_argument("--shard", type=_shard_arg, metavar="K/N",
                    help="run only shard K of N (deterministic split, for cluster job arrays)")
@@ -102,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="re-render the report of a results folder")
     rep.add_argument("dir", metavar="DIR")
+
+    mg = sub.add_parser("merge", help="combine shard folders into one (each run once; conflicting runs refused)")
+    mg.add_argument("out", metavar="OUT")
+    mg.add_argument("dirs", metavar="DIR", nargs="+")
+
+    ex = sub.add_parser("export", help="write per-run scalars for a dashboard")
+    ex.add_argument("dir", metavar="DIR")
+    ex.add_argument("--tensorboard", metavar="LOGDIR", required=True, help="TensorBoard log folder to write")
 
     sub.add_parser("list", help="list tasks, optimizers, precision presets and formats")
     return p
@@ -134,14 +174,106 @@ def config_from_args(args: argparse.Namespace):
     return cfg.validate()
 
 
+def check_limits(cfg, *, executor: str = "local", threads: int = 1) -> None:
+    """Refuse budgets that cannot be meant (one-line ValueError, exit 2) before anything is built."""
+    cores = os.cpu_count() or 1
+    for name, v, top in (("steps", cfg.steps, MAX_STEPS), ("tokens", cfg.tokens, MAX_TOKENS),
+                         ("mechanism_steps", cfg.mechanism_steps, MAX_STEPS)):
+        if v is not None and v > top:
+            raise ValueError(f"{name} {v} is above the limit of {top:,} per run")
+    if executor == "local" and cfg.workers > max(2, cores):
+        raise ValueError(f"workers {cfg.workers} is more than this machine's {cores} CPU cores")
+    if cfg.workers > MAX_WORKERS:
+        raise ValueError(f"workers {cfg.workers} is above the limit of {MAX_WORKERS:,}")
+    if threads > cores:
+        raise ValueError(f"threads {threads} is more than this machine's {cores} CPU cores")
+
+
+def _spec_steps(spec, task) -> int:
+    if spec.steps is not None:
+        return int(spec.steps)
+    if spec.tokens is not None:
+        return max(1, math.ceil(spec.tokens / task.tokens_per_step))
+    return int(task.default_steps)
+
+
+def _dry_run(cfg, threads: int, calibrate: bool = True) -> str:
+    """The runs per phase (distinct configurations once) and an ETA from a CALIBRATION_STEPS-step run of each
+    task; LR-extension rounds are bounded, not predicted."""
+    import dataclasses
+
+    import torch
+
+    from studies import protocol
+    from studies.tasks import get_task
+    from studies.training import execute_run
+
+    tune = protocol.plan_tune(cfg) if "tune" in cfg.phases else []
+    rest = protocol.plan_after_tune(cfg, {})
+    specs, keys = [], set()
+    for s in tune + rest:
+        if s.reuse_key not in keys:
+            keys.add(s.reuse_key)
+            specs.append(s)
+    per_phase: dict[str, int] = {}
+    for s in tune + rest:
+        per_phase[s.phase] = per_phase.get(s.phase, 0) + 1
+    lines = [f"dry run: {len(tune) + len(rest)} runs ({len(specs)} distinct configurations) into {cfg.out}"]
+    for ph in cfg.phases:
+        if ph in per_phase:
+            lines.append(f"  {ph:10s} {per_phase[ph]} runs")
+    if tune and cfg.tune_max_extensions:
+        groups = len({(s.task, s.optimizer, s.precision) for s in tune})
+        lines.append(f"  tune LR extensions: up to {cfg.tune_max_extensions * groups * len(cfg.tune_seeds)} more runs "
+                     f"({cfg.tune_max_extensions} round(s) x {groups} grids x {len(cfg.tune_seeds)} seed(s))")
+    if not calibrate or not specs:
+        return "\n".join(lines)
+    cost: dict[tuple, tuple[float, float]] = {}  # (task, size, precision) -> (setup s, s per step)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in specs:
+                key = (s.task, s.size, s.precision)
+                if key in cost:
+                    continue
+                times = []
+                for n in (1, 1 + CALIBRATION_STEPS):  # the difference is the cost of the steps alone
+                    cal = dataclasses.replace(s, steps=n, tokens=None, eval_every=n)
+                    t0 = time.perf_counter()
+                    execute_run(cal, f"{tmp}/{n}", debug=True)
+                    times.append(time.perf_counter() - t0)
+                step = max(0.0, times[1] - times[0]) / CALIBRATION_STEPS
+                cost[key] = (max(0.0, times[0] - step), step)
+    finally:
+        torch.set_num_threads(prev)
+    total = 0.0
+    for s in specs:
+        setup, step = cost[(s.task, s.size, s.precision)]
+        total += setup + step * _spec_steps(s, get_task(s.task, size=s.size, data=s.data))
+    eta = total / max(1, cfg.workers)
+    lines.append(f"ETA ~{eta / 60:.1f} min with {cfg.workers} worker(s) x {threads} thread(s) (timed: a 1-step "
+                 f"and a {1 + CALIBRATION_STEPS}-step run of each task x precision; LR extensions not included)")
+    return "\n".join(lines)
+
+
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from studies.protocol import PhaseIncomplete, run_study
 
     cfg = config_from_args(args)
+    check_limits(cfg, executor=args.executor, threads=args.threads)
+    if args.dry_run:
+        print(_dry_run(cfg, args.threads))
+        return 0
     command = "precision-sweep " + " ".join(shlex.quote(a) for a in argv)
+    options = None
+    if args.executor == "submitit":
+        options = {"cluster": args.cluster, "partition": args.partition, "time_min": args.time_min,
+                   "mem_gb": args.mem_gb}
     t0 = time.perf_counter()
     try:
-        study = run_study(cfg, command=command, shard_kn=args.shard, debug=args.debug)
+        study = run_study(cfg, command=command, shard_kn=args.shard, debug=args.debug, threads=args.threads,
+                          executor=args.executor, executor_options=options, append=args.append)
     except PhaseIncomplete as e:
         print(f"precision-sweep: {e}", file=sys.stderr)
         return 0
@@ -172,7 +304,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
     d = Path(args.dir)
     if not (d / "results.csv").is_file():
         raise ValueError(f"no results.csv in {d} (expected the --out folder of `precision-sweep run`)")
+    from studies.records import check_results
+
+    check_results(d)  # a damaged or duplicated row is named (file, line), never rendered or counted twice
     _render(str(d))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from studies.records import merge_folders
+
+    c = merge_folders(args.out, args.dirs)
+    print(f"merged {c['folders']} folder(s) into {args.out}: {c['runs']} runs ({c['duplicates']} duplicates "
+          f"dropped); results in {Path(args.out) / 'results.csv'}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from studies.export import export_tensorboard
+
+    n = export_tensorboard(args.dir, args.tensorboard)
+    print(f"exported {n} runs to {args.tensorboard} (tensorboard --logdir {shlex.quote(args.tensorboard)})")
     return 0
 
 
@@ -209,11 +361,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    old = _stop_on_sigterm()
     try:
         if args.command == "run":
             return _cmd_run(args, argv)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "merge":
+            return _cmd_merge(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_list()
     except (ValueError, TypeError) as e:
         if args.debug:
@@ -222,8 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"precision-sweep: error: {msg}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("precision-sweep: interrupted; rerun the same command to resume (completed runs are "
-                         "kept)\n")
+        from studies.executor import kill_children
+
+        kill_children()
+        sys.stderr.write("precision-sweep: interrupted; workers stopped; rerun the same command to resume "
+                         "(completed runs are kept)\n")
         return 130
     except Exception as e:  # noqa: BLE001 - one line instead of a traceback
         if args.debug:
@@ -232,6 +392,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"precision-sweep: error: {msg} (rerun with --debug for the traceback; completed runs "
                          f"are kept and a rerun resumes)\n")
         return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm():
+    """Handle SIGTERM like Ctrl-C (main thread only); return the previous handler (None when not installed)."""
+    try:
+        return signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,9 +37,10 @@ from studies.optimizers import ABLATION_VARIANTS, check_optimizer
 __all__ = ["PHASES", "SIZES", "SCHEDULES", "Thresholds", "StudyConfig", "RunSpec", "parse_precision",
            "precision_label", "rounding_variants", "parse_seeds", "parse_task_precisions", "parse_list",
            "parse_precisions", "parse_floats", "parse_shard", "apply_overrides", "load_toml", "quick_config",
-           "default_config", "paper_config_path"]
+           "default_config", "paper_config_path", "MAX_SEEDS"]
 
 PHASES = ("tune", "main", "ablation", "rounding", "mechanism")
+MAX_SEEDS = 10_000  # seeds per list (a count is checked before any list is built)
 SIZES = ("quick", "default", "paper")
 SCHEDULES = ("cosine", "constant")
 
@@ -268,6 +269,7 @@ class RunSpec:
     warmup_frac: float = 0.05
     telemetry_every: int = 10
     thresholds: dict = field(default_factory=lambda: dataclasses.asdict(Thresholds()))
+    data_sha256: str | None = None  # content hash of ``data`` (in the run id, so a changed file is a new run)
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, PrecisionPolicy):
@@ -280,8 +282,10 @@ class RunSpec:
         return parse_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {
-            "thresholds": dict(self.thresholds)}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"thresholds": dict(self.thresholds)}
+        if d["data_sha256"] is None:  # runs without a data file keep the run ids they had before the field
+            del d["data_sha256"]
+        return d
 
     @property
     def config_json(self) -> str:
@@ -315,8 +319,8 @@ def parse_seeds(value: Any) -> list[int]:
     if isinstance(value, bool):
         raise ValueError(f"seeds: expected a count or a list of integers, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"seeds: a count must be >= 1, got {value}")
+        if not 1 <= value <= MAX_SEEDS:  # checked before the list is built
+            raise ValueError(f"seeds: a count must be in 1..{MAX_SEEDS}, got {value}")
         return list(range(value))
     if isinstance(value, (list, tuple)):
         if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):

@@ -37,8 +37,14 @@ from typing import Any
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer
 from studies.config import RunSpec, rounding_variants
+from studies.records import check_folder, file_sha256, package_version, rebuild_results, study_fingerprint, \
+    update_records
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
+
+__all__ = ["PhaseIncomplete", "tuned_optimizers", "main_precisions", "tune_precisions", "plan_tune", "next_lr",
+           "at_edge", "plan_extension", "choose_lrs", "chosen_lr", "compute_targets", "plan_after_tune", "finalize",
+           "run_study", "data_hash"]
 
 
 class PhaseIncomplete(RuntimeError):
@@ -53,6 +59,7 @@ def _task(cfg: StudyConfig, name: str, size: str | None = None):
 
 def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision: str, lr: float, seed: int,
           size: str | None = None, steps: int | None = None, data: str | None = None) -> RunSpec:
+    data_sha256 = data_hash(data) if data else None
     own = phase == "mechanism"  # the convex tasks keep their own step count (mechanism_steps or the default)
     return RunSpec(
         task=task, optimizer=optimizer, precision=precision, lr=float(lr), seed=int(seed), phase=phase,
@@ -60,7 +67,19 @@ def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision:
         tokens=None if (steps is not None or own) else cfg.tokens, eval_every=None if own else cfg.eval_every,
         schedule=cfg.schedule,
         warmup_frac=cfg.warmup_frac, telemetry_every=cfg.telemetry_every,
-        thresholds=dataclasses.asdict(cfg.thresholds))
+        thresholds=dataclasses.asdict(cfg.thresholds), data_sha256=data_sha256)
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def data_hash(path: str | Path) -> str:
+    """SHA-256 of the data file's content (cached per path, size and modification time)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 def _default_lr(task, optimizer: str) -> float:
@@ -294,7 +313,7 @@ def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
         r["tokens_to_target"] = run_tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), t)
         return r
 
-    ResultsStore(out_dir).update(fill)
+    update_records(out_dir, fill)
 
 
 def _versions() -> dict[str, str]:
@@ -304,12 +323,9 @@ def _versions() -> dict[str, str]:
 
     v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
          "pandas": pandas.__version__, "platform": platform.platform()}
-    try:
-        from importlib.metadata import version
-
-        v["lowprec-stosign"] = version("lowprec-stosign")
-    except Exception:
-        pass
+    version = package_version()
+    if version != "unknown":
+        v["lowprec-stosign"] = version
     return v
 
 
@@ -319,14 +335,20 @@ def _missing(specs: list[RunSpec], store: ResultsStore) -> int:
 
 
 def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] | None = None,
-              debug: bool = False, progress: bool = True) -> dict:
+              debug: bool = False, progress: bool = True, threads: int = 1, executor: str = "local",
+              executor_options: dict[str, Any] | None = None, append: bool = False) -> dict:
     """Run the study's phases into ``cfg.out``; write study.json; return the study definition (dict).
 
     With ``shard_kn = (K, N)`` only this shard's part of each phase runs; phases after ``tune`` need every tune run
     (from all shards) and raise PhaseIncomplete until then. Each LR-extension round of the tune phase is planned
     from the finished runs of the rounds before it, so it too waits for every shard (one more rerun per round).
+    Runs execute with ``executor`` ("local" or "submitit", see ``studies.sweep.run_specs``) and ``threads`` torch
+    threads each. A folder holding a different study (fingerprint) is refused unless ``append``.
     """
     out = Path(cfg.out)
+    fingerprint = study_fingerprint(cfg.to_dict(), threads=threads,
+                                    data_sha256=data_hash(cfg.data) if cfg.data else None)
+    fingerprint = check_folder(out, fingerprint, append=append)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(out)
     study: dict[str, Any] = {
@@ -335,10 +357,11 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         "shard": f"{shard_kn[0]}/{shard_kn[1]}" if shard_kn else None,
         "tasks": {t: _task_info(cfg, t) for t in cfg.tasks},
         "protocol": __doc__.strip(), "status": "running", "size": cfg.size,
-        "optimal_loss": _optimal_losses(cfg),
+        "optimal_loss": _optimal_losses(cfg), "fingerprint": fingerprint,
     }
     write_json_atomic(out / "study.json", study)
     counts: dict[str, dict] = {}
+    how = {"threads": threads, "executor": executor, "executor_options": executor_options}
 
     def part(specs: list[RunSpec]) -> list[RunSpec]:
         return shard(specs, *shard_kn) if shard_kn else specs
@@ -357,7 +380,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         batch, rnd = tune, 0
         while True:
             c = run_specs(part(batch), out, workers=cfg.workers, desc="tune" if rnd == 0 else f"tune+{rnd}",
-                          debug=debug, progress=progress)
+                          debug=debug, progress=progress, **how)
             for k, v in c.items():
                 counts["tune"][k] = counts["tune"].get(k, 0) + v
             missing = _missing(batch, store)
@@ -366,7 +389,9 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
                 study["status"] = f"waiting: {missing} of {len(batch)} {what} missing"
                 write_json_atomic(out / "study.json", study)
                 raise PhaseIncomplete(f"the tune phase is incomplete ({missing} of {len(batch)} {what} missing, "
-                                      f"e.g. other shards); rerun the same command when they have finished")
+                                      f"e.g. other shards); rerun the same command when they have finished (shards sharing this "
+                                      f"folder), or `precision-sweep merge OUT DIR...` the shard folders and rerun "
+                                      f"with --out OUT")
             ids = {s.run_id for s in tune}
             rows = [r for r in store.rows() if r["run_id"] in ids]
             if rnd >= cfg.tune_max_extensions:
@@ -396,7 +421,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     rest = plan_after_tune(cfg, chosen)
     tvals = {t: v["target_loss"] for t, v in targets.items()}
     counts["main"] = run_specs(part(rest), out, workers=cfg.workers, desc="+".join(
-        p for p in cfg.phases if p != "tune") or "runs", targets=tvals, debug=debug, progress=progress)
+        p for p in cfg.phases if p != "tune") or "runs", targets=tvals, debug=debug, progress=progress, **how)
     if "tune" not in cfg.phases:
         targets = compute_targets(cfg, store.rows(), chosen)
         tvals = {t: v["target_loss"] for t, v in targets.items()}

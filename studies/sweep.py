@@ -1,13 +1,12 @@
-"""Sweep mechanics: deterministic shards, reuse of equal runs, and parallel execution into a results store.
+"""Sweep mechanics: deterministic shards, reuse of equal runs, and execution into a results folder.
 
-Rows go to ``studies.store.ResultsStore`` (atomic, resumable: see that module); each run id appears once and
-only failed runs are ever re-run.
+Each finished run has its record (``runs/<run_id>/result.json``, ``studies.records``) and its row in
+``studies.store.ResultsStore`` (atomic, resumable); each run id appears once and only failed runs are ever re-run.
+Runs execute through ``studies.executor`` (this process, a process pool, or submitit jobs) with a fixed torch
+thread count per run, so the number of workers never changes a number.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from studies.config import RunSpec
-from studies.training import execute_run
+from studies.executor import Job, make_executor
+from studies.records import rebuild_results, write_record
 from studies.store import ResultsStore
 
 __all__ = ["shard", "run_specs"]
@@ -25,14 +25,6 @@ def shard(specs: Iterable[RunSpec], k: int, n: int) -> list[RunSpec]:
     """Shard K of N: the runs whose index in the list sorted by run id is K mod N (a partition for K=0..N-1)."""
     ordered = sorted(specs, key=lambda s: s.run_id)
     return [s for i, s in enumerate(ordered) if i % n == k]
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(1)
 
 
 def _clone(store: ResultsStore, src: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
@@ -56,21 +48,26 @@ def _clone(store: ResultsStore, src: dict[str, Any], spec: RunSpec) -> dict[str,
 def _reuse_key_of_row(row: dict[str, Any]) -> str | None:
     try:
         return RunSpec.from_json(row["config_json"]).reuse_key
-    except Exception:
+    except (KeyError, TypeError, ValueError):  # json.JSONDecodeError is a ValueError
         return None
 
 
 def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, desc: str = "runs",
-              targets: dict[str, float] | None = None, debug: bool = False, progress: bool = True) -> dict:
+              targets: dict[str, float] | None = None, debug: bool = False, progress: bool = True,
+              threads: int = 1, executor: str = "local", executor_options: dict[str, Any] | None = None) -> dict:
     """Run every spec not yet completed in ``out_dir``; return counts {"done", "skipped", "reused", "diverged",
     "errors"}.
 
     Specs whose configuration equals a finished run apart from the phase are recorded as copies of it. ``targets``
-    (task -> target loss) fill tokens_to_target at run time. ``workers > 1`` uses a process pool (spawn) with
-    ``cores // workers`` torch threads per worker.
+    (task -> target loss) fill tokens_to_target at run time. ``executor`` "local" runs in this process
+    (``workers`` 1) or a process pool of ``workers`` (spawn); "submitit" submits jobs (``executor_options``: see
+    ``studies.executor.SubmititExecutor``; ``workers`` caps how many run at once). Every run uses ``threads``
+    torch threads. A damaged or duplicated results.csv row is rebuilt from its record first (a note on stderr).
     """
     from tqdm.auto import tqdm
 
+    for note in rebuild_results(out_dir):
+        print(f"precision-sweep: {note}", file=sys.stderr)
     store = ResultsStore(out_dir)
     targets = targets or {}
     done = store.completed()
@@ -83,13 +80,18 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
     leaders: list[RunSpec] = []
     followers: dict[str, list[RunSpec]] = {}
     seen: set[str] = set()
+
+    def add(row: dict[str, Any]) -> None:
+        write_record(out_dir, row)
+        store.append(row)
+
     for s in specs:
         if s.run_id in done or s.run_id in seen:
             counts["skipped"] += 1
             continue
         seen.add(s.run_id)
         if s.reuse_key in by_key:
-            store.append(_clone(store, by_key[s.reuse_key], s))
+            add(_clone(store, by_key[s.reuse_key], s))
             counts["reused"] += 1
         elif s.reuse_key in followers:
             followers[s.reuse_key].append(s)
@@ -103,7 +105,9 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
                file=sys.stderr)
     bar.set_postfix(diverged=0, failed=0)
 
-    def record(spec: RunSpec, row: dict[str, Any]) -> None:
+    def record(job: Job, row: dict[str, Any]) -> None:
+        spec = job.spec
+        write_record(out_dir, row, threads=job.threads)
         store.append(row)
         counts["done"] += 1
         if str(row.get("diverged")) == "True":
@@ -112,37 +116,17 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
             counts["errors"] += 1
         if row.get("status") != "error":  # a failed leader's followers stay unrun (and are retried next time)
             for f in followers.get(spec.reuse_key, []):
-                store.append(_clone(store, row, f))
+                add(_clone(store, row, f))
                 counts["reused"] += 1
         bar.update(1)
         bar.set_postfix(diverged=counts["diverged"], failed=counts["errors"])
 
-    cores = os.cpu_count() or 1
+    jobs = [Job(s, str(out_dir), targets.get(s.task), debug, threads) for s in leaders]
+    options = dict(executor_options or {})
+    folder = options.pop("folder", None) or Path(out_dir) / ".submitit"
+    runner = make_executor(executor, workers=workers, n_jobs=len(jobs), folder=folder, **options)
     try:
-        if workers <= 1 or len(leaders) == 1:
-            import torch
-
-            prev = torch.get_num_threads()
-            torch.set_num_threads(max(1, cores // max(1, workers)))
-            try:
-                for s in leaders:
-                    record(s, execute_run(s, out_dir, target_loss=targets.get(s.task), debug=debug))
-            finally:
-                torch.set_num_threads(prev)
-        else:
-            threads = max(1, cores // workers)
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(threads,)) as pool:
-                futs = {pool.submit(execute_run, s, str(out_dir), target_loss=targets.get(s.task), debug=debug): s
-                        for s in leaders}
-                try:
-                    for fut in cf.as_completed(futs):
-                        record(futs[fut], fut.result())
-                except BaseException:
-                    for f in futs:
-                        f.cancel()
-                    raise
+        runner.run(jobs, record)
     finally:
         bar.close()
     return counts
