@@ -2,15 +2,17 @@
 
 A results folder holds::
 
-    DIR/results.csv                  one row per finished run: RESULT_COLUMNS, typed by RESULT_TYPES
+    DIR/results.csv                  one row per finished run: RESULT_COLUMNS, typed by RESULT_TYPES, then the
+                                     EXTRA_RESULT_TYPES columns some row has (data-parallel runs of studies.ddp)
     DIR/study.json                   the study definition: keys in STUDY_KEYS, strict JSON (NaN/inf written as null)
     DIR/runs/<run_id>/metrics.csv    per-step metrics: METRIC_COLUMNS (all numbers)
     DIR/runs/<run_id>/telemetry.csv  the lowprec Telemetry frame (TELEMETRY_STRING_COLUMNS are text, the rest numbers)
 
 Text encoding of results.csv cells (:func:`format_cell` / :func:`parse_cell`, inverse of each other):
 ``bool`` is ``True``/``False``; ``float`` is ``repr`` (``nan`` for not-a-number, ``inf``/``-inf``); ``int`` is
-decimal; an optional int (``int?``) is ``""`` for None; ``str`` is itself. Anything else is refused with a
-ValueError naming the column, the value and what is valid. In a DataFrame (:func:`results_frame`) the types are
+decimal; an optional int (``int?``) is ``""`` for None; ``str`` is itself. An extra column's empty cell means
+the row does not have it. Anything else is refused with a ValueError naming the column, the value and what is
+valid. In a DataFrame (:func:`results_frame`) the types are
 ``bool``, ``float64``, ``int64``, ``object`` (str); optional ints become float64 with NaN for None.
 """
 from __future__ import annotations
@@ -27,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "METRIC_ROLES", "METRIC_COLUMNS", "RESULT_COLUMNS", "RESULT_TYPES", "STUDY_KEYS", "TELEMETRY_STRING_COLUMNS",
-    "STATUSES", "ResultRow", "format_cell", "parse_cell", "format_row", "parse_row", "write_results_csv",
+    "METRIC_ROLES", "METRIC_COLUMNS", "RESULT_COLUMNS", "RESULT_TYPES", "EXTRA_RESULT_TYPES", "STUDY_KEYS",
+    "TELEMETRY_STRING_COLUMNS", "STATUSES", "ResultRow", "format_cell", "parse_cell", "format_row", "parse_row",
+    "typed_row", "results_csv_text", "write_results_csv",
     "read_results_csv", "results_frame", "read_results", "write_metrics_csv", "read_metrics", "read_telemetry",
     "to_strict_json", "dumps_study", "write_study", "read_study",
 ]
@@ -91,6 +94,14 @@ RESULT_TYPES: dict[str, str] = {
     for f in fields(ResultRow)
 }
 
+# Optional columns after RESULT_COLUMNS, in this order, present in results.csv when some row has them: a
+# data-parallel run's (studies.ddp) processes, gradient communication and the check that its replicas agree.
+EXTRA_RESULT_TYPES: dict[str, str] = {
+    "world_size": "int", "comm": "str", "comm_bytes_sent": "int", "comm_allreduce_bytes": "int",
+    "comm_ratio": "float", "replicas_identical": "bool",
+}
+_ALL_TYPES = {**RESULT_TYPES, **EXTRA_RESULT_TYPES}
+
 # study.json top-level keys (written by studies.protocol); a reader gets {} for an absent file.
 STUDY_KEYS = (
     "command", "date", "finished", "versions", "config", "thresholds", "shard", "tasks", "protocol", "status",
@@ -102,9 +113,9 @@ STUDY_KEYS = (
 # ------------------------------------------------------------------------------------------- results.csv cells
 def _kind(column: str) -> str:
     try:
-        return RESULT_TYPES[column]
+        return _ALL_TYPES[column]
     except KeyError:
-        raise ValueError(f"unknown results column {column!r}; valid columns: {', '.join(RESULT_COLUMNS)}") from None
+        raise ValueError(f"unknown results column {column!r}; valid columns: {', '.join(_ALL_TYPES)}") from None
 
 
 def format_cell(column: str, value: Any) -> str:
@@ -157,16 +168,40 @@ def parse_cell(column: str, text: str) -> Any:
 
 
 def format_row(row: ResultRow | Mapping[str, Any]) -> dict[str, str]:
-    """A row (ResultRow or mapping with exactly RESULT_COLUMNS) as results.csv text cells."""
+    """A row (ResultRow or mapping with every RESULT_COLUMNS key and any EXTRA_RESULT_TYPES keys) as results.csv
+    text cells, in column order."""
     d = row.to_dict() if isinstance(row, ResultRow) else dict(row)
-    extra = [k for k in d if k not in RESULT_TYPES]
+    extra = [k for k in d if k not in _ALL_TYPES]
     missing = [c for c in RESULT_COLUMNS if c not in d]
     if extra or missing:
         raise ValueError(f"a results row must have exactly the columns of studies.schema.RESULT_COLUMNS; "
                          f"unknown: {extra or 'none'}, missing: {missing or 'none'}")
     if d["status"] not in STATUSES:
         raise ValueError(f"results column 'status': {d['status']!r} is not valid (valid: {', '.join(STATUSES)})")
-    return {c: format_cell(c, d[c]) for c in RESULT_COLUMNS}
+    return {c: format_cell(c, d[c]) for c in _ALL_TYPES if c in d}
+
+
+def typed_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row whose cells may be results.csv text (as read back) or typed values, with every text cell of a
+    non-text column parsed (:func:`parse_cell`; a malformed one raises) and empty extra cells dropped."""
+    out = {}
+    for c, v in row.items():
+        kind = _kind(c)
+        if c in EXTRA_RESULT_TYPES and v == "":
+            continue
+        out[c] = parse_cell(c, v) if isinstance(v, str) and kind != "str" else v
+    return out
+
+
+def results_csv_text(rows: Iterable[ResultRow | Mapping[str, Any]]) -> str:
+    """The text of results.csv holding `rows` (header: RESULT_COLUMNS, then the extra columns some row has)."""
+    cells = [format_row(r) for r in rows]
+    extras = [c for c in EXTRA_RESULT_TYPES if any(c in r for r in cells)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *extras], restval="")
+    w.writeheader()
+    w.writerows(cells)
+    return buf.getvalue()
 
 
 def parse_row(cells: Mapping[str, str], where: str = "results row") -> ResultRow:
@@ -185,14 +220,9 @@ def parse_row(cells: Mapping[str, str], where: str = "results row") -> ResultRow
 
 
 def write_results_csv(path: str | Path, rows: Iterable[ResultRow | Mapping[str, Any]]) -> None:
-    """Write results.csv at `path` (header = RESULT_COLUMNS). Not atomic by itself: the store writes a temporary
-    file through this and renames it."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS))
-    w.writeheader()
-    for r in rows:
-        w.writerow(format_row(r))
-    Path(path).write_text(buf.getvalue(), encoding="utf-8", newline="")
+    """Write results.csv at `path` (:func:`results_csv_text`). Not atomic by itself: ``studies.store`` writes the
+    same text to a temporary file and renames it."""
+    Path(path).write_text(results_csv_text(rows), encoding="utf-8", newline="")
 
 
 def read_results_csv(path: str | Path) -> list[ResultRow]:
@@ -202,7 +232,7 @@ def read_results_csv(path: str | Path) -> list[ResultRow]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        unknown = [c for c in header if c not in RESULT_TYPES]
+        unknown = [c for c in header if c not in _ALL_TYPES]
         missing = [c for c in RESULT_COLUMNS if c not in header]
         if unknown or missing:
             raise ValueError(f"{path}: header does not match studies.schema.RESULT_COLUMNS; unknown: "

@@ -5,8 +5,8 @@ goes to a temporary file in the same folder, is flushed and fsynced, then ``os.r
 the folder is fsynced. A SIGKILL at any moment leaves either the old or the new file, never a mix.
 
 ``ResultsStore`` is ``DIR/results.csv``: one row per run id. Appending a row takes an exclusive lock on
-``DIR/.results.lock`` (``filelock``, portable), reads the current rows, and rewrites the whole file atomically;
-a row whose run id is already present replaces it.
+``DIR/.results.lock`` (``filelock``, portable), reads the current rows, and rewrites the whole file atomically
+through ``studies.schema`` (one encoding for writer and reader); a row whose run id is already present replaces it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -69,16 +68,6 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_atomic(path, text + "\n")
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "True" if v else "False"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(v)
-    return str(v)
-
-
 class ResultsStore:
     """``DIR/results.csv``: one row per run id, appended atomically under a file lock."""
 
@@ -106,15 +95,8 @@ class ResultsStore:
         return {r["run_id"]: r for r in self.rows() if r.get("status", "ok") != "error"}
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
-        columns = list(RESULT_COLUMNS)
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) for k, v in r.items()})
-        write_atomic(self.path, buf.getvalue())
+        """Rows (typed values or text cells as read back) -> results.csv, through the schema's encoding."""
+        write_atomic(self.path, schema.results_csv_text([schema.typed_row(r) for r in rows]))
 
     def append(self, row: dict[str, Any]) -> None:
         """Add ``row`` (replacing any row with the same run_id) atomically."""

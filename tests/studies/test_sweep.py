@@ -14,6 +14,7 @@ import pytest
 
 from studies.config import RunSpec
 from studies.store import RESULT_COLUMNS
+from studies.schema import ResultRow
 from studies.store import ResultsStore
 from studies.sweep import shard
 
@@ -25,7 +26,7 @@ def _spec(**kw) -> RunSpec:
 
 
 def _row(run_id: str, i: int = 0, pad: int = 0) -> dict:
-    r = {c: "" for c in RESULT_COLUMNS}
+    r = ResultRow(run_id, "main", "gpt", "adamw", "fp32", 1e-3, i).to_dict()  # a valid row (the store checks)
     r.update(run_id=run_id, phase="main", task="gpt", optimizer="adamw", precision="fp32", lr=1e-3, seed=i,
              final_loss=1.5 + i, diverged=False, status="ok", config_json='{"a": "' + "x" * pad + '", "b": [1, 2]}')
     return r
