@@ -5,8 +5,10 @@ Codes are the formats' bit patterns: for ``e4m3``/``e5m2`` exactly those of ``to
 (the first element in the low nibble, bits 3..0; the second in bits 7..4). Integers are two's complement.
 Formats of up to 8 bits use uint8 codes (6-bit formats one per byte); bf16/fp16 use int16 and fp32 int32 codes.
 Block/channel scales are stored in their own format: uint8 E8M0 codes (exponent + 127), uint8 E4M3 codes plus a
-float32 ``global_scale``, or float32 values. ``decode(encode(x, spec))`` equals ``quantize(x, spec)`` exactly
-(for stochastic rounding: with identically seeded generators).
+float32 ``global_scale``, or float32 values. ``encode`` takes its elements and scales from quantize's own path
+(:func:`lowprec.quantize.scale_and_round`), so ``decode(encode(x, spec))`` equals ``quantize(x, spec)`` exactly
+(for stochastic rounding: with identically seeded generators). A NaN or inf that the format cannot hold (NaN in
+e2m1, FP6, integers, mxfp4, ...) raises :class:`NonFiniteError` instead of becoming a number.
 """
 
 from __future__ import annotations
@@ -18,39 +20,49 @@ from typing import Any
 import torch
 
 from . import scaling as _sc
-from .formats import FORMATS, Format
-from .quantize import _NATIVE_F8, QuantSpec, Rounding, _check_tensor, e4m3_to_float32, round_to_format, spec as _spec
+from .formats import FLOAT_DTYPES, Format, torch_dtype
+from .quantize import QuantSpec, scale_and_round, spec as _spec
+from .rounding import e4m3_to_float32
 
-__all__ = ["Encoded", "encode", "decode", "element_scale", "values_to_codes", "codes_to_values", "pack_nibbles", "unpack_nibbles"]
+__all__ = ["Encoded", "encode", "decode", "element_scale", "values_to_codes", "codes_to_values", "pack_nibbles",
+           "unpack_nibbles", "NonFiniteError"]
 
-_WIDE = {"bf16": (torch.bfloat16, torch.int16), "fp16": (torch.float16, torch.int16),
-         "fp32": (torch.float32, torch.int32)}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_DTYPES = {str(d).replace("torch.", ""): d for d in FLOAT_DTYPES}
 
 
-def _is_registered(fmt: Format, name: str) -> bool:
-    return fmt.name == name and fmt == FORMATS[name]
+class NonFiniteError(ValueError):
+    """A NaN or inf would be encoded in a format without a code for it (NaN in e2m1, FP6, integers, mxfp4, ...)."""
+
+
+def _check_holds(v: torch.Tensor, fmt: Format) -> None:
+    """Raise :class:`NonFiniteError` if ``v`` holds a NaN/inf that ``fmt`` has no code for (one reduction)."""
+    if fmt.has_inf or fmt.kind == "scale":
+        return
+    bad = torch.isinf(v) if fmt.has_nan else ~torch.isfinite(v)
+    if bool(bad.any()):
+        what = "inf" if fmt.has_nan else "NaN or inf"
+        raise NonFiniteError(f"cannot encode {what} in format {fmt.name}: it has no code for it "
+                             f"({'NaN only' if fmt.has_nan else 'finite values only'})")
 
 
 def values_to_codes(v: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Bit patterns of float32 values that already lie on ``fmt``'s grid (uint8; int16/int32 for 16/32-bit)."""
-    for name, dt in _NATIVE_F8.items():
-        if _is_registered(fmt, name):
-            return v.to(dt).view(torch.uint8)
-    for name, (dt, it) in _WIDE.items():
-        if _is_registered(fmt, name):
-            return v.to(dt).view(it).clone()
+    """Bit patterns of float32 values that already lie on ``fmt``'s grid (uint8; int16/int32 for 16/32-bit).
+    Raises :class:`NonFiniteError` for NaN/inf where ``fmt`` has no code for them."""
+    dt = torch_dtype(fmt)
+    if dt in _FLOAT8:
+        return v.to(dt).view(torch.uint8)  # e4m3: values from quantize are never inf
+    if dt in _INT_VIEW:
+        return v.to(dt).view(_INT_VIEW[dt]).clone()
+    _check_holds(v, fmt)
     if fmt.kind != "float" or fmt.bits > 8:
         if fmt.kind == "int":
-            if torch.isnan(v).any():
-                raise ValueError(f"cannot encode NaN in {fmt.name}: the format has no NaN code")
             c = v.to(torch.int32) & ((1 << fmt.bits) - 1)
             return c.to(torch.uint8) if fmt.bits <= 8 else c
         if fmt.kind == "scale":
             e = torch.round(torch.log2(v)).nan_to_num_(nan=128.0, posinf=128.0)
             return (e + 127).clamp_(0, 255).to(torch.uint8)
-    if not fmt.has_nan and torch.isnan(v).any():
-        raise ValueError(f"cannot encode NaN in {fmt.name}: the format has no NaN code")
     m, nb = fmt.man_bits, fmt.bits
     a = v.abs()
     bits = a.view(torch.int32)
@@ -73,16 +85,13 @@ def values_to_codes(v: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 def codes_to_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
     """float32 values of bit patterns (inverse of :func:`values_to_codes`)."""
-    for name, dt in _NATIVE_F8.items():
-        if _is_registered(fmt, name):
-            if name == "e5m2":
-                return c.view(dt).to(torch.float32)
-            if c.device.type != "cpu" or c.numel() >= _SMALL:
-                return e4m3_to_float32(c.view(dt))
-            break  # few codes on CPU: the table (the fixed cost of e4m3_to_float32 dominates small tensors)
-    for name, (dt, it) in _WIDE.items():
-        if _is_registered(fmt, name):
-            return c.view(dt).to(torch.float32)
+    dt = torch_dtype(fmt)
+    if dt == torch.float8_e5m2:
+        return c.view(dt).to(torch.float32)
+    if dt == torch.float8_e4m3fn and (c.device.type != "cpu" or c.numel() >= _SMALL):
+        return e4m3_to_float32(c.view(dt))  # (few codes on CPU: the table; e4m3_to_float32's fixed cost dominates)
+    if dt in _INT_VIEW:
+        return c.view(dt).to(torch.float32)
     if c.dtype == torch.uint8 and fmt.bits <= 8:
         return _lookup(c, _table(fmt, c.device))
     return _codes_to_values_arith(c, fmt)
@@ -92,7 +101,7 @@ def codes_to_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
 # The table is the format's own code -> value map, computed once by the bit arithmetic below, so the lookup
 # gives the same bits (NaN payloads included). Keyed by the Format (frozen dataclass) and the device.
 _TABLES: dict[tuple[Format, str], torch.Tensor] = {}
-_SMALL = 1 << 16  # below this many e4m3 codes on CPU the table beats lowprec.quantize.e4m3_to_float32
+_SMALL = 1 << 16  # below this many e4m3 codes on CPU the table beats lowprec.rounding.e4m3_to_float32
 _PAIR_TABLES: dict[tuple[Format, str], torch.Tensor] = {}
 
 
@@ -203,62 +212,24 @@ class Encoded:
                    dtype=_DTYPES[d["dtype"]], global_scale=d.get("global_scale"), packed=bool(d["packed"]))
 
 
-def _native_f8_fast(s: QuantSpec) -> bool:
-    """True when ``values_to_codes(round_to_format(y, ...))`` is one native float8 cast of ``y`` (see below)."""
-    f = s.format
-    return (s.rounding == Rounding.NEAREST and not s.flush_subnormals and f.name in _NATIVE_F8
-            and _is_registered(f, f.name) and (s.saturate or f.name == "e5m2"))
-
-
-def _native_f8_codes(y: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
-    """Codes of float32 ``y`` rounded to nearest onto e4m3 (saturating) or e5m2, by a single cast.
-
-    Equal to ``values_to_codes(round_to_format(y, fmt, "nearest", saturate=...), fmt)``: that path casts ``y``
-    to float8, widens the result to float32 (saturating e5m2 by a clamp) and casts it back; every code a float32
-    -> float8 cast produces (NaN gives the canonical 0x7F/0xFF) survives the widening and re-cast unchanged, so
-    the first cast's codes are the answer. Saturating e5m2 clamps ``y`` to ±max before the cast instead of
-    after (the same codes: values beyond ±max, inf included, round to ±max or ±inf, which the clamp sends to
-    ±max). e4m3 on CPU saturates in the cast; elsewhere ``y`` is clamped first, as round_to_format does."""
-    if fmt.name == "e4m3":
-        yy = y if y.device.type == "cpu" else y.clamp(-fmt.max, fmt.max)
-        return yy.to(torch.float8_e4m3fn).view(torch.uint8)
-    yy = y.clamp(-fmt.max, fmt.max) if saturate else y
-    return yy.to(torch.float8_e5m2).view(torch.uint8)
-
-
 def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = None, scaling: Any = None,
            saturate: bool | None = None, generator: torch.Generator | None = None, pack: bool = True) -> Encoded:
-    """Quantize ``x`` and return its codes and scales (see the module docstring for the layout)."""
-    _check_tensor(x)
-    x = x.detach()
+    """Quantize ``x`` (quantize's scale -> round) and return its codes and scales (layout: module docstring).
+    Raises :class:`NonFiniteError`, naming the spec, for a NaN/inf the format cannot hold."""
     s = _spec(fmt, rounding=rounding, scaling=scaling, saturate=saturate)
-    fmt_ = s.format
-    x32 = x.float() if x.dtype != torch.float32 else x
-    kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
+    r = scale_and_round(x, s, generator, native=True)
     scale = glob = None
-    native = _native_f8_fast(s)
-    if s.scaling is None:
-        if native:
-            return Encoded(_native_f8_codes(x32, fmt_, s.saturate), None, s, x.shape, x.dtype, None, False)
-        q = round_to_format(x32, fmt_, s.rounding, **kw)
-    else:
-        view, undo = _sc.to_scaling_view(x32, s.scaling)
-        info = _sc.compute_scale(view, s.scaling, fmt_)
-        scale, glob = info.codes, info.global_scale
+    if r.info is not None:
+        scale, glob = r.info.codes, r.info.global_scale
         if s.scaling.mode == "block":
             scale = scale.squeeze(-1)
-        if s.scaling.scale_format == "e4m3":
-            # only E4M3 scales can be 0 (fp32 scales of 0 become 1, E8M0 scales are >= 2**-127)
-            safe = torch.where(info.scale == 0, torch.ones_like(info.scale), info.scale)
-            q = round_to_format(view / safe, fmt_, s.rounding, **kw)
-            q = undo(torch.where(info.scale == 0, q * 0.0, q))  # an E4M3 block scale of 0 zeroes its block
-        elif native:
-            codes = undo(_native_f8_codes(view / info.scale, fmt_, s.saturate))
-            return Encoded(codes, scale, s, x.shape, x.dtype, glob, False)
-        else:
-            q = undo(round_to_format(view / info.scale, fmt_, s.rounding, **kw))
-    codes = values_to_codes(q, fmt_)
-    packed = bool(pack and fmt_.bits == 4)
+    if r.elements.dtype in _FLOAT8:  # one native cast gave the codes
+        return Encoded(r.undo(r.elements.view(torch.uint8)), scale, s, x.shape, x.dtype, glob, False)
+    try:
+        codes = values_to_codes(r.undo(r.elements), s.format)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e}; spec {s}") from None
+    packed = bool(pack and s.format.bits == 4)
     if packed:
         codes = pack_nibbles(codes)
     return Encoded(codes, scale, s, x.shape, x.dtype, glob, packed)
@@ -281,7 +252,7 @@ def decode(enc: Encoded) -> torch.Tensor:
         return v.to(enc.dtype)
     view, undo = _sc.to_scaling_view(v, s.scaling)
     scale = _stored_scale(enc)
-    if _is_registered(fmt, "fp32"):  # v is a view of the int32 codes
+    if torch_dtype(fmt) == torch.float32:  # v is a view of the int32 codes
         return undo(view * scale).to(enc.dtype)
     return undo(view.mul_(scale)).to(enc.dtype)  # v is a fresh tensor: scale it in place
 

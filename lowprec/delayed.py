@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from .quantize import round_to_format, spec
+from .quantize import quantize_with_scale, spec
 from .scaling import finite_amax
+from .spec import Scaling
 
 __all__ = ["DelayedScaler"]
 
@@ -22,11 +23,12 @@ class DelayedScaler:
     The scale used at call ``t`` comes from the amax history of calls ``< t``; the call's own amax is appended
     after use (so a spike above the history's range overflows: it saturates, or gives inf/NaN with
     ``saturate=False`` specs). ``amax_h`` is the history's max (``algo="max"``, over the last ``history_len``
-    amaxes) or the latest amax (``algo="most_recent"``); then, as TE,
+    amaxes) or the latest amax (``algo="most_recent"``); then
 
-        ``scale = (fmt.max / amax_h) / 2**margin``   (multiplier:   ``q = round(x * scale) / scale``)
-        ``scale_inv = amax_h * 2**margin / fmt.max`` (lowprec's dequantization multiplier: ``q = round(x /
-        scale_inv) * scale_inv``; computed directly, so it may differ from ``1 / scale`` by one fp32 ulp)
+        ``scale_inv = amax_h * 2**margin / fmt.max``  (the dequantization multiplier: ``q = round(x / scale_inv) *
+        scale_inv``, the convention of every lowprec scale; TE's ``scale_inv``)
+        ``scale = (fmt.max / amax_h) / 2**margin``    (TE's quantization multiplier, kept for reference and state
+        dicts; computed directly, so it may differ from ``1 / scale_inv`` by one fp32 ulp)
 
     An amax of 0 keeps the previous scales (amax is taken over finite values). Before the first amax is
     recorded the scales are 1 (``init="unit"``, TE's initial scale) or, with ``init="current"`` (torchao's
@@ -50,6 +52,7 @@ class DelayedScaler:
             raise ValueError(f"init must be 'unit' (scale 1 before the first amax) or 'current' (the first "
                              f"call's own amax), got {init!r}")
         self.history_len, self.margin, self.algo, self.init = history_len, margin, algo, init
+        self._tensor_spec = replace(self.spec, scaling=Scaling("tensor"))  # quantize_with_scale's given-scale path
         cpu = torch.device("cpu")  # explicit: layers are built under torch.device("meta")
         self.amax_history = torch.zeros(history_len, dtype=torch.float32, device=cpu)
         self.scale = torch.ones((), dtype=torch.float32, device=cpu)
@@ -88,18 +91,14 @@ class DelayedScaler:
         return self.scale, self.scale_inv
 
     def quantize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Quantize with the history's scale (``round(x * scale) / scale``), then record ``amax(x)``."""
+        """Quantize with the history's scale (``round(x / scale_inv) * scale_inv``, through
+        :func:`lowprec.quantize_with_scale`), then record ``amax(x)``."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        x32 = x.detach().float()
-        amax = finite_amax(x32)
-        s = self.scales_for(amax)[0].to(x.device)
-        q = round_to_format(x32 * s, self.spec.format, self.spec.rounding, saturate=self.spec.saturate,
-                            flush_subnormals=self.spec.flush_subnormals, rand_bits=self.spec.rand_bits,
-                            generator=generator)
-        out = (q / s).to(x.dtype)
+        amax = finite_amax(x.detach())
+        q, _ = quantize_with_scale(x, self._tensor_spec, generator, scale=self.scales_for(amax)[1].to(x.device))
         self.update(amax)
-        return out
+        return q
 
     def update(self, amax: torch.Tensor | float) -> None:
         """Record one amax (a 0-dim tensor on any device, or a float) and recompute the scales."""

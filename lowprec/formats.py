@@ -16,7 +16,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Format", "FORMATS", "ALIASES", "get_format", "float_format", "int_format", "format_table"]
+import torch
+
+__all__ = ["Format", "FORMATS", "ALIASES", "SCALED_FORMAT_NAMES", "TORCH_DTYPES", "FLOAT_DTYPES", "get_format",
+           "float_format", "int_format", "format_table", "torch_dtype", "valid_names"]
 
 _KINDS = ("float", "int", "scale")
 
@@ -57,6 +60,13 @@ class Format:
             raise ValueError(f"float formats need 0 <= man_bits <= 23, got {self.man_bits}")
         if self.bits != int(self.signed) + self.exp_bits + self.man_bits:
             raise ValueError(f"bits={self.bits} != sign + exp_bits + man_bits for {self.name}")
+        if self.kind == "float" and self.emax < self.emin:
+            raise ValueError(
+                f"format {self.name}: no normal numbers (largest exponent {self.emax} < smallest {self.emin}): "
+                "with inf, or with NaN and no mantissa bits, the top exponent code is reserved, so such formats "
+                "need exp_bits >= 2; with 1 exponent bit use the 'fn' (NaN, no inf, man_bits >= 1) or 'fnn' "
+                "(neither) variants, e.g. e1m2fn, e1m1fnn"
+            )
         if self.kind == "float" and (self.emin < -126 or self.emax > 127):
             raise ValueError(
                 f"format {self.name}: exponent range [{self.emin}, {self.emax}] must lie inside float32's "
@@ -179,6 +189,27 @@ ALIASES: dict[str, str] = {
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
 }
 
+# The one map from formats to the torch dtypes that hold them exactly (only for the registered format of that name:
+# a renamed copy, e.g. dataclasses.replace(FORMATS["e4m3"], name="x"), takes the emulation paths).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in (
+        ("e4m3", "float8_e4m3fn"), ("e5m2", "float8_e5m2"), ("e8m0", "float8_e8m0fnu"),
+        ("e2m1", "float4_e2m1fn_x2"),  # packed: two E2M1 codes per byte (low nibble first)
+        ("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"))
+    if hasattr(torch, attr)
+}
+
+# The tensor dtypes lowprec quantizes from (and returns).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def torch_dtype(fmt: "Format") -> torch.dtype | None:
+    """The torch dtype holding exactly the registered format ``fmt`` (``float8_e4m3fn`` for e4m3, ...; e2m1 maps
+    to the packed ``float4_e2m1fn_x2``), or None for every other format."""
+    dt = TORCH_DTYPES.get(fmt.name)
+    return dt if dt is not None and FORMATS.get(fmt.name) == fmt else None
+
+
 # Names that denote a format *plus* block scaling; they resolve through lowprec.spec()/quantize(), not here.
 SCALED_FORMAT_NAMES = ("mxfp8", "mxfp8_e5m2", "mxfp6", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4", "nvfp4")
 
@@ -233,6 +264,7 @@ def _from_qtorch(obj: Any) -> Format:
 
 
 def valid_names() -> list[str]:
+    """Every registered name, alias and scaled-format name."""
     return sorted(FORMATS) + sorted(ALIASES) + list(SCALED_FORMAT_NAMES)
 
 

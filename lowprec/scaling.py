@@ -2,22 +2,22 @@
 
 Convention: ``q = round(x / scale) * scale`` (the scale is the dequantization multiplier). Amax is taken over
 finite values only, so a NaN or inf element stays NaN/inf (subject to the element format's overflow rule) instead
-of poisoning every scale. An all-zero tensor or block gets a finite, non-zero scale (never NaN).
+of poisoning every scale. An all-zero (or empty) tensor or block gets a finite, non-zero scale (never NaN); only an
+E4M3 block scale can be 0 (it then zeroes its block), and :func:`nonzero` is the one guard that divides by it.
+Imports the spec language and the formats only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from .formats import FORMATS, Format
+from .spec import Scaling
 
-if TYPE_CHECKING:
-    from .quantize import Scaling
-
-__all__ = ["ScaleInfo", "compute_scale", "to_scaling_view", "finite_amax"]
+__all__ = ["ScaleInfo", "compute_scale", "to_scaling_view", "finite_amax", "nonzero", "e8m0_exponent", "pow2"]
 
 _E4M3 = FORMATS["e4m3"]
 
@@ -34,8 +34,11 @@ class ScaleInfo:
 
 
 def finite_amax(x: torch.Tensor, dim: Any = None, keepdim: bool = False) -> torch.Tensor:
-    """max |x| over finite values (NaN and ±inf count as 0)."""
+    """max |x| over finite values (NaN and ±inf count as 0); 0 for an empty tensor or group."""
     a = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
+    if a.numel() == 0:  # amax of nothing raises; the sum of nothing is the 0 of the right shape
+        return a.sum() if dim is None and not keepdim else a.sum(dim=tuple(range(a.dim())) if dim is None else dim,
+                                                                 keepdim=keepdim)
     if dim is None:
         return a.amax() if not keepdim else a.amax(dim=tuple(range(a.dim())), keepdim=True)
     return a.amax(dim=dim, keepdim=keepdim)
@@ -47,7 +50,7 @@ def _norm_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def to_scaling_view(x: torch.Tensor, scaling: "Scaling") -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Arrange ``x`` so that one scale per group broadcasts over it; returns ``(view, undo)``.
 
     tensor/channel: ``x`` itself. block: ``axis`` moved last, padded with zeros to a multiple of ``block_size``,
@@ -77,7 +80,7 @@ def to_scaling_view(x: torch.Tensor, scaling: "Scaling") -> tuple[torch.Tensor, 
     return view, undo
 
 
-def _group_amax(view: torch.Tensor, scaling: "Scaling") -> torch.Tensor:
+def _group_amax(view: torch.Tensor, scaling: Scaling) -> torch.Tensor:
     if scaling.mode in ("tensor", "delayed"):
         return finite_amax(view, keepdim=True)
     if scaling.mode == "channel":
@@ -87,6 +90,11 @@ def _group_amax(view: torch.Tensor, scaling: "Scaling") -> torch.Tensor:
             return view.abs().nan_to_num_(nan=0.0, posinf=0.0)
         return finite_amax(view, dim=dims, keepdim=True)
     return finite_amax(view, dim=-1, keepdim=True)
+
+
+def nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with zeros replaced by 1: the divisor for ``x / scale`` (the one zero-scale guard)."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def e8m0_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -101,11 +109,13 @@ def pow2(exp: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exp.to(torch.float64)).to(torch.float32)
 
 
-def compute_scale(view: torch.Tensor, scaling: "Scaling", fmt: Format) -> ScaleInfo:
+def compute_scale(view: torch.Tensor, scaling: Scaling, fmt: Format) -> ScaleInfo:
     """Scales for ``view`` (from :func:`to_scaling_view`) so that each group's amax maps to ``fmt.max``.
 
     ``"delayed"`` scaling has no history here: the current tensor amax is used (a history of one), divided by
-    ``2**margin`` (scale ``amax * 2**margin / fmt.max``); :class:`DelayedScaler` holds a real history."""
+    ``2**margin`` (scale ``amax * 2**margin / fmt.max``); :class:`lowprec.DelayedScaler` holds a real history.
+    fp32 scales for element formats whose max is within float32's rounding of float32's max (emax 127: bf16,
+    fp32) are kept normal (>= 2**-126) and rounded up where needed, so that ``x / scale`` stays finite."""
     amax = _group_amax(view, scaling).to(torch.float32)
     if scaling.scale_format == "e8m0":
         exp = e8m0_exponent(amax, fmt)
@@ -119,5 +129,10 @@ def compute_scale(view: torch.Tensor, scaling: "Scaling", fmt: Format) -> ScaleI
     s = amax / fmt.max
     if scaling.mode == "delayed":  # no history here: the current amax (a history of one), with the margin
         s = s * 2.0 ** scaling.margin
+    if fmt.emax >= 127:
+        # amax / s may round above float32's max (x / s = inf) and a subnormal s loses bits: keep s normal and
+        # step it up one ulp where amax / s would exceed fmt.max
+        s = s.clamp_(min=2.0**-126)
+        s = torch.where(amax / s > fmt.max, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
     s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
     return ScaleInfo(s, s)

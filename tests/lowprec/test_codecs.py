@@ -113,7 +113,7 @@ def test_nbytes_and_state_dict_round_trip():
 
 
 def test_e4m3_widening_equals_torch_on_every_code():
-    from lowprec.quantize import e4m3_to_float32
+    from lowprec.rounding import e4m3_to_float32
 
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     assert same(e4m3_to_float32(codes), codes.to(torch.float32))

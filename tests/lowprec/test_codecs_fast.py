@@ -59,7 +59,7 @@ def test_float8_decode_equals_torch_widening_on_every_code(name, dt):
 
 def test_e4m3_table_and_bit_trick_agree_bit_for_bit():
     # small CPU tensors decode by the table, large ones by e4m3_to_float32: identical bits, NaNs included
-    from lowprec.quantize import e4m3_to_float32
+    from lowprec.rounding import e4m3_to_float32
 
     codes = torch.arange(256, dtype=torch.uint8)
     small = codes_to_values(codes, lowprec.get_format("e4m3"))

@@ -228,12 +228,12 @@ def test_functional_round_equals_eager(name, rounding, saturate):
 
 
 def test_functional_stochastic_equals_eager_and_is_unbiased():
-    from lowprec.quantize import _random_bits, functional_round
+    from lowprec.rounding import functional_round, random_bits
 
     x = torch.cat([torch.from_numpy(oracle_inputs(ML["e4m3"])), torch.randn(5000) * 1e-39])
     for name in ("e4m3", "e2m1", "bf16"):
         for sat in (True, False):
-            rnd = _random_bits(x.shape, x.device, torch.Generator().manual_seed(4))
+            rnd = random_bits(x.shape, x.device, torch.Generator().manual_seed(4))
             got = functional_round(x, FORMATS[name], "stochastic", saturate=sat, random=rnd)
             ref = quantize(x, name, rounding="stochastic", saturate=sat, generator=torch.Generator().manual_seed(4))
             assert same(got, ref)

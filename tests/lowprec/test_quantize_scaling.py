@@ -140,25 +140,34 @@ def test_scaled_bf16_input():
 
 
 def test_delayed_scaler_te_rule():
+    # TE's rule in lowprec's convention (q = round(x / d) * d, d the dequantization multiplier), against closed-form
+    # math: d_t = max(amax_{t-4..t-1}) * 2**margin / 448 (exact here: the amaxes are powers of two); the first call
+    # (init="unit") uses d = 1; the oracle rounding is torch's own saturating float8 cast
     ds = DelayedScaler("e4m3", history_len=4, margin=0)
     amaxes = [1.0, 8.0, 2.0, 0.5, 0.25, 0.25]
+    d = 1.0
     for i, a in enumerate(amaxes):
-        x = torch.tensor([a, -a / 3, 0.0])
-        expected_scale = ds.scale.clone()
+        x = torch.tensor([a, -a / 3, 0.0, 1000.0 * a])  # the last one overflows: saturates to 448 * d
         q = ds(x)
-        assert torch.equal(q, (x * expected_scale).to(torch.float8_e4m3fn).float() / expected_scale)
-        window = amaxes[max(0, i - 3): i + 1]
-        assert math.isclose(ds.scale.item(), 448.0 / max(window), rel_tol=1e-6)
+        assert torch.equal(q, (x / d).clamp(-448, 448).to(torch.float8_e4m3fn).float() * d), i
+        d = max(amaxes[max(0, i - 3): i + 1]) * 1000.0 / 448.0
+        assert torch.equal(ds.scale_inv, torch.tensor(d, dtype=torch.float32))
+        assert math.isclose(ds.scale.item(), 1.0 / d, rel_tol=1e-6)  # TE's multiplier, kept for state dicts
     ds2 = DelayedScaler("e4m3", history_len=4, margin=2, algo="most_recent")
     ds2(torch.tensor([2.0]))
-    assert math.isclose(ds2.scale.item(), 448.0 / 2.0 / 4.0, rel_tol=1e-6)
-    before = ds2.scale.clone()
+    assert torch.equal(ds2.scale_inv, torch.tensor(2.0 * 4.0 / 448.0, dtype=torch.float32)) and math.isclose(ds2.scale.item(), 448.0 / 2.0 / 4.0,
+                                                                      rel_tol=1e-6)
+    # d = 8 / 448: 1 -> 56 and 2 -> 112 lie on the grid; 3 -> 168, a tie between 160 and 176, goes to even 160
+    q = ds2(torch.tensor([1.0, 2.0, 3.0]))
+    d2 = torch.tensor(8.0 / 448.0, dtype=torch.float32)
+    assert torch.equal(q, torch.stack([56.0 * d2, 112.0 * d2, 160.0 * d2]))
+    before = ds2.scale_inv.clone()
     ds2(torch.zeros(5))  # an all-zero tensor keeps the scale
-    assert torch.equal(ds2.scale, before)
+    assert torch.equal(ds2.scale_inv, before)
     sd = ds.state_dict()
     ds3 = DelayedScaler("e4m3", history_len=4)
     ds3.load_state_dict(sd)
-    assert torch.equal(ds3.scale, ds.scale) and torch.equal(ds3.amax_history, ds.amax_history)
+    assert torch.equal(ds3.scale_inv, ds.scale_inv) and torch.equal(ds3.amax_history, ds.amax_history)
 
 
 def test_delayed_scaler_stale_amax_overflows():
