@@ -1,7 +1,9 @@
 """Low-precision gradients, packed optimizer states and master weights around any torch optimizer.
 
-``wrap(optimizer, policy)`` returns a ``LowPrecisionOptimizer`` that shares the base optimizer's ``param_groups``
-and ``state`` (so LR schedulers, ``zero_grad`` and ``add_param_group`` work as usual) and whose ``step()`` does:
+``wrap(optimizer, policy)`` returns a ``LowPrecisionOptimizer``: a ``torch.optim.Optimizer`` (built by
+``Optimizer.__init__``, so step/state_dict hooks, profiling and LR schedulers work as for torch's own optimizers)
+that *shares* the base optimizer's ``param_groups``, ``state`` and ``defaults`` (the same objects, also after
+``load_state_dict``), and whose ``step()`` does:
 
 1. **grads**: every ``p.grad`` is replaced by ``quantize(p.grad, policy.grad)``.
 2. **states in**: packed states are decoded to fp32 tensors for the base optimizer.
@@ -16,11 +18,24 @@ and ``state`` (so LR schedulers, ``zero_grad`` and ``add_param_group`` work as u
    byte, plus scales). Step counters and other non-float or differently shaped entries are left alone.
 
 Steps 1, 2, 4 and 5 touch only parameters that have a gradient (torch optimizers skip the others; their states
-stay packed, untouched).
+stay packed, untouched). Zero-size parameters take part in the base step but are never quantized (nothing to
+round; their states stay empty fp32 tensors).
+
+**Non-finite states.** A state holding NaN or ±inf whose element format has no NaN (e2m1/FP4, FP6, int4/int8,
+MX/NV FP4) cannot be stored without turning it into a number. Such a state stays an *unpacked fp32 tensor*, NaN
+and inf included, for as long as it holds a non-finite value (``unpacked_states()`` lists them; telemetry
+records the site every step with ``unpacked`` = its element count and its ``nan_count``/``inf_count``), and it
+is packed again at the first step at which it is finite. The step itself always completes. Formats with NaN
+(e4m3, e5m2, bf16, ...) store non-finite states as their codes do (NaN stays NaN; ±inf as the spec saturates).
 
 Between steps the optimizer state really is the packed codes, so ``state_dict()`` holds them (loadable with
 ``torch.load(weights_only=True)``) together with ``"lowprec"``: the policy string and the stochastic-rounding
-generator state, so that ``load_state_dict`` resumes exactly (the next step is identical).
+generator state, so that ``load_state_dict`` resumes exactly (the following trajectory is bit-identical).
+``decoded_state()`` yields every state tensor as fp32 for a run loop's statistics.
+
+Nested optimizers (``stosign.SignConverted``'s ``.base``): the wrapper quantizes the states of the optimizer it
+wraps (SignConverted's bound ``G``); the nested base's own states (AdamW's moments inside SignConverted) stay
+fp32, as the base keeps them (``decoded_state(nested=True)`` shows them).
 
 Telemetry (``telemetry=Telemetry(...)``): sites ``optim:grad`` (role grad), ``optim:<state name>`` (role state,
 including zero fractions of unquantized second moments), ``optim:master`` (role master, with
@@ -29,23 +44,23 @@ master rounding). ``step()`` calls ``telemetry.next_step()`` at its end.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable
+import operator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from lowprec.codecs import Encoded, element_scale, decode, encode
+from lowprec.codecs import Encoded, decode, element_scale, encode
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
 
-__all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes"]
+__all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes", "PACKED_KEY"]
 
-_PACKED = "lowprec_packed"
+PACKED_KEY = "lowprec_packed"  # state[p][name] == {PACKED_KEY: Encoded.to_dict()} for a packed state
 
 
 def _is_packed(value: Any) -> bool:
-    return isinstance(value, dict) and _PACKED in value
+    return isinstance(value, dict) and PACKED_KEY in value
 
 
 def _active(spec: QuantSpec | None) -> QuantSpec | None:
@@ -56,6 +71,12 @@ def _active(spec: QuantSpec | None) -> QuantSpec | None:
 def _atleast_1d(t: torch.Tensor) -> torch.Tensor:
     """Scaling needs at least one dimension: a 0-dim tensor becomes shape (1,), others are untouched."""
     return t.reshape(1) if t.dim() == 0 else t
+
+
+def _is_state_tensor(name: str, value: Any, p: torch.Tensor) -> bool:
+    """A floating-point state tensor shaped like its parameter (the entries the wrapper may pack)."""
+    return (name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.shape == p.shape)
 
 
 def state_bytes(state_dict: dict) -> int:
@@ -71,8 +92,31 @@ def state_bytes(state_dict: dict) -> int:
     return walk(state_dict["state"])
 
 
+def _shared(name: str, doc: str) -> property:
+    """An attribute of the base optimizer, shared (the same object). During ``Optimizer.__init__`` (before
+    ``_sharing`` is set) torch's setup writes to a private local copy that is dropped afterwards."""
+    local = f"_init_{name}"
+
+    def get(self: "LowPrecisionOptimizer") -> Any:
+        if self.__dict__.get("_sharing"):
+            return getattr(self.optimizer, name)
+        return self.__dict__[local]
+
+    def set_(self: "LowPrecisionOptimizer", value: Any) -> None:
+        if self.__dict__.get("_sharing"):
+            setattr(self.optimizer, name, value)
+        else:
+            self.__dict__[local] = value
+
+    return property(get, set_, doc=doc)
+
+
 class LowPrecisionOptimizer(torch.optim.Optimizer):
     """See module docstring. Use ``wrap(optimizer, policy)`` to build one."""
+
+    param_groups = _shared("param_groups", "The base optimizer's param_groups (shared).")
+    state = _shared("state", "The base optimizer's state (shared; packed entries between steps).")
+    defaults = _shared("defaults", "The base optimizer's defaults (shared).")
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,
                  telemetry: Telemetry | None = None, seed: int = 0) -> None:
@@ -80,47 +124,27 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             raise TypeError(f"wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, LowPrecisionOptimizer):
             raise TypeError("this optimizer is already wrapped")
+        if telemetry is not None and not isinstance(telemetry, Telemetry):
+            raise TypeError(f"telemetry must be a lowprec.telemetry.Telemetry, got {type(telemetry).__name__}")
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        seed = operator.index(seed)
         self.optimizer = optimizer
         self.policy = PrecisionPolicy.parse(policy)
         self.telemetry = telemetry
-        self.seed = int(seed)
+        self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
         self._grad_spec = _active(self.policy.grad)
         self._master_spec = _active(self.policy.master)
+        self._state_specs: dict[str, QuantSpec | None] = {}
+        self._sharing = False
+        # torch's own setup (hook dicts, step profiling, group checks) on copies of the base's groups ...
+        super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
+        # ... then share the base's objects instead of those copies
+        self._sharing = True
+        for name in ("param_groups", "state", "defaults"):
+            self.__dict__.pop(f"_init_{name}", None)
         self._round_to_master(self._params())
-
-    # Shared, not copied: schedulers and users edit param_groups; the base optimizer reads them (and its
-    # load_state_dict replaces both objects, so these are properties, not attributes).
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[torch.Tensor]:
@@ -133,12 +157,18 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             g = self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return g
 
+    def _state_spec(self, name: str) -> QuantSpec | None:
+        if name not in self._state_specs:
+            self._state_specs[name] = _active(self.policy.state_spec(name))
+        return self._state_specs[name]
+
     def _round_to_master(self, params: list[torch.Tensor]) -> None:
         """Put new parameters on the master grid (round-to-nearest; no-op without a master spec)."""
         if self._master_spec is not None:
             with torch.no_grad():
                 for p in params:
-                    p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
+                    if p.numel():
+                        p.copy_(quantize(_atleast_1d(p), self._master_spec, rounding="nearest").reshape(p.shape))
 
     def __repr__(self) -> str:
         return f"LowPrecisionOptimizer({self.policy}, {self.optimizer!r})"
@@ -147,8 +177,44 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not self.__dict__.get("_sharing"):
+            super().add_param_group(param_group)  # during Optimizer.__init__: torch's checks, local copy
+            return
         self.optimizer.add_param_group(param_group)
         self._round_to_master(self.param_groups[-1]["params"])
+
+    # ------------------------------------------------------------------ reading the state
+    def decoded_state(self, *, nested: bool = False) -> Iterator[tuple[torch.Tensor, str, torch.Tensor]]:
+        """``(param, name, values)`` for every state tensor (packed or floating-point, shaped like its
+        parameter; never ``step``), in param-group order; ``values`` is fp32 with the parameter's shape: a fresh
+        decoded tensor for packed states, the live tensor (do not modify it) for unpacked ones.
+        ``nested=True`` continues with the states of optimizers nested inside the wrapped one (``.base`` of
+        ``stosign.SignConverted``, ``.optimizer`` of other wrappers), which the wrapper does not quantize."""
+        seen: set[int] = set()
+        opt: Any = self.optimizer
+        while isinstance(opt, torch.optim.Optimizer) and id(opt) not in seen:
+            seen.add(id(opt))
+            for p in [p for g in opt.param_groups for p in g["params"]]:
+                st = opt.state.get(p)
+                for name, value in (st or {}).items():
+                    if _is_packed(value):
+                        yield p, name, decode(Encoded.from_dict(value[PACKED_KEY])).to(p.device).reshape(p.shape)
+                    elif _is_state_tensor(name, value, p):
+                        yield p, name, value
+            if not nested:
+                return
+            opt = getattr(opt, "base", None) or getattr(opt, "optimizer", None)
+
+    def unpacked_states(self) -> list[tuple[torch.Tensor, str]]:
+        """``(param, name)`` of the states held unpacked now because they hold NaN/inf that their format cannot
+        store (module docstring); empty in a healthy run."""
+        out = []
+        for p in self._params():
+            for name, value in (self.state.get(p) or {}).items():
+                spec = self._state_spec(name) if _is_state_tensor(name, value, p) else None
+                if spec is not None and p.numel() and not bool(torch.isfinite(value).all()):
+                    out.append((p, name))
+        return out
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -160,18 +226,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         tel = self.telemetry
         sampling = tel is not None and tel.sampling
         params = [p for p in self._params() if p.grad is not None]
+        live = [p for p in params if p.numel()]  # zero-size parameters: nothing to quantize
 
         if self._grad_spec is not None:
-            spec = self._grad_spec
-            for p in params:
-                if p.grad.is_sparse:
-                    raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
-                g = _atleast_1d(p.grad)
-                q, scale = quantize_with_scale(g, spec, generator=self._gen(p.device))
-                if tel is not None and tel.wants():
-                    tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
-                p.grad.copy_(q.reshape(p.grad.shape))
-
+            self._quantize_grads(live, tel)
         # only parameters with a gradient take part in the step (torch optimizers skip the others), so only
         # their states are decoded and re-encoded; the others stay packed untouched
         for p in params:
@@ -179,41 +237,63 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             if st:
                 for name, value in list(st.items()):
                     if _is_packed(value):
-                        st[name] = decode(Encoded.from_dict(value[_PACKED])).to(p.device).reshape(p.shape)
+                        st[name] = decode(Encoded.from_dict(value[PACKED_KEY])).to(p.device).reshape(p.shape)
 
-        olds = [p.detach().clone() for p in params] if (sampling and self._master_spec is not None) else None
+        olds = [p.detach().clone() for p in live] if (sampling and self._master_spec is not None) else None
         self.optimizer.step()
-
         if self._master_spec is not None:
-            spec = self._master_spec
-            for i, p in enumerate(params):
-                unrounded = p.detach().clone() if sampling else None
-                p.copy_(quantize(_atleast_1d(p), spec, generator=self._gen(p.device)).reshape(p.shape))
-                if sampling:
-                    tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
-                    tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
+            self._round_master(live, tel, olds)
+        self._encode_states(live, tel)
+        if tel is not None:
+            tel.next_step()
+        return loss
 
+    def _quantize_grads(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
+        spec = self._grad_spec
+        for p in params:
+            if p.grad.is_sparse:
+                raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
+            g = _atleast_1d(p.grad)
+            q, scale = quantize_with_scale(g, spec, generator=self._gen(p.device))
+            if tel is not None and tel.wants():
+                tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+            p.grad.copy_(q.reshape(p.grad.shape))
+
+    def _round_master(self, params: list[torch.Tensor], tel: Telemetry | None,
+                      olds: list[torch.Tensor] | None) -> None:
+        spec = self._master_spec
+        sampling = olds is not None
+        for i, p in enumerate(params):
+            unrounded = p.detach().clone() if sampling else None
+            p.copy_(quantize(_atleast_1d(p), spec, generator=self._gen(p.device)).reshape(p.shape))
+            if sampling:
+                tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
+                tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
+
+    def _encode_states(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
+        sampling = tel is not None and tel.sampling
         for p in params:
             st = self.state.get(p)
             if not st:
                 continue
             for name, value in list(st.items()):
-                if name == "step" or not (isinstance(value, torch.Tensor) and value.is_floating_point()
-                                          and value.shape == p.shape):
+                if not _is_state_tensor(name, value, p):
                     continue
-                spec = _active(self.policy.state_spec(name))
+                spec = self._state_spec(name)
                 if spec is None:
                     if tel is not None and name in tel.zero_states:
                         tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
                     continue
+                if not spec.format.has_nan and not bool(torch.isfinite(value).all()):
+                    # the format would turn NaN/inf into numbers (or refuse them): keep fp32, visibly
+                    if tel is not None:
+                        tel.record(f"optim:{name}", "state", value, value, fmt_max=spec.format.max,
+                                   fmt=str(spec), unpacked=True)
+                    continue
                 enc = encode(_atleast_1d(value), spec, generator=self._gen(p.device))
                 if tel is not None and (sampling or (tel.check_nonfinite and self._nonfinite(value, enc, spec))):
                     self._record_state(tel, name, value, enc, spec)
-                st[name] = {_PACKED: enc.to_dict()}
-
-        if tel is not None:
-            tel.next_step()
-        return loss
+                st[name] = {PACKED_KEY: enc.to_dict()}
 
     @staticmethod
     def _nonfinite(value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> bool:
@@ -236,17 +316,34 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's ``state_dict()`` (packed states as their ``to_dict()``) plus ``"lowprec"``:
+        policy, seed and generator states. Hooks registered on this wrapper run as in torch."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd["lowprec"] = {
             "policy": str(self.policy),
             "seed": self.seed,
             "generators": {k: g.get_state() for k, g in self._generators.items()},
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a ``state_dict()`` of a wrapper with the same policy (ValueError otherwise): the next steps
+        are exactly those the saved optimizer would have taken. Hooks registered on this wrapper run as in torch."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         sd = dict(state_dict)
         extra = sd.pop("lowprec", None)
+        if extra is not None and extra.get("policy") != str(self.policy):
+            raise ValueError(f"state_dict was saved under policy {extra.get('policy')!r}, "
+                             f"this optimizer uses {str(self.policy)!r}")
         # The base optimizer would cast packed uint8 codes to the parameter dtype (and choke on strings):
         # hand it the plain entries only and restore the packed ones here.
         packed: dict[Any, dict[str, Any]] = {}
@@ -262,18 +359,17 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             p = id_to_param[pid]
             for name, value in entries.items():
                 inner = {k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v)
-                         for k, v in value[_PACKED].items()}
-                self.state[p][name] = {_PACKED: inner}
+                         for k, v in value[PACKED_KEY].items()}
+                self.state[p][name] = {PACKED_KEY: inner}
         if extra is not None:
-            if extra.get("policy") != str(self.policy):
-                raise ValueError(f"state_dict was saved under policy {extra.get('policy')!r}, "
-                                 f"this optimizer uses {str(self.policy)!r}")
             self.seed = int(extra.get("seed", self.seed))
             self._generators = {}
             for key, gstate in extra.get("generators", {}).items():
                 g = torch.Generator(device=key).manual_seed(self.seed)
                 g.set_state(gstate)
                 self._generators[key] = g
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def wrap(optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,

@@ -18,12 +18,16 @@ Columns of ``frame()`` (one row per step and site, in execution order):
 - ``zero_frac``: fraction of output elements equal to zero (for second moments: entries at zero).
 - ``lost_update_frac``: master-weight sites only: of the parameters whose unrounded update was nonzero, the
   fraction left unchanged by rounding to the master format.
+- ``unpacked``: optimizer-state sites only: elements held as unpacked fp32 at this step because they hold NaN/inf
+  that the state's format cannot store (``lowprec.optim``); recorded on every step, sampled or not. 0 otherwise.
 
 Statistics are computed only on sampled steps (``step % every == 0``); on the other steps, with
 ``check_nonfinite=True``, each site pays one ``isfinite(q.sum())`` so that ``first_nonfinite()`` still names
 the first site (in execution order) whose output held a NaN or inf.
-The step counter is advanced by ``next_step()``; ``lowprec.optim.wrap(..., telemetry=t)`` calls it after every
-optimizer step, so share one ``Telemetry`` between ``convert`` and ``wrap``.
+The step counter ``step`` is this object's own and the one truth for every site: ``next_step()`` advances it,
+and ``lowprec.optim.wrap(..., telemetry=t)`` calls it at the end of every optimizer step, so share one
+``Telemetry`` between ``convert`` and ``wrap`` and the rows of one training step carry one number. A run loop
+that numbers its steps differently (from 1, or resuming at step k) calls ``set_step(k)`` before the step.
 """
 from __future__ import annotations
 
@@ -34,12 +38,15 @@ import torch
 
 from lowprec.policy import TENSOR_ROLES
 
-__all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS"]
+__all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS", "COLUMNS"]
 
 ROLES = TENSOR_ROLES
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")  # AdamW/Adam, AMSGrad, RMSprop, Adagrad
 
-_COUNTS = ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "sig2", "err2", "zeros", "intended", "lost")
+_COUNTS = ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "sig2", "err2", "zeros", "intended", "lost",
+           "unpacked")
+COLUMNS = ("step", "site", "role", "format", "sampled", "numel", "flushed_frac", "saturated_frac", "nan_count",
+           "inf_count", "sqnr_db", "scale_min", "scale_max", "zero_frac", "lost_update_frac", "unpacked")
 
 
 @dataclass
@@ -86,7 +93,15 @@ class Telemetry:
         return self.sampling or self.check_nonfinite
 
     def next_step(self) -> None:
+        """Advance the step counter by one (``lowprec.optim.wrap`` calls this after each optimizer step)."""
         self.step += 1
+
+    def set_step(self, step: int) -> None:
+        """Set the step counter: the records that follow carry ``step`` (and are sampled when
+        ``step % every == 0``)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.step = step
 
     def reset(self) -> None:
         self.step = 0
@@ -115,16 +130,20 @@ class Telemetry:
 
     @torch.no_grad()
     def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
-               scale: torch.Tensor | None = None, fmt_max: float | None = None, fmt: str = "") -> None:
+               scale: torch.Tensor | None = None, fmt_max: float | None = None, fmt: str = "",
+               unpacked: bool = False) -> None:
         """Record one quantization ``x -> q`` (same shape; ``scale`` broadcastable to x, or None).
 
-        ``fmt_max``: the element format's largest finite value (for ``saturated_frac``).
+        ``fmt_max``: the element format's largest finite value (for ``saturated_frac``). ``unpacked=True``: ``q``
+        is a state kept unpacked (column ``unpacked``); recorded on every step.
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
-        if self._skip(q):
+        if not unpacked and self._skip(q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
+        if unpacked:
+            acc.add("unpacked", q.numel())
         x = x.detach()
         q = q.detach()
         ax = x.abs()
@@ -235,6 +254,7 @@ class Telemetry:
             "sqnr_db": sqnr, "scale_min": acc.scale_min, "scale_max": acc.scale_max,
             "zero_frac": v("zeros") / numel if numel else math.nan,
             "lost_update_frac": v("lost") / intended if intended else (0.0 if "intended" in acc.counts else math.nan),
+            "unpacked": int(v("unpacked")),
         }
 
     def rows(self) -> list[dict]:
@@ -243,9 +263,7 @@ class Telemetry:
     def frame(self):
         """All recorded rows as a pandas DataFrame, in execution order."""
         import pandas as pd
-        cols = ["step", "site", "role", "format", "sampled", "numel", "flushed_frac", "saturated_frac",
-                "nan_count", "inf_count", "sqnr_db", "scale_min", "scale_max", "zero_frac", "lost_update_frac"]
-        return pd.DataFrame(self.rows(), columns=cols)
+        return pd.DataFrame(self.rows(), columns=list(COLUMNS))
 
     def first_nonfinite(self) -> str | None:
         """The first site (in execution order) whose quantized output held a NaN or inf; None if none did."""
@@ -253,6 +271,12 @@ class Telemetry:
             if acc.value("nan") + acc.value("inf") > 0:
                 return acc.site
         return None
+
+    def unpacked_sites(self, step: int | None = None) -> list[str]:
+        """Sites that held unpacked (non-finite) optimizer states at ``step``; default: the step just completed
+        (``self.step - 1``, since ``wrap``'s ``step()`` ends with ``next_step()``)."""
+        at = self.step - 1 if step is None else step
+        return [a.site for a in self._accs.values() if a.step == at and a.value("unpacked") > 0]
 
     def summary(self) -> dict[str, float]:
         """Latest sampled step: ``<role>_underflow`` / ``<role>_overflow`` for every role (count-weighted over
