@@ -1,4 +1,4 @@
-"""PrecisionPolicy: one quantization spec per tensor role in training.
+"""PrecisionPolicy: one quantization spec per tensor role in training, and per-module rules.
 
 Roles (``None`` = full precision, nothing done):
 
@@ -15,22 +15,46 @@ Compact form: ``"weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:stochastic,
 state.exp_avg_sq=e5m2,master=bf16:stochastic,accumulator=fp16:chunk32"``; a leading preset name is a base that
 the following entries modify (``"fp8-all,state.exp_avg_sq=none"``); ``none`` unsets a role. A spec written as
 ``e4m3`` (no scaling keyword) is a plain unscaled cast, exactly as ``lowprec.QuantSpec.parse`` reads it.
-``str(policy)`` is canonical and ``PrecisionPolicy.parse(str(p)) == p``.
+``str(policy)`` is canonical and ``PrecisionPolicy.parse(str(p)) == p``. Presets are defined once, in
+``PRESET_TABLE`` (name, policy text, description), and read by this same parser.
+
+Per-module rules: after the base policy, ``;``-separated ``pattern=policy`` entries, tried in order on module
+names (the first match wins; no match: the base policy), e.g.
+``"fp8-all;lm_head|transformer.h.11.*=bf16;re:.*\\.attn\\..*=weight=e4m3:tensor"``. A pattern is ``|``-separated
+shell globs (``fnmatch``; ``*`` matches dots too) or, after ``re:``, one regular expression (``re.fullmatch``); it
+may contain neither ``=`` nor ``;``. A rule's policy is any policy text without rules. Rules choose the GEMM
+policy (weight, activation, grad, accumulator) of each module that ``lowprec.nn.convert`` converts; optimizer
+states and master weights follow the base policy. In Python: ``PrecisionPolicy(..., rules=[("lm_head", "bf16")])``
+or ``policy.with_rules("lm_head=bf16")``; in TOML / JSON: a ``rules`` list of ``{pattern, policy}`` tables
+(``from_dict``, ``from_toml``).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lowprec.accumulate import Accumulator
 from lowprec.formats import Format
 from lowprec.quantize import QuantSpec
 
-__all__ = ["PrecisionPolicy", "PRESETS", "PRESET_DOCS", "ROLES", "TENSOR_ROLES"]
+__all__ = ["PrecisionPolicy", "Rule", "PRESETS", "PRESET_DOCS", "PRESET_TABLE", "ROLES", "TENSOR_ROLES",
+           "is_identity"]
 
 ROLES = ("weight", "activation", "grad", "state", "master", "accumulator")
 TENSOR_ROLES = ROLES[:-1]  # the roles that hold a QuantSpec (the accumulator holds an Accumulator)
+
+_WHERE = {
+    "weight": "weight operand of forward and grad-input GEMMs",
+    "activation": "input operand of forward and grad-weight GEMMs",
+    "grad": "grad_output of both backward GEMMs; param grads before the optimizer",
+    "state": "optimizer states, stored packed (codes + scales)",
+    "master": "stored parameters; rounding of every update",
+    "accumulator": "matmul partial sums",
+}
 
 
 def _to_spec(value: Any, what: str) -> QuantSpec | None:
@@ -62,9 +86,111 @@ def _spec_str(spec: QuantSpec | None) -> str:
     return "none" if spec is None else str(spec)
 
 
+def _parse_items(text: str, preset: Callable[[str], "PrecisionPolicy"]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Role and state-override entries of one comma-separated policy text (no rules); a first entry without
+    ``=`` names a base preset, looked up with ``preset(name)``."""
+    base: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for i, item in enumerate(t.strip() for t in text.split(",") if t.strip()):
+        if "=" not in item:
+            if i != 0:
+                raise ValueError(f"{item!r}: only the first entry may be a preset name; "
+                                 f"others are role=spec with roles {', '.join(ROLES)} or state.<name>")
+            p = preset(item)
+            base = {r: getattr(p, r) for r in ROLES}
+            overrides = dict(p.state_overrides)
+            continue
+        key, value = (s.strip() for s in item.split("=", 1))
+        key = key.lower()
+        if key.startswith("state."):
+            overrides[key[len("state."):]] = value
+        elif key in ROLES:
+            base[key] = value
+        else:
+            raise ValueError(f"unknown role {key!r}; valid roles: {', '.join(ROLES)}, or state.<name> "
+                             "(e.g. state.exp_avg_sq)")
+    return base, overrides
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``pattern -> policy`` on module names (module docstring): ``|``-separated globs, or ``re:<regex>``."""
+
+    pattern: str
+    policy: "PrecisionPolicy"
+
+    def __post_init__(self) -> None:
+        pat = self.pattern.strip() if isinstance(self.pattern, str) else self.pattern
+        if not isinstance(pat, str) or not pat or "=" in pat or ";" in pat:
+            raise ValueError(f"a rule pattern is a non-empty string without '=' or ';', got {self.pattern!r}")
+        if pat.startswith("re:"):
+            try:
+                re.compile(pat[3:])
+            except re.error as exc:
+                raise ValueError(f"rule pattern {pat!r}: bad regular expression: {exc}") from None
+        pol = PrecisionPolicy.parse(self.policy)
+        if pol.rules:
+            raise ValueError(f"rule {pat!r}: a rule's policy cannot carry rules of its own")
+        object.__setattr__(self, "pattern", pat)
+        object.__setattr__(self, "policy", pol)
+
+    def matches(self, name: str) -> bool:
+        """Whether module ``name`` (e.g. ``transformer.h.11.attn.c_attn``) matches the pattern."""
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return any(fnmatch.fnmatchcase(name, alt.strip()) for alt in self.pattern.split("|"))
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.policy}"
+
+
+def _to_rule(value: Any) -> Rule:
+    if isinstance(value, Rule):
+        return value
+    if isinstance(value, Mapping):
+        if set(value) != {"pattern", "policy"}:
+            raise ValueError(f"a rule table has exactly the keys 'pattern' and 'policy', got {sorted(value)}")
+        return Rule(value["pattern"], value["policy"])
+    if isinstance(value, str):
+        if "=" not in value:
+            raise ValueError(f"a rule is 'pattern=policy', got {value!r}")
+        pattern, pol = value.split("=", 1)
+        return Rule(pattern, pol.strip())
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return Rule(value[0], value[1])
+    raise TypeError(f"a rule is a Rule, 'pattern=policy', (pattern, policy) or {{pattern, policy}}, got {value!r}")
+
+
+def _scaling_text(spec: QuantSpec) -> str:
+    sc = spec.scaling
+    if sc is None:
+        return "none"
+    if sc.mode in ("tensor", "channel"):
+        return f"{sc.mode} ({sc.scale_format})"
+    if sc.mode == "delayed":
+        return (f"delayed {sc.history_len}" + (f", margin {sc.margin}" if sc.margin else "")
+                + ("" if sc.algo == "max" else f", {sc.algo}"))
+    return f"block {sc.block_size} ({sc.scale_format})"
+
+
+def _spec_row(role: str, spec: QuantSpec | None, note: str) -> tuple:
+    if spec is None:
+        return (role, "fp32 (full)", "-", "-", "-", note)
+    rnd = spec.rounding.value if hasattr(spec.rounding, "value") else str(spec.rounding)
+    return (role, spec.format.name, rnd, _scaling_text(spec), "yes" if spec.saturate else "no", note)
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
 @dataclass(frozen=True)
 class PrecisionPolicy:
-    """Quantization spec per training role (see module docstring). Strings are parsed with QuantSpec.parse."""
+    """Quantization spec per training role, plus ordered per-module ``rules`` (see module docstring).
+    Strings are parsed with QuantSpec.parse; rules may be given as Rule, ``"pattern=policy"`` or pairs."""
 
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
@@ -73,6 +199,7 @@ class PrecisionPolicy:
     master: QuantSpec | None = None
     accumulator: Accumulator | None = None
     state_overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    rules: Sequence[Rule] = ()
 
     def __post_init__(self) -> None:
         for role in TENSOR_ROLES:
@@ -95,6 +222,9 @@ class PrecisionPolicy:
                 raise ValueError(f"state override names must be identifiers such as 'exp_avg_sq', got {name!r}")
             overrides[name] = _to_spec(spec, f"state.{name}")
         object.__setattr__(self, "state_overrides", overrides)
+        if isinstance(self.rules, (str, Mapping)) or not isinstance(self.rules, Iterable):
+            raise TypeError(f"rules must be a sequence of rules such as [('lm_head', 'bf16')], got {self.rules!r}")
+        object.__setattr__(self, "rules", tuple(_to_rule(r) for r in self.rules))
 
     def __hash__(self) -> int:
         return hash(str(self))
@@ -108,66 +238,46 @@ class PrecisionPolicy:
     def is_noop(self) -> bool:
         return str(self) == "fp32"
 
+    @property
+    def base(self) -> "PrecisionPolicy":
+        """This policy without its rules."""
+        return replace(self, rules=()) if self.rules else self
+
+    def rule_for(self, name: str) -> Rule | None:
+        """The first rule matching module ``name``, or None."""
+        return next((r for r in self.rules if r.matches(name)), None)
+
+    def for_module(self, name: str) -> "PrecisionPolicy":
+        """The policy of module ``name``: the first matching rule's, else the base policy (without rules)."""
+        rule = self.rule_for(name)
+        return self.base if rule is None else rule.policy
+
+    def with_rules(self, *rules: Any) -> "PrecisionPolicy":
+        """This policy with ``rules`` appended (each a Rule, ``"pattern=policy"`` or ``(pattern, policy)``)."""
+        return replace(self, rules=(*self.rules, *rules))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str) -> "PrecisionPolicy":
-        """A named preset. Unknown names raise ValueError listing the valid ones.
-
-        - ``fp32``: no quantization anywhere, an exact no-op.
-        - ``bf16``: bf16 mixed precision as under autocast: weights, activations and gradients rounded to bf16
-          (nearest) at the GEMMs; fp32 master weights and optimizer states.
-        - ``fp8-hybrid``: Transformer Engine's HYBRID: E4M3 weights/activations, E5M2 gradients, per-tensor
-          current scaling (scale = amax / max); fp32 states and master.
-        - ``fp8-states``: only optimizer states, E4M3 in blocks of 128 with fp32 scales amax/448 (torchao's
-          layout; unlike torchao, tensors under 4096 elements are quantized too).
-        - ``fp8-all``: the paper's FP8 setting: fp8-hybrid GEMMs (parameter gradients E5M2 too), E4M3 states
-          (blocks of 128), bf16 master weights with stochastic rounding.
-        - ``fp8-all-unscaled``: fp8-all with the optimizer states cast to E4M3 with no scaling at all, as a naive
-          FP8 optimizer would store them: second moments (~g²) fall below E4M3's smallest subnormal (2⁻⁹) and flush
-          to zero — the underflow mechanism by which AdamW is reported to fail in FP8.
-        - ``mxfp8``: OCP MX E4M3, blocks of 32 along each GEMM's reduction axis, E8M0 scales, on weights,
-          activations and gradients; fp32 states and master.
-        - ``nvfp4``: E2M1 in blocks of 16 with E4M3 block scales and an fp32 tensor scale on weights, activations
-          and gradients; stochastic rounding on gradients only (as TE); fp32 states and master. (TE's random
-          Hadamard transform and 16x16 weight blocks are not modelled.)
-        - ``int4``: weight-only INT4 fake quantization, symmetric absmax groups of 32 along the reduction axis,
-          straight-through gradient; activations, gradients, states and master fp32.
-        """
+        """A named preset (``PRESET_TABLE``: name, policy text, description). Unknown names raise ValueError
+        listing the valid ones."""
         if not isinstance(name, str) or name.strip().lower() not in PRESETS:
             raise ValueError(f"unknown precision preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return PRESETS[name.strip().lower()]
 
     @classmethod
     def parse(cls, text: "str | PrecisionPolicy") -> "PrecisionPolicy":
-        """Parse the compact form (module docstring); a bare preset name gives that preset."""
+        """Parse the compact form with optional ``;pattern=policy`` rules (module docstring); a bare preset name
+        gives that preset. The one precision language of lowprec."""
         if isinstance(text, PrecisionPolicy):
             return text
         if not isinstance(text, str):
             raise TypeError(f"a precision policy is a str, got {type(text).__name__}")
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
+        head, *rule_texts = text.split(";")
+        if not head.strip():
             raise ValueError("empty precision policy string; use 'fp32' for full precision")
-        base: dict[str, Any] = {}
-        overrides: dict[str, Any] = {}
-        for i, item in enumerate(items):
-            if "=" not in item:
-                if i != 0:
-                    raise ValueError(f"{item!r}: only the first entry may be a preset name; "
-                                     f"others are role=spec with roles {', '.join(ROLES)} or state.<name>")
-                p = cls.preset(item)
-                base = {r: getattr(p, r) for r in ROLES}
-                overrides = dict(p.state_overrides)
-                continue
-            key, value = (s.strip() for s in item.split("=", 1))
-            key = key.lower()
-            if key.startswith("state."):
-                overrides[key[len("state."):]] = value
-            elif key in ROLES:
-                base[key] = value
-            else:
-                raise ValueError(f"unknown role {key!r}; valid roles: {', '.join(ROLES)}, or state.<name> "
-                                 "(e.g. state.exp_avg_sq)")
-        return cls(**base, state_overrides=overrides)
+        base, overrides = _parse_items(head, cls.preset)
+        return cls(**base, state_overrides=overrides, rules=[r for r in rule_texts if r.strip()])
 
     def __str__(self) -> str:
         parts = []
@@ -181,23 +291,40 @@ class PrecisionPolicy:
             parts.append(f"master={self.master}")
         if self.accumulator is not None:
             parts.append(f"accumulator={self.accumulator}")
-        return ",".join(parts) if parts else "fp32"
+        return ";".join([",".join(parts) if parts else "fp32", *(str(r) for r in self.rules)])
 
     def __repr__(self) -> str:
         return f"PrecisionPolicy.parse({str(self)!r})"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict: role -> spec string or None, and state_overrides."""
+        """Plain JSON-able dict: role -> spec string or None, state_overrides, and ``rules`` when there are any."""
         d: dict[str, Any] = {r: (None if getattr(self, r) is None else str(getattr(self, r))) for r in ROLES}
         d["state_overrides"] = {k: (None if v is None else str(v)) for k, v in self.state_overrides.items()}
+        if self.rules:
+            d["rules"] = [{"pattern": r.pattern, "policy": str(r.policy)} for r in self.rules]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PrecisionPolicy":
-        unknown = set(d) - set(ROLES) - {"state_overrides"}
+        """The inverse of ``to_dict``; also reads ``base`` (a policy text that the other keys modify)."""
+        unknown = set(d) - set(ROLES) - {"state_overrides", "rules", "base"}
         if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; valid: {', '.join(ROLES)}, state_overrides")
-        return cls(**dict(d))
+            raise ValueError(f"unknown keys {sorted(unknown)}; valid: {', '.join(ROLES)}, state_overrides, "
+                             "rules, base")
+        kwargs = dict(d)
+        if "base" in kwargs:
+            b = cls.parse(kwargs.pop("base"))
+            merged: dict[str, Any] = {r: kwargs.pop(r, getattr(b, r)) for r in ROLES}
+            merged["state_overrides"] = {**b.state_overrides, **kwargs.pop("state_overrides", {})}
+            merged["rules"] = (*b.rules, *kwargs.pop("rules", ()))
+            kwargs = merged
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, text: str) -> "PrecisionPolicy":
+        """A policy from TOML with ``from_dict``'s keys, e.g. ``base = "fp8-all"`` and ``[[rules]]`` tables
+        holding ``pattern`` and ``policy``."""
+        return cls.from_dict(tomllib.loads(text))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -206,100 +333,84 @@ class PrecisionPolicy:
     def from_json(cls, text: str) -> "PrecisionPolicy":
         return cls.from_dict(json.loads(text))
 
-    def explain(self) -> str:
-        """A table: role, element format, rounding, scaling, saturation, and where it applies."""
-        where = {
-            "weight": "weight operand of forward and grad-input GEMMs",
-            "activation": "input operand of forward and grad-weight GEMMs",
-            "grad": "grad_output of both backward GEMMs; param grads before the optimizer",
-            "state": "optimizer states, stored packed (codes + scales)",
-            "master": "stored parameters; rounding of every update",
-            "accumulator": "matmul partial sums",
-        }
+    def explain(self, modules: Iterable[str] | None = None) -> str:
+        """A table: role, element format, rounding, scaling, saturation, and where it applies; then the rules,
+        and, given module names, which rule (or the base policy) each module gets."""
         rows = [("role", "format", "rounding", "scaling", "saturate", "applies to")]
-
-        def spec_row(role: str, spec: QuantSpec | None, note: str) -> tuple:
-            if spec is None:
-                return (role, "fp32 (full)", "-", "-", "-", note)
-            sc = spec.scaling
-            if sc is None:
-                scaling = "none"
-            elif sc.mode == "tensor":
-                scaling = f"tensor ({sc.scale_format})"
-            elif sc.mode == "channel":
-                scaling = f"channel ({sc.scale_format})"
-            elif sc.mode == "delayed":
-                scaling = (f"delayed {sc.history_len}" + (f", margin {sc.margin}" if sc.margin else "")
-                           + ("" if sc.algo == "max" else f", {sc.algo}"))
-            else:
-                scaling = f"block {sc.block_size} ({sc.scale_format})"
-            rnd = spec.rounding.value if hasattr(spec.rounding, "value") else str(spec.rounding)
-            return (role, spec.format.name, rnd, scaling, "yes" if spec.saturate else "no", note)
-
         for role in TENSOR_ROLES:
-            rows.append(spec_row(role, getattr(self, role), where[role]))
+            rows.append(_spec_row(role, getattr(self, role), _WHERE[role]))
             if role == "state":
                 for name, spec in self.state_overrides.items():
-                    rows.append(spec_row(f"state.{name}", spec, f"optimizer state '{name}'"))
+                    rows.append(_spec_row(f"state.{name}", spec, f"optimizer state '{name}'"))
         acc = self.accumulator
         if acc is None:
-            rows.append(("accumulator", "fp32 (full)", "-", "-", "-", where["accumulator"]))
+            rows.append(("accumulator", "fp32 (full)", "-", "-", "-", _WHERE["accumulator"]))
         else:
-            r = spec_row("accumulator", acc.spec, where["accumulator"])
+            r = _spec_row("accumulator", acc.spec, _WHERE["accumulator"])
             promote = f", promote {acc.promote}" if acc.promote else ""
             rows.append(r[:3] + (f"chunk {acc.chunk}{promote}",) + r[4:])
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        title = f"precision policy: {self}"
+        base = self.base
+        title = f"precision policy: {base}"
         for name, p in PRESETS.items():
-            if p == self:
+            if p == base:
                 title += f"  (preset {name}: {PRESET_DOCS[name]})"
                 break
-        return title + "\n" + "\n".join(lines)
+        out = [title, *_table(rows)]
+        if self.rules:
+            out.append("rules (first match wins; modules matching none get the policy above):")
+            out += [f"  {i}. {r.pattern} -> {r.policy}" for i, r in enumerate(self.rules, 1)]
+        if modules is not None:
+            rows = [("module", "rule", "policy")]
+            for name in modules:
+                rule = self.rule_for(name)
+                rows.append((name, "base" if rule is None else rule.pattern, str(self.for_module(name))))
+            out += _table(rows)
+        return "\n".join(out)
 
 
-PRESET_DOCS: dict[str, str] = {
-    "fp32": "no quantization anywhere: an exact no-op",
-    "bf16": "bf16 mixed precision as under autocast: GEMM operands (weights, activations, grads) rounded to bf16 "
-            "(nearest), fp32 master weights and optimizer states",
-    "fp8-hybrid": "Transformer Engine HYBRID: E4M3 weights and activations, E5M2 gradients, per-tensor current "
-                  "scaling (amax / max), fp32 states and master",
-    "fp8-states": "only optimizer states in E4M3, blocks of 128 with fp32 scales amax/448 (torchao-style; "
-                  "small tensors are quantized too); everything else fp32",
-    "fp8-all": "the paper's FP8 setting: fp8-hybrid GEMMs (param gradients E5M2 too), E4M3 optimizer states "
-               "(blocks of 128), bf16 master weights with stochastic rounding",
-    "fp8-all-unscaled": "fp8-all with optimizer states cast to E4M3 without any scaling (a naive FP8 optimizer): "
-                        "second moments below 2^-9 flush to zero",
-    "mxfp8": "OCP MX: E4M3 elements in blocks of 32 along each GEMM's reduction axis with E8M0 scales, on "
-             "weights, activations and gradients; fp32 states and master",
-    "nvfp4": "NVFP4: E2M1 elements in blocks of 16 with E4M3 scales and an fp32 tensor scale on weights, "
-             "activations and gradients, stochastic rounding on gradients only (as TE); fp32 states and master",
-    "int4": "weight-only INT4 fake quantization, symmetric absmax groups of 32 along the reduction axis "
-            "(straight-through gradient); activations, gradients, states and master fp32",
-}
-
-_PRESET_TEXT: dict[str, str] = {
-    "fp32": "",
-    "bf16": "weight=bf16,activation=bf16,grad=bf16",
-    "fp8-hybrid": "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor",
-    "fp8-states": "state=e4m3:block128",
-    "fp8-all": "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:block128,"
-               "master=bf16:stochastic",
-    "fp8-all-unscaled": "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3,"
-                        "master=bf16:stochastic",
-    "mxfp8": "weight=mxfp8,activation=mxfp8,grad=mxfp8",
-    "nvfp4": "weight=nvfp4,activation=nvfp4,grad=nvfp4:stochastic",
-    "int4": "weight=int4:block32",
-}
+PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
+    # (name, policy text, description): the one definition of every preset
+    ("fp32", "fp32",
+     'no quantization anywhere: an exact no-op'),
+    ("bf16", "weight=bf16,activation=bf16,grad=bf16",
+     'bf16 mixed precision as under autocast: GEMM operands (weights, activations, grads) rounded to bf16 '
+     '(nearest), fp32 master weights and optimizer states'),
+    ("fp8-hybrid", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor",
+     'Transformer Engine HYBRID: E4M3 weights and activations, E5M2 gradients, per-tensor current scaling '
+     '(amax / max), fp32 states and master'),
+    ("fp8-states", "state=e4m3:block128",
+     'only optimizer states in E4M3, blocks of 128 with fp32 scales amax/448 (torchao-style; small tensors'
+     ' are quantized too); everything else fp32'),
+    ("fp8-all", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:block128,"
+                "master=bf16:stochastic",
+     "the paper's FP8 setting: fp8-hybrid GEMMs (param gradients E5M2 too), E4M3 optimizer states (blocks "
+     'of 128), bf16 master weights with stochastic rounding'),
+    ("fp8-all-unscaled", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3,"
+                         "master=bf16:stochastic",
+     'fp8-all with optimizer states cast to E4M3 without any scaling (a naive FP8 optimizer): second '
+     'moments below 2^-9 flush to zero'),
+    ("mxfp8", "weight=mxfp8,activation=mxfp8,grad=mxfp8",
+     "OCP MX: E4M3 elements in blocks of 32 along each GEMM's reduction axis with E8M0 scales, on weights,"
+     ' activations and gradients; fp32 states and master'),
+    ("nvfp4", "weight=nvfp4,activation=nvfp4,grad=nvfp4:stochastic",
+     'NVFP4: E2M1 elements in blocks of 16 with E4M3 scales and an fp32 tensor scale on weights, '
+     'activations and gradients, stochastic rounding on gradients only (as TE); fp32 states and master'),
+    ("int4", "weight=int4:block32",
+     'weight-only INT4 fake quantization, symmetric absmax groups of 32 along the reduction axis '
+     '(straight-through gradient); activations, gradients, states and master fp32'),
+)
 
 
 def _build_presets() -> dict[str, PrecisionPolicy]:
-    out = {}
-    for name, text in _PRESET_TEXT.items():
-        kwargs = dict(item.split("=", 1) for item in text.split(",") if item)
-        out[name] = PrecisionPolicy(**kwargs)
+    out: dict[str, PrecisionPolicy] = {}
+    for name, text, _ in PRESET_TABLE:
+        if text == "fp32":
+            out[name] = PrecisionPolicy()
+        else:   # the same parser as every other policy text (preset texts name no presets)
+            base, overrides = _parse_items(text, PrecisionPolicy.preset)
+            out[name] = PrecisionPolicy(**base, state_overrides=overrides)
     return out
 
 
 PRESETS: dict[str, PrecisionPolicy] = _build_presets()
+PRESET_DOCS: dict[str, str] = {name: doc for name, _, doc in PRESET_TABLE}

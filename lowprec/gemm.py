@@ -1,0 +1,127 @@
+"""One GEMM operand description and the choice of how to multiply two of them.
+
+An :class:`Operand` is a quantized 2-D matrix: ``q`` (fp32 values on the format's grid times the scale), its
+``scale`` (``None`` = 1; a 0-d tensor for tensor/delayed scaling, a column ``[M, 1]`` or row ``[1, N]`` for
+channel scaling) and the ``spec`` it was quantized with (``None`` = full precision).
+
+``matmul(a, b, backend, accumulator)`` computes ``a [M, K] @ b [K, N]`` in fp32 by one of three paths:
+
+- native: ``torch._scaled_mm`` on float8 operands. The grid values are cast exactly to
+  ``torch.float8_e4m3fn`` / ``float8_e5m2`` and the scales are handed over; possible when both specs are
+  E4M3/E5M2 with no, tensor, delayed or channel (row-wise) scaling, no accumulator is emulated,
+  ``lowprec.hardware`` says ``_scaled_mm`` runs on the device and (on CUDA) every dimension is a multiple of 16;
+- accumulated: ``lowprec.accumulate.matmul`` with the policy's narrow accumulator;
+- emulated: ``a.q @ b.q`` in fp32.
+
+Native and emulated multiply the same values and both accumulate in fp32: they differ by summation order only.
+``backend``: ``"auto"`` picks native where possible, ``"native"`` insists (a RuntimeError names the reason),
+``"emulated"`` never uses it.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowprec import hardware
+from lowprec.accumulate import Accumulator
+from lowprec.accumulate import matmul as acc_matmul
+from lowprec.quantize import QuantSpec
+
+__all__ = ["Operand", "BACKENDS", "native_dtype", "native_reason", "use_native", "matmul", "scaled_mm"]
+
+BACKENDS = ("auto", "native", "emulated")
+
+
+def native_dtype(spec: QuantSpec | None) -> torch.dtype | None:
+    """The torch float8 dtype holding ``spec``'s element format exactly, or None."""
+    if spec is None:
+        return None
+    f = spec.format
+    key = (f.kind, f.exp_bits, f.man_bits, f.bias, f.has_inf, f.has_nan)
+    if key == ("float", 4, 3, 7, False, True) and hasattr(torch, "float8_e4m3fn"):
+        return torch.float8_e4m3fn
+    if key == ("float", 5, 2, 15, True, True) and hasattr(torch, "float8_e5m2"):
+        return torch.float8_e5m2
+    return None
+
+
+def native_reason(spec: QuantSpec | None) -> str | None:
+    """Why an operand quantized with ``spec`` cannot be a native ``_scaled_mm`` operand (None if it can)."""
+    if spec is None:
+        return "operand not quantized"
+    if native_dtype(spec) is None:
+        return f"format {spec.format.name} is not E4M3/E5M2"
+    sc = spec.scaling
+    if sc is not None and sc.mode not in ("tensor", "channel", "delayed"):
+        return f"{sc.mode} scaling (native needs none, tensor, delayed or channel/row-wise)"
+    return None
+
+
+class Operand:
+    """A quantized 2-D GEMM operand: values ``q``, its ``scale`` (None = 1) and ``spec`` (None = unquantized)."""
+
+    __slots__ = ("q", "scale", "spec")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec | None):
+        self.q, self.scale, self.spec = q, scale, spec
+
+    def t(self) -> "Operand":
+        """The transposed operand (a channel scale column becomes a row)."""
+        s = self.scale
+        if s is not None and s.dim() == 2:
+            s = s.t()
+        return Operand(self.q.t(), s, self.spec)
+
+
+def use_native(a: Operand, b: Operand, backend: str, accumulator: Accumulator | None) -> bool:
+    """Whether ``matmul(a, b, backend, accumulator)`` takes the native path (raises for an impossible
+    ``backend="native"`` on this device or shape)."""
+    if backend == "emulated" or accumulator is not None:
+        return False
+    if native_reason(a.spec) or native_reason(b.spec):
+        return False
+    if a.q.numel() == 0 or b.q.numel() == 0:   # an empty product is exact zeros on every path
+        return False
+    rowwise = any(o.spec.scaling is not None and o.spec.scaling.mode == "channel" for o in (a, b))
+    device = a.q.device
+    ok = hardware.scaled_mm_ok(device, rowwise=rowwise)
+    if ok and device.type == "cuda":
+        ok = all(d % 16 == 0 for d in (*a.q.shape, b.q.shape[1]))
+    if not ok and backend == "native":
+        raise RuntimeError(f"backend='native': torch._scaled_mm unavailable for shapes {tuple(a.q.shape)} x "
+                           f"{tuple(b.q.shape)} on {device}: {hardware.probe()}")
+    return ok
+
+
+def matmul(a: Operand, b: Operand, backend: str = "auto", accumulator: Accumulator | None = None) -> torch.Tensor:
+    """``a [M, K] @ b [K, N]`` in fp32 by the native, accumulated or emulated path (module docstring)."""
+    if use_native(a, b, backend, accumulator):
+        return scaled_mm(a, b)
+    if accumulator is not None:
+        return acc_matmul(a.q, b.q, accumulator)
+    return a.q @ b.q
+
+
+def _to_fp8(op: Operand) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if op.scale is None:
+        q = op.q
+    else:  # grid values, so the cast below is exact; a zero scale (all-zero tensor) must not give 0/0
+        q = op.q / torch.where(op.scale == 0, torch.ones_like(op.scale), op.scale)
+    return q.to(native_dtype(op.spec)), op.scale
+
+
+def scaled_mm(a: Operand, b: Operand) -> torch.Tensor:
+    """``torch._scaled_mm`` of two native-capable operands (their grid values cast to float8), fp32 out."""
+    a8, sa = _to_fp8(a)
+    b8, sb = _to_fp8(b)
+    M, N = a8.shape[0], b8.shape[1]
+    rowwise = (sa is not None and sa.numel() > 1) or (sb is not None and sb.numel() > 1)
+    dev = a8.device
+    if rowwise:  # per row of a, per column of b
+        sa = torch.ones(M, device=dev) if sa is None else sa.float().expand(M, a8.shape[1])[:, 0].clone()
+        sb = torch.ones(N, device=dev) if sb is None else sb.float().expand(b8.shape[0], N)[0, :].clone()
+        sa, sb = sa.reshape(M, 1), sb.reshape(1, N)   # fresh storage: _scaled_mm wants unit strides
+    else:
+        sa = torch.ones((), device=dev) if sa is None else sa.float().reshape(())
+        sb = torch.ones((), device=dev) if sb is None else sb.float().reshape(())
+    return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=sa, scale_b=sb,
+                            out_dtype=torch.float32)

@@ -1,0 +1,123 @@
+"""One autograd function for every weight layer: three labelled GEMMs described by a :class:`GemmTable`.
+
+A layer with input ``x``, weight ``W`` and output ``y`` runs (the microxcaling ``mx/linear.py`` pattern):
+
+    forward      y  = Q_act(x)  (*) Q_w(W)     the table's ``x_fwd`` / ``w_fwd`` axes
+    grad-input   dx = Q_grad(dy) (*) Q_w(W)     ``g_dgrad`` / ``w_dgrad``
+    grad-weight  dW = Q_grad(dy) (*) Q_act(x)   ``g_wgrad`` / ``x_wgrad``
+
+where ``(*)`` is the layer's product (a matmul for Linear, a convolution for Conv) and each operand is quantized
+along that GEMM's own reduction axis (:class:`Axes`). The table's ``forward`` / ``grad_input`` / ``grad_weight``
+compute the products from quantized :class:`lowprec.gemm.Operand` s; the bias is added in fp32 inside the forward
+and its gradient is the fp32 sum of the unquantized ``dy`` over ``bias_dims`` (as Transformer Engine does).
+
+Inputs arrive in fp32 in the layer's own layout (layers reshape / cast outside, so autograd casts gradients back).
+A second backward GEMM re-quantizes ``dy`` only when its spec depends on the axis or is stochastic; the grad
+telemetry is recorded once per backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lowprec.gemm import Operand
+from lowprec.nn.site import Site, axis_free
+
+__all__ = ["Axes", "GemmTable", "QuantGemm"]
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Where an operand's GEMM reduces (block scaling runs along ``reduce``) and which axis keeps one scale per
+    index under channel scaling (``None``: the other axis of a 2-D operand)."""
+
+    reduce: int
+    channel: int | None = None
+
+
+@dataclass(frozen=True)
+class GemmTable:
+    """A layer's three GEMMs: operand axes per GEMM and the products (module docstring).
+
+    ``forward(site, qx, qw, bias, args)``, ``grad_input(site, qg, qw, x, args)`` and
+    ``grad_weight(site, qg, qx, w, args)`` return fp32 tensors; ``x`` / ``w`` give the shapes."""
+
+    x_fwd: Axes
+    w_fwd: Axes
+    g_dgrad: Axes
+    w_dgrad: Axes
+    g_wgrad: Axes
+    x_wgrad: Axes
+    forward: Callable[..., torch.Tensor]
+    grad_input: Callable[..., torch.Tensor]
+    grad_weight: Callable[..., torch.Tensor]
+    bias_dims: tuple[int, ...]
+
+
+class QuantGemm(torch.autograd.Function):
+    """``QuantGemm.apply(x, weight, bias, site, table, args)``: fp32 in, fp32 out (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: Site,
+                table: GemmTable, args: tuple) -> torch.Tensor:
+        qx = site.quant(x, "activation", table.x_fwd.reduce, record=True, channel_axis=table.x_fwd.channel)
+        qw = site.quant(weight, "weight", table.w_fwd.reduce, record=True, channel_axis=table.w_fwd.channel)
+        y = table.forward(site, qx, qw, bias, args)
+        ctx.site, ctx.table, ctx.args = site, table, args
+        ctx.update_history = site.update_history   # the backward records grad amaxes iff this forward did
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, qx.q, qw.q, qx.scale, qw.scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        site: Site = ctx.site
+        table: GemmTable = ctx.table
+        site.update_history = ctx.update_history
+        x, w, qxq, qwq, qxs, qws = ctx.saved_tensors
+        g = gy.float()
+        grad_x = grad_w = grad_b = None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        qg = None
+        if need_x:
+            a = table.g_dgrad
+            qg = site.quant(g, "grad", a.reduce, record=True, channel_axis=a.channel)
+            b = table.w_dgrad
+            qw = site.requant(w, "weight", qwq, qws, b.reduce, channel_axis=b.channel)
+            grad_x = table.grad_input(site, qg, qw, x, ctx.args)
+        if need_w:
+            a = table.g_wgrad
+            if qg is not None and axis_free(site.specs["grad"]):
+                qgw = qg
+            else:
+                qgw = site.quant(g, "grad", a.reduce, record=qg is None, channel_axis=a.channel,
+                                 delayed_scale=None if qg is None else qg.scale)
+            b = table.x_wgrad
+            qx = site.requant(x, "activation", qxq, qxs, b.reduce, channel_axis=b.channel)
+            grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
+        if ctx.has_bias and need_b:
+            grad_b = g.sum(table.bias_dims)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _linear_forward(site: Site, qx: Operand, qw: Operand, bias: torch.Tensor | None, args: tuple) -> torch.Tensor:
+    y = site.gemm(qx, qw.t())                      # y [M, N] = x [M, K] @ W^T [K, N]
+    return y if bias is None else y + bias
+
+
+def _linear_grad_input(site: Site, qg: Operand, qw: Operand, x: torch.Tensor, args: tuple) -> torch.Tensor:
+    return site.gemm(qg, qw)                       # dx [M, K] = dy [M, N] @ W [N, K]
+
+
+def _linear_grad_weight(site: Site, qg: Operand, qx: Operand, w: torch.Tensor, args: tuple) -> torch.Tensor:
+    return site.gemm(qg.t(), qx)                   # dW [N, K] = dy^T [N, M] @ x [M, K]
+
+
+LINEAR = GemmTable(x_fwd=Axes(1), w_fwd=Axes(1), g_dgrad=Axes(1), w_dgrad=Axes(0), g_wgrad=Axes(0),
+                   x_wgrad=Axes(0), forward=_linear_forward, grad_input=_linear_grad_input,
+                   grad_weight=_linear_grad_weight, bias_dims=(0,))
+"""x [M, K], W [N, K], dy [M, N] (2-D: layers flatten the leading dims)."""
+
+__all__ += ["LINEAR"]

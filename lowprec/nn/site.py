@@ -1,0 +1,181 @@
+"""The per-layer quantization state shared by a layer's forward and backward: a :class:`Site`.
+
+A site holds, for one converted module: its policy's GEMM specs per role (weight, activation, grad; ``None`` = full
+precision), the accumulator, the backend, the telemetry sink and site name, the delayed-scaling amax history of
+each delayed role (``site.scalers[role]``, a :class:`lowprec.DelayedScaler`), and which per-module rule of the
+policy chose its policy (``site.rule``; ``None`` = the base policy).
+
+``quant`` quantizes an operand for a GEMM reducing over a given axis (block scaling runs along it, channel scaling
+keeps one scale per index of the channel axis); delayed specs take their scale from the history of the calls
+before and then record this call's amax (training mode only). ``requant`` gives the operand of a backward GEMM:
+the forward's quantized tensor when the spec does not depend on the axis and is deterministic, else the saved
+full-precision tensor re-quantized along the new axis (as microxcaling does; the forward's delayed scale reused).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from lowprec.delayed import DelayedScaler
+from lowprec.gemm import BACKENDS, Operand, matmul, native_reason
+from lowprec.policy import PrecisionPolicy, is_identity
+from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
+from lowprec.scaling import finite_amax
+from lowprec.telemetry import Telemetry
+
+__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed"]
+
+GEMM_ROLES = ("weight", "activation", "grad")
+
+
+def axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
+    """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
+    axis; N-d operands pass ``channel_axis``)."""
+    sc = spec.scaling
+    if sc is None or sc.mode in ("tensor", "delayed"):
+        return spec
+    if sc.mode == "block":
+        return replace(spec, scaling=replace(sc, axis=reduce_axis))
+    if sc.mode == "channel":  # one scale per index of the kept axis, amax over the reduction axis
+        return replace(spec, scaling=replace(sc, axis=1 - reduce_axis if channel_axis is None else channel_axis))
+    raise ValueError(f"unknown scaling mode {sc.mode!r}")
+
+
+def axis_free(spec: QuantSpec | None) -> bool:
+    """Quantizing with this spec gives the same result whatever the reduction axis (and is deterministic)."""
+    if spec is None:
+        return True
+    deterministic = spec.rounding != Rounding.STOCHASTIC
+    return deterministic and (spec.scaling is None or spec.scaling.mode in ("tensor", "delayed"))
+
+
+def is_delayed(spec: QuantSpec | None) -> bool:
+    """True for a delayed-scaling spec."""
+    return spec is not None and spec.scaling is not None and spec.scaling.mode == "delayed"
+
+
+class Site:
+    """Per-layer quantization state (module docstring). ``native_gemms`` lists the (left role, right role) pairs
+    of the layer's GEMMs, checked once here when ``backend="native"``."""
+
+    def __init__(self, policy: PrecisionPolicy | str, backend: str = "auto", name: str = "",
+                 telemetry: Telemetry | None = None, *, rule: str | None = None,
+                 native_gemms: tuple[tuple[str, str], ...] = (("weight", "activation"), ("grad", "weight"),
+                                                               ("grad", "activation"))) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+        policy = PrecisionPolicy.parse(policy)
+        self.policy = policy
+        self.backend = backend
+        self.name = name
+        self.telemetry = telemetry
+        self.rule = rule
+        self.specs: dict[str, QuantSpec | None] = {
+            r: (None if is_identity(getattr(policy, r)) else getattr(policy, r)) for r in GEMM_ROLES}
+        self.accumulator = policy.accumulator
+        self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
+        # delayed scaling: one amax history per role of this layer (not in state_dict); recorded in training mode
+        self.scalers = {r: DelayedScaler.from_spec(s) for r, s in self.specs.items() if is_delayed(s)}
+        self.update_history = True
+        if backend == "native":
+            problems = [p for a, b in native_gemms for p in self.native_problems(a, b)]
+            if problems:
+                raise ValueError(f"backend='native' impossible for policy {policy}: {'; '.join(sorted(set(problems)))}"
+                                 f"; use backend='auto' or 'emulated'")
+
+    def native_problems(self, role_a: str, role_b: str) -> list[str]:
+        """Why the GEMM of these two roles cannot run natively (empty if it can, hardware permitting)."""
+        out = []
+        for role in (role_a, role_b):
+            why = native_reason(self.specs[role])
+            if why:
+                out.append(f"{role}: {why}")
+        if self.accumulator is not None:
+            out.append("an accumulator is emulated only")
+        return out
+
+    def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool,
+              channel_axis: int | None = None, delayed_scale: torch.Tensor | None = None) -> Operand:
+        """Quantize ``t`` for a GEMM reducing over ``reduce_axis``; ``record`` sends it to telemetry.
+
+        Delayed specs: the scale comes from the role's amax history (calls before this one), then ``amax(t)`` is
+        appended (when ``update_history``); ``delayed_scale`` re-quantizes the same operand with the scale already
+        used this step (nothing recorded)."""
+        spec = self.specs[role]
+        if spec is None:
+            return Operand(t, None, None)
+        spec = axis_spec(spec, reduce_axis, channel_axis)
+        if is_delayed(spec):
+            if delayed_scale is None:
+                scaler = self.scalers[role]
+                amax = finite_amax(t.detach())
+                delayed_scale = scaler.scales_for(amax)[1]
+                if self.update_history:
+                    scaler.update(amax)
+            q, scale = quantize_with_scale(t, spec, scale=delayed_scale)
+        else:
+            q, scale = quantize_with_scale(t, spec)
+        tel = self.telemetry
+        if record and tel is not None and tel.wants():
+            tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+        return Operand(q, scale, spec)
+
+    def requant(self, t: torch.Tensor, role: str, saved_q: torch.Tensor, saved_scale: torch.Tensor | None,
+                reduce_axis: int, channel_axis: int | None = None) -> Operand:
+        """The operand of a backward GEMM reducing over ``reduce_axis`` (module docstring)."""
+        if axis_free(self.specs[role]):
+            return Operand(saved_q, saved_scale, self.specs[role])
+        return self.quant(t, role, reduce_axis=reduce_axis, record=False, channel_axis=channel_axis,
+                          delayed_scale=saved_scale)
+
+    def gemm(self, a: Operand, b: Operand) -> torch.Tensor:
+        """``a [M, K] @ b [K, N]`` in fp32 on this site's backend and accumulator (``lowprec.gemm.matmul``)."""
+        return matmul(a, b, self.backend, self.accumulator)
+
+
+def _no_fast_path(module, args) -> None:
+    """A no-op forward pre-hook: its presence turns off torch's fused fast paths (``nn.TransformerEncoderLayer``
+    in eval mode), which read the weights directly and would skip the quantization."""
+    return None
+
+
+class QuantModule:
+    """Mixin of every converted module: its :class:`Site` (``module.site``), ``configure`` and ``policy``.
+
+    Subclasses set ``_kind`` (the coverage report's label) and may override ``_make_site`` to restrict backends.
+    A module whose policy quantizes something carries the no-op pre-hook ``_no_fast_path``.
+    """
+
+    _kind = "module"
+
+    def _make_site(self, policy: PrecisionPolicy, backend: str, name: str, telemetry: Telemetry | None,
+                   rule: str | None) -> Site:
+        return Site(policy, backend, name, telemetry, rule=rule)
+
+    def configure(self, policy: PrecisionPolicy | str, *, backend: str = "auto", name: str = "",
+                  telemetry: Telemetry | None = None, rule: str | None = None) -> None:
+        """(Re)set the policy, backend, telemetry site name and sink; delayed-scaling histories restart."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+        self._site = self._make_site(PrecisionPolicy.parse(policy), backend, name or self._kind, telemetry, rule)
+        guard = getattr(self, "_fast_path_guard", None)
+        if self._site.noop and guard is not None:
+            guard.remove()
+            self._fast_path_guard = None
+        elif not self._site.noop and guard is None:
+            self._fast_path_guard = self.register_forward_pre_hook(_no_fast_path)
+
+    @property
+    def site(self) -> Site:
+        return self._site
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return self._site.policy
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, policy={self._site.policy}"
+
+
+__all__ += ["QuantModule"]
