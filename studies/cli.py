@@ -312,9 +312,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from studies.records import merge_folders
+    from studies.protocol import merge_study
 
-    c = merge_folders(args.out, args.dirs)
+    c = merge_study(args.out, args.dirs)
     print(f"merged {c['folders']} folder(s) into {args.out}: {c['runs']} runs ({c['duplicates']} duplicates "
           f"dropped); results in {Path(args.out) / 'results.csv'}")
     return 0

@@ -37,14 +37,16 @@ from typing import Any
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer
 from studies.config import RunSpec, rounding_variants
-from studies.records import check_folder, file_sha256, package_version, rebuild_results, study_fingerprint, \
+from studies.config import apply_overrides
+from studies.records import check_folder, file_sha256, merge_folders, package_version, study_fingerprint, \
     update_records
+from studies.schema import read_study
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
 
 __all__ = ["PhaseIncomplete", "tuned_optimizers", "main_precisions", "tune_precisions", "plan_tune", "next_lr",
            "at_edge", "plan_extension", "choose_lrs", "chosen_lr", "compute_targets", "plan_after_tune", "finalize",
-           "run_study", "data_hash"]
+           "run_study", "data_hash", "merge_study"]
 
 
 class PhaseIncomplete(RuntimeError):
@@ -433,6 +435,24 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     study["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(out / "study.json", study)
     return study
+
+
+def merge_study(out_dir: str | Path, folders: list[str | Path]) -> dict[str, int]:
+    """``studies.records.merge_folders``, then the targets (and every row's target_loss / tokens_to_target)
+    recomputed from the merged runs with the study's own configuration: shards without a tune phase each saw only
+    their part of the baseline runs."""
+    counts = merge_folders(out_dir, folders)
+    study = read_study(out_dir)
+    if "config" not in study:
+        return counts
+    cfg = apply_overrides(StudyConfig(), {k: v for k, v in study["config"].items() if k != "out"})
+    rows = ResultsStore(out_dir).rows()
+    chosen = choose_lrs(cfg, rows) if "tune" in cfg.phases else {}
+    targets = compute_targets(cfg, rows, chosen)
+    finalize(out_dir, {t: v["target_loss"] for t, v in targets.items()})
+    study["targets"] = targets
+    write_json_atomic(Path(out_dir) / "study.json", study)
+    return counts
 
 
 def _optimal_losses(cfg: StudyConfig) -> dict[str, float]:

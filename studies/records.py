@@ -75,9 +75,11 @@ def write_record(out_dir: str | Path, row: ResultRow | Mapping[str, Any], *, thr
     r = to_result_row(row)
     path = _record_path(out_dir, r.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    old = read_record(path) if path.is_file() else None
-    if threads is None and old is not None:
-        threads = old[1]
+    if threads is None and path.is_file():  # keep the thread count of the run's own record
+        try:
+            threads = read_record(path)[1]
+        except ValueError:
+            threads = None
     write_json_atomic(path, {"row": schema.format_row(r), "torch_threads": threads})
     return path
 
@@ -246,7 +248,9 @@ def check_folder(out_dir: str | Path, fingerprint: dict[str, Any], *, append: bo
 
 
 # ------------------------------------------------------------------------------------------- merge
-_IGNORED_IN_CONFLICTS = ("wall_s",)
+# wall time differs between equal runs; the target columns are derived from the whole study and recomputed after a
+# merge (studies.protocol.merge_study)
+_IGNORED_IN_CONFLICTS = ("wall_s", "target_loss", "tokens_to_target")
 
 
 def _rows_of(folder: Path) -> dict[str, ResultRow]:
@@ -283,7 +287,8 @@ def merge_folders(out_dir: str | Path, folders: Iterable[str | Path]) -> dict[st
     """Combine shard folders into ``out_dir``: every run once (deduplicated by run id; a failed run gives way to
     a finished one), its files copied, records written, results.csv rebuilt, study.json taken from the first
     folder. Raises ValueError when the folders hold different studies (fingerprints) or the same run id with
-    different numbers. Returns {"runs", "duplicates", "folders"}."""
+    different numbers. Returns {"runs", "duplicates", "folders"}. The target columns are kept as found: use
+    ``studies.protocol.merge_study`` to recompute them from the merged study."""
     out = Path(out_dir)
     folders = [Path(f) for f in folders]
     if not folders:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from studies.config import RunSpec
 from studies.executor import Job, make_executor
-from studies.records import rebuild_results, write_record
+from studies.records import RECORD_NAME, rebuild_results, write_record
 from studies.store import ResultsStore
 
 __all__ = ["shard", "run_specs"]
@@ -35,7 +35,7 @@ def _clone(store: ResultsStore, src: dict[str, Any], spec: RunSpec) -> dict[str,
     if src_dir.is_dir():
         dst_dir.mkdir(parents=True, exist_ok=True)
         for f in src_dir.iterdir():
-            if f.is_file() and not f.name.startswith("."):
+            if f.is_file() and not f.name.startswith(".") and f.name != RECORD_NAME:  # the clone gets its own
                 tmp = dst_dir / f".{f.name}.tmp-{os.getpid()}"
                 shutil.copyfile(f, tmp)
                 os.replace(tmp, dst_dir / f.name)
@@ -82,7 +82,7 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
     seen: set[str] = set()
 
     def add(row: dict[str, Any]) -> None:
-        write_record(out_dir, row)
+        write_record(out_dir, row, threads=threads)
         store.append(row)
 
     for s in specs:
