@@ -25,7 +25,8 @@ round; their states stay empty fp32 tensors).
 MX/NV FP4) cannot be stored without turning it into a number. Such a state stays an *unpacked fp32 tensor*, NaN
 and inf included, for as long as it holds a non-finite value (``unpacked_states()`` lists them; telemetry
 records the site every step with ``unpacked`` = its element count and its ``nan_count``/``inf_count``), and it
-is packed again at the first step at which it is finite. The step itself always completes. Formats with NaN
+is packed again at the first step at which it is finite. The step itself always completes. (Deciding this
+costs such formats one host read per state and step; formats with NaN pay nothing.) Formats with NaN
 (e4m3, e5m2, bf16, ...) store non-finite states as their codes do (NaN stays NaN; ±inf as the spec saturates).
 
 Between steps the optimizer state really is the packed codes, so ``state_dict()`` holds them (loadable with
@@ -40,7 +41,9 @@ fp32, as the base keeps them (``decoded_state(nested=True)`` shows them).
 Telemetry (``telemetry=Telemetry(...)``): sites ``optim:grad`` (role grad), ``optim:<state name>`` (role state,
 including zero fractions of unquantized second moments), ``optim:master`` (role master, with
 ``lost_update_frac``: of the parameters whose unrounded update was nonzero, the fraction left unchanged by the
-master rounding). ``step()`` calls ``telemetry.next_step()`` at its end.
+master rounding). ``step()`` calls ``telemetry.next_step()`` at its end. On unsampled steps the states' NaN/inf
+checks follow ``Telemetry.check_nonfinite``: one host read for all states of the step (``True``), or none
+(``"deferred"``).
 """
 from __future__ import annotations
 
@@ -77,6 +80,18 @@ def _is_state_tensor(name: str, value: Any, p: torch.Tensor) -> bool:
     """A floating-point state tensor shaped like its parameter (the entries the wrapper may pack)."""
     return (name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
             and value.shape == p.shape)
+
+
+def _finite_flags(sums: list[torch.Tensor]) -> list[bool]:
+    """``isfinite`` of each 0-dim tensor, read with one host transfer per device."""
+    out: list[bool] = [True] * len(sums)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        for i, ok in zip(idx, torch.isfinite(torch.stack([sums[i] for i in idx])).tolist()):
+            out[i] = ok
+    return out
 
 
 def state_bytes(state_dict: dict) -> int:
@@ -272,6 +287,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def _encode_states(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
         sampling = tel is not None and tel.sampling
+        checking = tel is not None and not sampling and tel.check_nonfinite
+        checks: list[tuple[str, torch.Tensor, Encoded, QuantSpec, list[torch.Tensor]]] = []
         for p in params:
             st = self.state.get(p)
             if not st:
@@ -291,19 +308,27 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                                    fmt=str(spec), unpacked=True)
                     continue
                 enc = encode(_atleast_1d(value), spec, generator=self._gen(p.device))
-                if tel is not None and (sampling or (tel.check_nonfinite and self._nonfinite(value, enc, spec))):
+                if sampling:
                     self._record_state(tel, name, value, enc, spec)
+                elif checking:
+                    # non-finite if the state was, or (only possible without saturation in a format with
+                    # inf/NaN) its encoding overflowed to inf/NaN
+                    ts = [value]
+                    if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
+                        ts.append(decode(enc))
+                    if tel.deferred:
+                        for t in ts:
+                            tel.flag(f"optim:{name}", t)
+                    else:
+                        checks.append((name, value, enc, spec, [t.sum() for t in ts]))
                 st[name] = {PACKED_KEY: enc.to_dict()}
-
-    @staticmethod
-    def _nonfinite(value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> bool:
-        """Cheap check on unsampled steps: the state was nonfinite, or (only possible without saturation in a
-        format with inf/NaN) its encoding overflowed to inf/NaN."""
-        if not bool(torch.isfinite(value.sum())):
-            return True
-        if spec.saturate or not (spec.format.has_inf or spec.format.has_nan):
-            return False
-        return not bool(torch.isfinite(decode(enc).sum()))
+        if checks:  # one host read for all of this step's states; full rows for the non-finite ones
+            finite = _finite_flags([s for c in checks for s in c[4]])
+            i = 0
+            for name, value, enc, spec, sums in checks:
+                if not all(finite[i:i + len(sums)]):
+                    self._record_state(tel, name, value, enc, spec)
+                i += len(sums)
 
     @staticmethod
     def _record_state(tel: Telemetry, name: str, value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> None:

@@ -21,9 +21,17 @@ Columns of ``frame()`` (one row per step and site, in execution order):
 - ``unpacked``: optimizer-state sites only: elements held as unpacked fp32 at this step because they hold NaN/inf
   that the state's format cannot store (``lowprec.optim``); recorded on every step, sampled or not. 0 otherwise.
 
-Statistics are computed only on sampled steps (``step % every == 0``); on the other steps, with
-``check_nonfinite=True``, each site pays one ``isfinite(q.sum())`` so that ``first_nonfinite()`` still names
-the first site (in execution order) whose output held a NaN or inf.
+Statistics are computed only on sampled steps (``step % every == 0``). On the other steps ``check_nonfinite``
+decides what a site pays so that ``first_nonfinite()`` still names the first site (in execution order) whose
+output held a NaN or inf:
+
+- ``True`` (default): one ``isfinite(q.sum())`` read on the host; a site whose output is not finite gets a full
+  row (``sampled`` False) at that step.
+- ``"deferred"``: one device-side ``q.sum()``, no host synchronisation and no ``.item()``: the sums are kept
+  and read together (one transfer per device) when a sampled step begins, when 65,536 are pending, or when
+  ``first_nonfinite``, ``nonfinite_events``, ``rows`` or ``frame`` is called. No rows are made on unsampled
+  steps; ``nonfinite_events()`` lists the (step, site) pairs instead.
+- ``False``: nothing (an unsampled step costs nothing at all).
 The step counter ``step`` is this object's own and the one truth for every site: ``next_step()`` advances it,
 and ``lowprec.optim.wrap(..., telemetry=t)`` calls it at the end of every optimizer step, so share one
 ``Telemetry`` between ``convert`` and ``wrap`` and the rows of one training step carry one number. A run loop
@@ -45,6 +53,7 @@ SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")  # AdamW/
 
 _COUNTS = ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "sig2", "err2", "zeros", "intended", "lost",
            "unpacked")
+_MAX_PENDING = 1 << 16  # deferred checks held before they are read (bounds their memory)
 COLUMNS = ("step", "site", "role", "format", "sampled", "numel", "flushed_frac", "saturated_frac", "nan_count",
            "inf_count", "sqnr_db", "scale_min", "scale_max", "zero_frac", "lost_update_frac", "unpacked")
 
@@ -59,6 +68,7 @@ class _Acc:
     counts: dict = field(default_factory=dict)
     scale_min: float = math.nan
     scale_max: float = math.nan
+    seq: int = 0
 
     def add(self, name: str, value) -> None:
         self.counts[name] = self.counts.get(name, 0) + value
@@ -71,16 +81,22 @@ class _Acc:
 class Telemetry:
     """Collects per-site quantization statistics every ``every`` steps (see module docstring)."""
 
-    def __init__(self, every: int = 1, *, check_nonfinite: bool = True,
+    def __init__(self, every: int = 1, *, check_nonfinite: bool | str = True,
                  zero_states: tuple[str, ...] = SECOND_MOMENTS) -> None:
-        if not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
+        if check_nonfinite not in (True, False, "deferred"):
+            raise ValueError(f"check_nonfinite must be True, False or 'deferred', got {check_nonfinite!r}")
         self.every = every
-        self.check_nonfinite = check_nonfinite
+        self.check_nonfinite = bool(check_nonfinite)
+        self.deferred = check_nonfinite == "deferred"
         self.zero_states = tuple(zero_states)
         self.step = 0
         self._accs: dict[tuple[int, str, str], _Acc] = {}
         self._last_sampled: list[_Acc] = []      # the accumulators of the latest sampled step (for summary)
+        self._seq = 0                            # execution order of rows and deferred checks
+        self._pending: list[tuple[int, int, str, torch.Tensor]] = []   # (seq, step, site, device-side q.sum())
+        self._events: list[tuple[int, int, str]] = []                  # (seq, step, site) found non-finite
 
     # ------------------------------------------------------------------ step control
     @property
@@ -107,26 +123,62 @@ class Telemetry:
         self.step = 0
         self._accs.clear()
         self._last_sampled = []
+        self._pending, self._events = [], []
 
     def _acc(self, site: str, role: str, fmt: str, sampled: bool) -> _Acc:
         key = (self.step, site, role)
         acc = self._accs.get(key)
         if acc is None:
-            acc = self._accs[key] = _Acc(self.step, site, role, fmt, sampled)
+            self._seq += 1
+            acc = self._accs[key] = _Acc(self.step, site, role, fmt, sampled, seq=self._seq)
             if sampled:
+                if self._pending:
+                    self._resolve()     # a sampled step synchronises anyway: read the deferred checks now
                 if self._last_sampled and self._last_sampled[0].step != self.step:
                     self._last_sampled = []
                 self._last_sampled.append(acc)
         return acc
 
     # ------------------------------------------------------------------ recording
-    def _skip(self, q: torch.Tensor) -> bool:
+    def _skip(self, site: str, q: torch.Tensor) -> bool:
         """True when nothing is to be recorded: not a sampled step, and (if checked) q is all finite.
         The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false alarm from an fp32 overflow
-        of the sum only costs a full record)."""
+        of the sum only costs a full record). Deferred: the sum is kept on the device, to be read later."""
         if self.sampling:
             return False
-        return not self.check_nonfinite or bool(torch.isfinite(q.sum()))
+        if not self.check_nonfinite:
+            return True
+        if self.deferred:
+            self.flag(site, q)
+            return True
+        return bool(torch.isfinite(q.sum()))
+
+    def flag(self, site: str, t: torch.Tensor) -> None:
+        """Deferred NaN/inf check of ``t`` at this step: one device-side sum, no host synchronisation. Does
+        nothing unless ``check_nonfinite="deferred"`` and the step is not sampled (``record`` calls it itself)."""
+        if not self.deferred or self.sampling:
+            return
+        self._seq += 1
+        self._pending.append((self._seq, self.step, site, t.detach().sum()))
+        if len(self._pending) >= _MAX_PENDING:
+            self._resolve()
+
+    def _resolve(self) -> None:
+        """Read the deferred sums: one stack and one host transfer per device."""
+        by_device: dict[torch.device, list[tuple[int, int, str, torch.Tensor]]] = {}
+        for entry in self._pending:
+            by_device.setdefault(entry[3].device, []).append(entry)
+        self._pending = []
+        for entries in by_device.values():
+            finite = torch.isfinite(torch.stack([e[3].float() for e in entries])).tolist()
+            self._events.extend((seq, step, site) for (seq, step, site, _), ok in zip(entries, finite) if not ok)
+        self._events.sort()
+
+    def nonfinite_events(self) -> list[tuple[int, str]]:
+        """(step, site) of every deferred check that found a NaN/inf, in execution order (``"deferred"`` mode;
+        rows with NaN/inf are in ``rows()``)."""
+        self._resolve()
+        return [(step, site) for _, step, site in self._events]
 
     @torch.no_grad()
     def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
@@ -139,7 +191,7 @@ class Telemetry:
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
-        if not unpacked and self._skip(q):
+        if not unpacked and self._skip(site, q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
         if unpacked:
@@ -211,7 +263,7 @@ class Telemetry:
     @torch.no_grad()
     def record_zeros(self, site: str, role: str, q: torch.Tensor, fmt: str = "") -> None:
         """Record only the zero fraction and NaN/inf of a stored tensor (an unquantized optimizer state)."""
-        if self._skip(q):
+        if self._skip(site, q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
         acc.add("numel", q.numel())
@@ -258,6 +310,7 @@ class Telemetry:
         }
 
     def rows(self) -> list[dict]:
+        self._resolve()
         return [self._row(a) for a in self._accs.values()]
 
     def frame(self):
@@ -267,10 +320,11 @@ class Telemetry:
 
     def first_nonfinite(self) -> str | None:
         """The first site (in execution order) whose quantized output held a NaN or inf; None if none did."""
-        for acc in self._accs.values():
-            if acc.value("nan") + acc.value("inf") > 0:
-                return acc.site
-        return None
+        self._resolve()
+        first = next(((a.seq, a.site) for a in self._accs.values() if a.value("nan") + a.value("inf") > 0), None)
+        if self._events and (first is None or self._events[0][0] < first[0]):
+            return self._events[0][2]
+        return None if first is None else first[1]
 
     def unpacked_sites(self, step: int | None = None) -> list[str]:
         """Sites that held unpacked (non-finite) optimizer states at ``step``; default: the step just completed
