@@ -157,8 +157,8 @@ class LMRun(TaskRun):
 
     Batch ``step``: ``batch`` window offsets drawn uniformly from the training split with a generator seeded
     by ``(seed, step)``. Validation: ``val_windows`` windows evenly spaced over the validation split (the same
-    for every seed), evaluated in chunks of ``max(batch, 4096 // ctx)`` windows; ``val_loss`` is the mean over all
-    their tokens.
+    for every seed), evaluated in chunks of ``max(batch, 4096 // ctx)`` windows (built once, on the device, at the
+    first evaluation); ``val_loss`` is the mean over all their tokens.
     For the MoE, ``train_loss`` adds ``aux_weight ·`` the load-balancing loss; ``val_loss`` is cross-entropy only.
     """
 
@@ -172,6 +172,7 @@ class LMRun(TaskRun):
         self.optimal_loss = None
         n_val = len(corpus.val) - ctx
         self.val_offsets = np.unique(np.linspace(0, n_val - 1, num=min(val_windows, n_val)).round().astype(np.int64))
+        self._val_chunks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def batch_offsets(self, step: int) -> np.ndarray:
         """Start offsets (into the training split) of the windows of batch ``step``."""
@@ -193,15 +194,22 @@ class LMRun(TaskRun):
             loss = loss + self.aux_weight * self.model.aux_loss
         return loss
 
+    def val_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation set as (inputs, targets) chunks of ``max(batch, 4096 // ctx)`` windows (fewer, larger
+        forward passes), built on the first call and kept."""
+        if self._val_chunks is None:
+            chunk = max(self.batch, 4096 // self.ctx)
+            self._val_chunks = [self._windows(self.corpus.val, self.val_offsets[i:i + chunk])
+                                for i in range(0, len(self.val_offsets), chunk)]
+        return self._val_chunks
+
     @torch.no_grad()
     def val_loss(self) -> float:
         was = self.model.training
         self.model.eval()
         try:
             total, count = 0.0, 0
-            chunk = max(self.batch, 4096 // self.ctx)          # fewer, larger forward passes
-            for i in range(0, len(self.val_offsets), chunk):
-                x, y = self._windows(self.corpus.val, self.val_offsets[i:i + chunk])
+            for x, y in self.val_chunks():
                 total += float(F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
                 count += y.numel()
             return total / count
