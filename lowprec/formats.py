@@ -60,6 +60,12 @@ class Format:
             raise ValueError(f"float formats need 0 <= man_bits <= 23, got {self.man_bits}")
         if self.bits != int(self.signed) + self.exp_bits + self.man_bits:
             raise ValueError(f"bits={self.bits} != sign + exp_bits + man_bits for {self.name}")
+        if self.kind == "float" and self.has_inf and self.man_bits == 0:
+            raise ValueError(
+                f"format {self.name}: a format with inf needs man_bits >= 1 (its NaNs are the top exponent code with "
+                "a non-zero mantissa, so with no mantissa bits NaN would encode as inf); use the 'fn' variant "
+                f"(e{self.exp_bits}m0fn: NaN, no inf) or 'fnn' (neither)"
+            )
         if self.kind == "float" and self.emax < self.emin:
             raise ValueError(
                 f"format {self.name}: no normal numbers (largest exponent {self.emax} < smallest {self.emin}): "

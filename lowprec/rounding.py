@@ -256,8 +256,9 @@ _FLOAT8 = tuple(getattr(torch, a) for a in ("float8_e4m3fn", "float8_e5m2") if h
 @functools.lru_cache(maxsize=None)
 def saturation_limit(fmt: Format, dtype: torch.dtype) -> float | None:
     """The largest value on ``fmt``'s grid that a ``dtype`` tensor holds too, when ``fmt.max`` exceeds the dtype's
-    max (bf16 or fp32 values in a float16 tensor: 65280, not 65504, for bf16); else None (no clamp needed)."""
-    if dtype == torch.float32 or fmt.max <= torch.finfo(dtype).max:
+    max (bf16 values in a float16 tensor: 65280, not 65504); else None (no clamp needed; fp32, the identity,
+    never needs one)."""
+    if dtype == torch.float32 or fmt.max <= torch.finfo(dtype).max or torch_dtype(fmt) == torch.float32:
         return None
     dt_fmt = get_format({torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     t = torch.tensor([min(fmt.max, torch.finfo(dtype).max)])
