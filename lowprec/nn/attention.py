@@ -1,13 +1,14 @@
 """Attention: ``QuantMultiheadAttention`` (nn.MultiheadAttention's projections quantized) and the opt-in
 attention site (the two matmuls inside attention quantized).
 
-``QuantMultiheadAttention`` runs ``nn.MultiheadAttention.forward`` unchanged under a torch function mode that
-routes the ``F.linear`` calls of ``F.multi_head_attention_forward`` to quantized GEMMs: the in-projection
-(``in_proj_weight`` or its q/k/v slices, or ``q/k/v_proj_weight``; telemetry site ``<name>.in_proj``) with the
-module's own site, the out-projection with the ``out_proj`` child (a ``QuantLinear`` after ``convert``). Torch's
-fused fast paths read the weights directly and would bypass the quantization: the no-op pre-hook of every
-quantizing module (``lowprec.nn.site``) turns off ``nn.TransformerEncoderLayer``'s, the function mode
-``MultiheadAttention``'s own.
+``QuantMultiheadAttention`` computes ``nn.MultiheadAttention``'s math (torch's reference path: in-projection,
+scaled dot-product attention, out-projection; masks, ``batch_first``, unbatched inputs, ``need_weights``) with the
+in-projection GEMMs (packed ``in_proj_weight`` for self-attention as torch does, or its q/k/v slices, or
+``q/k/v_proj_weight``; telemetry site ``<name>.in_proj``) on the module's own site and the out-projection on the
+``out_proj`` child's (a ``QuantLinear`` after ``convert``). Under a policy quantizing nothing it calls
+``nn.MultiheadAttention.forward`` itself (bit for bit). Torch's fused fast paths read the weights directly and
+would bypass the quantization: the no-op pre-hook of every quantizing module (``lowprec.nn.site``) turns off
+``nn.TransformerEncoderLayer``'s.
 
 The attention site (``AttentionSite``, opt-in: ``convert(..., attention=True)``) quantizes, for every
 ``F.scaled_dot_product_attention`` call inside the module it is attached to (and inside a converted
@@ -18,7 +19,7 @@ MultiheadAttention), the two matmuls of ``softmax(Q K^T * scale + mask) V``:
     backward              dO and dS: grad role; dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q, each operand
                           re-quantized along that GEMM's reduction axis; the softmax and its backward stay fp32.
 
-Dropout inside attention (``dropout_p > 0``) and ``enable_gqa`` are passed to the unquantized SDPA (not modelled).
+Calls with dropout inside attention (``dropout_p > 0``) go to the unquantized SDPA (not modelled).
 Telemetry sites: ``<name>.qk:activation`` / ``<name>.qk:grad`` and ``<name>.pv:...``. Only SDPA calls are seen:
 attention written with ``torch.matmul`` (e.g. Hugging Face ``attn_implementation="eager"``) stays fp32.
 """
@@ -29,10 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from lowprec.gemm import Operand
-from lowprec.nn.linear import QuantLinear, linear
+from lowprec.nn.linear import linear
 from lowprec.nn.site import QuantModule, Site, axis_free
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
@@ -94,9 +93,12 @@ class AttentionSite:
              dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
              enable_gqa: bool = False) -> torch.Tensor:
         """``F.scaled_dot_product_attention`` with its two matmuls quantized (the math of torch's reference)."""
-        if self.noop or dropout_p > 0.0 or enable_gqa:
+        if self.noop or dropout_p > 0.0:
             return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa and key.shape[-3] != query.shape[-3]:   # grouped-query attention: repeat the kv heads
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
         L, S = query.shape[-2], key.shape[-2]
         s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         scores = quantized_matmul(query, key.transpose(-1, -2), self.qk) * s
@@ -112,40 +114,35 @@ class AttentionSite:
         return quantized_matmul(p, value, self.pv)
 
 
-class _Router(TorchFunctionMode):
-    """Routes a QuantMultiheadAttention's F.linear calls and (when it has one) SDPA calls to quantized ones."""
-
-    def __init__(self, mha: "QuantMultiheadAttention") -> None:
-        super().__init__()
-        self.mha = mha
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        mha = self.mha
-        if func is F.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if mha.is_in_proj(w):
-                return linear(x, w, b, mha.site, mha.training)
-            out = mha.out_proj
-            if w is out.weight and isinstance(out, QuantModule):
-                return linear(x, w, b, out.site, out.training)
-        if func is F.scaled_dot_product_attention and mha.attention is not None:
-            return mha.attention.sdpa(*args, **kwargs)
-        return func(*args, **kwargs)
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """nn.MultiheadAttention's mask convention (bool True = may not attend; float = added) as a float mask."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
 
 
 class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
     """nn.MultiheadAttention whose in-projection GEMMs are quantized per ``policy`` (the out-projection is the
-    ``out_proj`` child's, a QuantLinear once converted); ``attention`` is an optional :class:`AttentionSite`."""
+    ``out_proj`` child's, a QuantLinear once converted); ``attention`` is an optional :class:`AttentionSite`.
+    ``add_bias_kv`` / ``add_zero_attn`` modules are not converted (``unsupported_reason``)."""
 
     _kind = "multihead_attention"
 
     def __init__(self, *args, policy: PrecisionPolicy | str = "fp32", backend: str = "auto", name: str = "",
                  telemetry: Telemetry | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        why = self.unsupported_reason(self)
+        if why:
+            raise ValueError(f"QuantMultiheadAttention: {why}")
         self.attention: AttentionSite | None = None
         self.configure(policy, backend=backend, name=name, telemetry=telemetry)
+
+    @staticmethod
+    def unsupported_reason(mha: nn.MultiheadAttention) -> str | None:
+        """Why ``mha`` stays in full precision (None if it can be converted)."""
+        if mha.bias_k is not None or mha.add_zero_attn:
+            return "add_bias_kv / add_zero_attn are not supported"
+        return None
 
     def _make_site(self, policy: PrecisionPolicy, backend: str, name: str, telemetry: Telemetry | None,
                    rule: str | None) -> Site:
@@ -167,16 +164,78 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
         new.configure(policy, backend=backend, name=name, telemetry=telemetry, rule=rule)
         return new
 
-    def is_in_proj(self, w: torch.Tensor) -> bool:
-        """Whether ``w`` is one of this module's in-projection weights (or a slice of the packed one)."""
-        own = [t for t in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-               if t is not None]
-        return any(w is t or w._base is t for t in own)
+    def _in_proj(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same_qkv: bool,
+                 same_kv: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        E, site, b = self.embed_dim, self._site, self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if same_qkv:                           # packed, as torch does: one GEMM
+                return linear(query, w, b, site, self.training).chunk(3, dim=-1)
+            wq, wk, wv = w.chunk(3)
+            if same_kv:
+                kv = linear(key, w[E:], None if b is None else b[E:], site, self.training).chunk(2, dim=-1)
+                return linear(query, wq, bq, site, self.training), kv[0], kv[1]
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return (linear(query, wq, bq, site, self.training), linear(key, wk, bk, site, self.training),
+                linear(value, wv, bv, site, self.training))
 
-    def forward(self, *args, **kwargs):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
         out = self.out_proj
-        quiet = self._site.noop and (not isinstance(out, QuantModule) or out.site.noop) and self.attention is None
-        if quiet:
-            return super().forward(*args, **kwargs)
-        with _Router(self):
-            return super().forward(*args, **kwargs)
+        out_site = out.site if isinstance(out, QuantModule) else None
+        if self._site.noop and (out_site is None or out_site.noop) and self.attention is None:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        same_qkv, same_kv = query is key and key is value, key is value   # torch's packed in-projections
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        L, N, E = query.shape
+        h, hd = self.num_heads, self.head_dim
+        q, k, v = self._in_proj(query, key, value, same_qkv, same_kv)
+        q, k, v = (t.reshape(t.shape[0], N * h, hd).transpose(0, 1).reshape(N, h, t.shape[0], hd)
+                   for t in (q, k, v))
+        S = k.shape[-2]
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None:
+            mask = mask.reshape(1, 1, L, S) if mask.dim() == 2 else mask.reshape(N, h, L, S)
+        kpm = _additive(key_padding_mask, q.dtype)
+        if kpm is not None:
+            kpm = kpm.reshape(N, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        dropout = self.dropout if self.training else 0.0
+        att = self.attention
+        weights = None
+        if need_weights:
+            mm = (lambda a, b, st: quantized_matmul(a, b, st)) if att is not None else (lambda a, b, st: a @ b)
+            scores = mm(q, k.transpose(-1, -2), None if att is None else att.qk) / math.sqrt(hd)
+            if mask is not None:
+                scores = scores + mask
+            p = torch.softmax(scores, dim=-1)
+            weights = p.mean(1) if average_attn_weights else p
+            p = F.dropout(p, dropout) if dropout > 0 else p
+            a = mm(p, v, None if att is None else att.pv)
+        elif att is not None:
+            a = att.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        a = a.permute(2, 0, 1, 3).reshape(L * N, E)            # (L, N, h, hd) -> (L*N, E)
+        if out_site is not None:
+            o = linear(a, out.weight, out.bias, out_site, out.training)
+        else:
+            o = F.linear(a, out.weight, out.bias)
+        o = o.reshape(L, N, E)
+        if not batched:
+            o = o.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        elif self.batch_first:
+            o = o.transpose(0, 1)
+        return o, weights

@@ -58,7 +58,8 @@ def _keeps_forward(mod: nn.Module, base: type) -> bool:
 def _builtin(mod: nn.Module) -> tuple[Builder | None, str | None]:
     """The builder for ``mod`` or (None, why it stays in full precision); (None, None) for non-GEMM modules."""
     if isinstance(mod, nn.MultiheadAttention):
-        return QuantMultiheadAttention.from_mha, None
+        why = QuantMultiheadAttention.unsupported_reason(mod)
+        return (None, why) if why else (QuantMultiheadAttention.from_mha, None)
     if isinstance(mod, nn.Linear):
         if _keeps_forward(mod, nn.Linear):
             return QuantLinear.from_linear, None
@@ -104,10 +105,16 @@ def _attach_attention(mod: nn.Module, site: AttentionSite) -> None:
         for h in old:
             h.remove()
     router = _SdpaRouter(site)
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        router.__enter__()
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        router.__exit__(None, None, None)
+
     mod.lowprec_attention = site
-    pre = mod.register_forward_pre_hook(lambda m, a: router.__enter__())
-    post = mod.register_forward_hook(lambda m, a, o: router.__exit__(None, None, None), always_call=True)
-    mod._lowprec_attention_hooks = (pre, post)
+    mod._lowprec_attention_hooks = (mod.register_forward_pre_hook(enter),
+                                    mod.register_forward_hook(leave, always_call=True))
 
 
 def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
@@ -152,6 +159,12 @@ def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
 
     def walk(name: str, mod: nn.Module) -> nn.Module:
         new = swap(name, mod)
+        if isinstance(new, nn.MultiheadAttention) and not isinstance(new, QuantMultiheadAttention):
+            # its forward reads out_proj.weight directly: converting out_proj alone would change nothing
+            skipped[f"{name}.out_proj" if name else "out_proj"] = (
+                "excluded by filter" if skipped.get(name) == "excluded by filter"
+                else "inside an unconverted MultiheadAttention")
+            return new
         for child_name, child in list(new.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             c = walk(full, child)
@@ -237,8 +250,10 @@ def coverage(model: nn.Module) -> Coverage:
             reason = "" if not site.noop else "its policy quantizes nothing"
             if isinstance(mod, QuantEmbedding):
                 reason = "" if site.specs["weight"] is not None else "its policy leaves the weight unquantized"
+            lookup = isinstance(mod, QuantEmbedding)   # a lookup, not a GEMM: only the weight role applies
             rows.append(CoverageRow(name, type(mod).__name__, not reason, _spec(site, "weight"),
-                                    _spec(site, "activation"), _spec(site, "grad"), site.rule or "base", reason))
+                                    "-" if lookup else _spec(site, "activation"),
+                                    "-" if lookup else _spec(site, "grad"), site.rule or "base", reason))
         elif name in skipped or _holds_matrix(mod) or _builtin(mod) != (None, None):
             why = skipped.get(name) or _builtin(mod)[1] or "not converted (convert() not run on it)"
             rows.append(CoverageRow(name, type(mod).__name__, False, "fp32", "fp32", "fp32", "-", why))
