@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "build_parser", "config_from_args", "check_limits", "main"]
+__all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "MAX_THREADS", "build_parser", "config_from_args", "check_limits", "main"]
 
 MAX_STEPS = 10_000_000        # training steps per run
 MAX_TOKENS = 10 ** 13         # training tokens per run
 MAX_WORKERS = 10_000          # concurrent submitit jobs
+MAX_THREADS = 1_024           # torch threads per run
 CALIBRATION_STEPS = 3         # steps of the dry run's timing runs
 
 
@@ -185,8 +186,10 @@ def check_limits(cfg, *, executor: str = "local", threads: int = 1) -> None:
         raise ValueError(f"workers {cfg.workers} is more than this machine's {cores} CPU cores")
     if cfg.workers > MAX_WORKERS:
         raise ValueError(f"workers {cfg.workers} is above the limit of {MAX_WORKERS:,}")
-    if threads > cores:
+    if executor == "local" and threads > cores:
         raise ValueError(f"threads {threads} is more than this machine's {cores} CPU cores")
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads {threads} is above the limit of {MAX_THREADS:,}")
 
 
 def _spec_steps(spec, task) -> int:
