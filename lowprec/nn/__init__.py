@@ -1,6 +1,6 @@
 """Quantized layers: every GEMM operand quantized per a PrecisionPolicy, forward and backward.
 
-``convert(model, policy)`` (``lowprec.nn.convert``) swaps, in place, ``nn.Linear`` (and subclasses keeping its
+``convert(model, policy)`` (``lowprec.nn.converter``) swaps, in place, ``nn.Linear`` (and subclasses keeping its
 forward), Hugging Face ``Conv1D``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and ``nn.MultiheadAttention`` for their
 quantized twins; ``coverage(model)`` reports what is quantized and what is not, and why. Every weight layer runs
 three labelled GEMMs through one autograd function (``lowprec.nn.function``):
@@ -43,7 +43,7 @@ are unchanged. Empty inputs (an empty batch, an expert with no tokens) give empt
 from lowprec.gemm import BACKENDS, native_dtype
 from lowprec.nn.attention import AttentionSite, QuantMultiheadAttention
 from lowprec.nn.conv import QuantConv1d, QuantConv2d, QuantConv3d
-from lowprec.nn.convert import Coverage, CoverageRow, convert, coverage, register
+from lowprec.nn.converter import Coverage, CoverageRow, convert, coverage, register
 from lowprec.nn.embedding import QuantEmbedding
 from lowprec.nn.linear import QuantHFConv1D, QuantLinear
 from lowprec.nn.site import QuantModule, Site

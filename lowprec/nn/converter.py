@@ -43,12 +43,19 @@ _REGISTRY: list[tuple[Callable[[nn.Module], bool], Builder]] = []
 _SKIPPED: "weakref.WeakKeyDictionary[nn.Module, dict[str, str]]" = weakref.WeakKeyDictionary()
 
 
-def register(match: Callable[[nn.Module], bool], build: Builder) -> None:
+def register(match: Callable[[nn.Module], bool], build: Builder) -> Callable[[], None]:
     """Add a converter: ``build(module, policy, backend=, name=, telemetry=, rule=)`` returns the quantized
-    module for every module with ``match(module)`` true (tried before the built-in converters, latest first)."""
+    module for every module with ``match(module)`` true (tried before the built-in converters, latest first).
+    Returns a function that removes it again."""
     if not callable(match) or not callable(build):
         raise TypeError("register(match, build) needs two callables")
-    _REGISTRY.insert(0, (match, build))
+    entry = (match, build)
+    _REGISTRY.insert(0, entry)
+
+    def remove() -> None:
+        if entry in _REGISTRY:
+            _REGISTRY.remove(entry)
+    return remove
 
 
 def _keeps_forward(mod: nn.Module, base: type) -> bool:
