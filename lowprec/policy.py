@@ -18,13 +18,13 @@ the following entries modify (``"fp8-all,state.exp_avg_sq=none"``); ``none`` uns
 ``str(policy)`` is canonical and ``PrecisionPolicy.parse(str(p)) == p``. Presets are defined once, in
 ``PRESET_TABLE`` (name, policy text, description), and read by this same parser.
 
-Per-module rules: after the base policy, ``;``-separated ``pattern=policy`` entries, tried in order on module
-names (the first match wins; no match: the base policy), e.g.
-``"fp8-all;lm_head|transformer.h.11.*=bf16;re:.*\\.attn\\..*=weight=e4m3:tensor"``. A pattern is ``|``-separated
+Per-module rules: after the base policy, ``@``-separated ``pattern=policy`` entries ("at these modules, this
+policy"), tried in order on module names (the first match wins; no match: the base policy), e.g.
+``"fp8-all@lm_head|transformer.h.11.*=bf16@re:.*\\.attn\\..*=weight=e4m3:tensor"``. A pattern is ``|``-separated
 shell globs (``fnmatch``; ``*`` matches dots too) or, after ``re:``, one regular expression (``re.fullmatch``); it
-may contain neither ``=`` nor ``;``. A rule's policy is any policy text without rules. Rules choose the GEMM
-policy (weight, activation, grad, accumulator) of each module that ``lowprec.nn.convert`` converts; optimizer
-states and master weights follow the base policy. In Python: ``PrecisionPolicy(..., rules=[("lm_head", "bf16")])``
+may contain neither ``=`` nor ``@`` (``@``, not ``;`` or ``,``: the CLI separates policies with those). A rule's
+policy is any policy text without rules. Rules choose the GEMM policy (weight, activation, grad, accumulator)
+of each module that ``lowprec.nn.convert`` converts; optimizer states and master weights follow the base policy. In Python: ``PrecisionPolicy(..., rules=[("lm_head", "bf16")])``
 or ``policy.with_rules("lm_head=bf16")``; in TOML / JSON: a ``rules`` list of ``{pattern, policy}`` tables
 (``from_dict``, ``from_toml``).
 """
@@ -121,8 +121,8 @@ class Rule:
 
     def __post_init__(self) -> None:
         pat = self.pattern.strip() if isinstance(self.pattern, str) else self.pattern
-        if not isinstance(pat, str) or not pat or "=" in pat or ";" in pat:
-            raise ValueError(f"a rule pattern is a non-empty string without '=' or ';', got {self.pattern!r}")
+        if not isinstance(pat, str) or not pat or "=" in pat or "@" in pat:
+            raise ValueError(f"a rule pattern is a non-empty string without '=' or '@', got {self.pattern!r}")
         if pat.startswith("re:"):
             try:
                 re.compile(pat[3:])
@@ -267,13 +267,13 @@ class PrecisionPolicy:
 
     @classmethod
     def parse(cls, text: "str | PrecisionPolicy") -> "PrecisionPolicy":
-        """Parse the compact form with optional ``;pattern=policy`` rules (module docstring); a bare preset name
+        """Parse the compact form with optional ``@pattern=policy`` rules (module docstring); a bare preset name
         gives that preset. The one precision language of lowprec."""
         if isinstance(text, PrecisionPolicy):
             return text
         if not isinstance(text, str):
             raise TypeError(f"a precision policy is a str, got {type(text).__name__}")
-        head, *rule_texts = text.split(";")
+        head, *rule_texts = text.split("@")
         if not head.strip():
             raise ValueError("empty precision policy string; use 'fp32' for full precision")
         base, overrides = _parse_items(head, cls.preset)
@@ -291,7 +291,7 @@ class PrecisionPolicy:
             parts.append(f"master={self.master}")
         if self.accumulator is not None:
             parts.append(f"accumulator={self.accumulator}")
-        return ";".join([",".join(parts) if parts else "fp32", *(str(r) for r in self.rules)])
+        return "@".join([",".join(parts) if parts else "fp32", *(str(r) for r in self.rules)])
 
     def __repr__(self) -> str:
         return f"PrecisionPolicy.parse({str(self)!r})"

@@ -27,7 +27,7 @@ def _model():
 def test_coverage_rows_status_specs_and_reasons():
     model = _model()
     with pytest.warns(UserWarning) as record:
-        lnn.convert(model, "fp8-hybrid;4=bf16", filter=lambda name, m: name != "5")
+        lnn.convert(model, "fp8-hybrid@4=bf16", filter=lambda name, m: name != "5")
     text = str(record[0].message)
     assert "2: no converter for Odd" in text and "3: string padding" in text and "'5'" not in text
     cov = lnn.coverage(model)

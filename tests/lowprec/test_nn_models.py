@@ -92,7 +92,7 @@ def test_gpt2_fp32_policy_is_bit_exact():
 
 def test_gpt2_rule_keeps_lm_head_and_last_block_in_bf16():
     model = _gpt2()
-    lnn.convert(model, "fp8-hybrid;lm_head|transformer.h.1.*=bf16")
+    lnn.convert(model, "fp8-hybrid@lm_head|transformer.h.1.*=bf16")
     cov = {r.name: r for r in lnn.coverage(model).rows}
     assert cov["lm_head"].weight == "bf16" and cov["lm_head"].rule == "lm_head|transformer.h.1.*"
     assert cov["transformer.h.1.mlp.c_fc"].weight == "bf16"

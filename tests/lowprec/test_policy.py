@@ -84,7 +84,7 @@ def test_bad_input():
 
 
 # ---------------------------------------------------------------- per-module rules
-RULED = "fp8-all;lm_head|transformer.h.11.*=bf16;re:.*\\.attn\\.c_(attn|proj)=weight=e4m3:block32"
+RULED = "fp8-all@lm_head|transformer.h.11.*=bf16@re:.*\\.attn\\.c_(attn|proj)=weight=e4m3:block32"
 
 
 def test_rules_parse_print_and_match_in_order():
@@ -98,7 +98,7 @@ def test_rules_parse_print_and_match_in_order():
     assert p.for_module("transformer.h.1.mlp.c_fc") == p.base            # no rule: the base policy
     assert p.for_module("transformer.h.110") == p.base                   # glob needs the dot after 11
     assert p.rule_for("lm_head").pattern == "lm_head|transformer.h.11.*" and p.rule_for("wte") is None
-    assert p != p.base and hash(p) != hash(p.base) and not PrecisionPolicy.parse("fp32;x=bf16").is_noop
+    assert p != p.base and hash(p) != hash(p.base) and not PrecisionPolicy.parse("fp32@x=bf16").is_noop
 
 
 def test_rules_in_python_dict_json_and_toml_agree():
@@ -107,7 +107,7 @@ def test_rules_in_python_dict_json_and_toml_agree():
                                                      r"re:.*\.attn\.c_(attn|proj)=weight=e4m3:block32")
     assert q == p
     direct = PrecisionPolicy(weight="e4m3:tensor", rules=[("lm_head|transformer.h.11.*", "bf16")])
-    assert direct.rules == p.rules[:1] and str(direct) == "weight=e4m3:tensor;" + str(p.rules[0])
+    assert direct.rules == p.rules[:1] and str(direct) == "weight=e4m3:tensor@" + str(p.rules[0])
     assert PrecisionPolicy.from_dict(p.to_dict()) == p and PrecisionPolicy.from_json(p.to_json()) == p
     toml = '''
 base = "fp8-all"
@@ -133,13 +133,13 @@ def test_explain_shows_rules_and_which_rule_each_module_gets():
 
 def test_bad_rules():
     with pytest.raises(ValueError, match="pattern=policy"):
-        PrecisionPolicy.parse("fp8-all;lm_head")
+        PrecisionPolicy.parse("fp8-all@lm_head")
     with pytest.raises(ValueError, match="regular expression"):
-        PrecisionPolicy.parse("fp8-all;re:(=bf16")
+        PrecisionPolicy.parse("fp8-all@re:(=bf16")
     with pytest.raises(ValueError, match="valid presets"):
-        PrecisionPolicy.parse("fp8-all;lm_head=bf17")
+        PrecisionPolicy.parse("fp8-all@lm_head=bf17")
     with pytest.raises(ValueError, match="empty"):
-        PrecisionPolicy.parse(";lm_head=bf16")
+        PrecisionPolicy.parse("@lm_head=bf16")
     with pytest.raises(TypeError):
         PrecisionPolicy(rules="lm_head=bf16")
     with pytest.raises(ValueError, match="keys"):
