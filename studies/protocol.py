@@ -310,7 +310,11 @@ def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
         path = out_dir / "runs" / r["run_id"] / "metrics.csv"
         if not path.exists():
             return r
-        m = pd.read_csv(path, usecols=["tokens", "val_loss"])
+        try:
+            m = pd.read_csv(path, usecols=["tokens", "val_loss"])
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a readable metrics file ({type(exc).__name__}: {exc}); delete the "
+                             f"folder {path.parent} to rerun that run") from None
         r["target_loss"] = t
         r["tokens_to_target"] = run_tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), t)
         return r

@@ -202,3 +202,16 @@ def test_subprocess_refusal_is_one_line():
     p = subprocess.run([sys.executable, "-m", "studies.cli", "run", "--seeds", "1000000000"], capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_an_unreadable_metrics_file_is_named(tmp_path):
+    out = tmp_path / "m"
+    cfg = StudyConfig(tasks=["convex-l1"], size="quick", optimizers=["sgd"], target_optimizer="sgd",
+                      precisions=["fp32"], seeds=[0, 1], phases=["main"], steps=3, workers=1, out=str(out),
+                      report=False).validate()
+    run_study(cfg, progress=False)
+    rid = pd.read_csv(out / "results.csv")["run_id"].iloc[0]
+    path = out / "runs" / rid / "metrics.csv"
+    path.write_bytes(b"\x00\xff garbage without the columns\n")
+    with pytest.raises(ValueError, match=str(path)):       # filling the targets reads every metrics.csv
+        run_study(cfg, progress=False)
