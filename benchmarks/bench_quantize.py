@@ -2,9 +2,14 @@
 
     python benchmarks/bench_quantize.py            # 16M fp32 elements, 1 thread, median of 7 interleaved rounds
     python benchmarks/bench_quantize.py --n 4000000 --threads 2 --no-compile
+    python benchmarks/bench_quantize.py --bandwidth-only   # only the memory-bandwidth table (issue 10's target)
 
-Prints a markdown table (milliseconds; "x" columns are speed-ups of lowprec over the peer, >1 = faster).
-qtorch's first import JIT-compiles its C++ extension (~20 s, not timed).
+Prints two markdown tables. The first: milliseconds, "x" columns are speed-ups of lowprec over the peer (>1 =
+faster); qtorch's first import JIT-compiles its C++ extension (~20 s, not timed). The second: ``lowprec.quantize``
+(nearest e4m3, stochastic e4m3, mxfp8, nvfp4; fp32 in, fp32 out) as a fraction of this machine's memory-bandwidth
+floor, the time of a plain ``out.copy_(x)`` of the same tensor (the same read + write bytes), measured in the same
+rounds: median and spread (min-max) over the rounds; the targets are >= 50% nearest and >= 25% stochastic (random
+bits included).
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--no-qtorch", action="store_true")
+    ap.add_argument("--bandwidth-only", action="store_true", help="only the memory-bandwidth floor table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.n, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
+    if args.bandwidth_only:
+        bandwidth_table(x, g, args.rounds, args.threads)
+        return
 
     qtorch_fq = None
     if not args.no_qtorch:
@@ -100,6 +109,36 @@ def main() -> None:
         a, b, c = (med(times[i][j]) for j in range(3))
         print(f"| {name} | {fmt(a)} | {fmt(b)} | {fmt(c)} | {fmt(b / a if a and b else None, '×')} | "
               f"{fmt(c / a if a and c else None, '×')} |")
+    bandwidth_table(x, g, args.rounds, args.threads)
+
+
+def bandwidth_table(x: torch.Tensor, g: torch.Generator, rounds: int, threads: int) -> None:
+    """lowprec.quantize as a fraction of the memory-bandwidth floor (a plain copy of the same bytes), per round."""
+    out = torch.empty_like(x)
+    ops: list[tuple[str, Callable[[], object]]] = [
+        ("copy (floor)", lambda: out.copy_(x)),
+        ("e4m3 nearest", lambda: lowprec.quantize(x, "e4m3")),
+        ("e4m3 stochastic", lambda: lowprec.quantize(x, "e4m3", rounding="stochastic", generator=g)),
+        ("mxfp8", lambda: lowprec.quantize(x, "mxfp8")),
+        ("nvfp4", lambda: lowprec.quantize(x, "nvfp4")),
+    ]
+    for _, f in ops:  # warm up
+        f()
+    times: list[list[float]] = [[] for _ in ops]
+    for _ in range(max(rounds, 3)):  # interleaved: a load change hits the floor and the quantizers alike
+        for i, (_, f) in enumerate(ops):
+            times[i].append(timer(f))
+    nbytes = 2 * x.numel() * x.element_size()  # read x, write the result
+    floor = times[0]
+    print(f"\nmemory-bandwidth floor: {x.numel():,} fp32 values, read + write {nbytes / 2**20:.0f} MiB, "
+          f"{threads} thread(s), {len(floor)} rounds; floor = plain copy, "
+          f"{nbytes / statistics.median(floor) / 1e6:.2f} GB/s (median)")
+    print("| operation | ms (median) | ms (min-max) | fraction of floor (median) | fraction (min-max, per round) |")
+    print("|---|---:|---:|---:|---:|")
+    for (name, _), t in zip(ops, times):
+        fr = [f / q for f, q in zip(floor, t)]  # per round: floor time / op time
+        print(f"| {name} | {statistics.median(t):.1f} | {min(t):.1f}-{max(t):.1f} | "
+              f"{statistics.median(fr):.0%} | {min(fr):.0%}-{max(fr):.0%} |")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
         return Rounded(round_native(y, fmt, s.saturate), info, undo)
     el = round_to_format(y, fmt, s.rounding, **kw)
     if scale is not None or s.scaling.scale_format == "e4m3":  # the scales that can be 0 zero their group
-        el = torch.where(info.scale == 0, el * 0.0, el)
+        el = el.mul_(info.scale != 0)  # (in place: a where() would cost a fifth of an nvfp4 quantize)
     return Rounded(el, info, undo)
 
 
