@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import subprocess
 
 import torch
 
@@ -49,7 +50,7 @@ def _try_scaled_mm(device: str, rowwise: bool) -> Capability:
         ref2 = (e.float() * sa) @ (b.float().t() * sb)
         if not torch.allclose(out2, ref2, rtol=1e-5, atol=1e-4):
             return False, f"torch._scaled_mm E5M2 x E4M3 on {device} disagrees with the fp32 matmul"
-    except Exception as exc:  # the probe's job is to report, not to raise
+    except (RuntimeError, TypeError, ValueError) as exc:  # what an unsupported build/device raises; reported
         kind = "row-wise" if rowwise else "tensor-wise"
         return False, f"torch._scaled_mm ({kind}) failed on {device}: {type(exc).__name__}: {str(exc)[:160]}"
     kind = "row-wise" if rowwise else "tensor-wise"
@@ -84,7 +85,8 @@ def _compile(try_it: bool) -> Capability:
         x = torch.randn(8)
         if not torch.equal(fn(x), (x * 2 + 1).relu()):
             return False, "torch.compile ran but gave a different result"
-    except Exception as exc:
+    except (RuntimeError, TypeError, ValueError, OSError, ImportError, subprocess.SubprocessError) as exc:
+        # torch.compile failures: dynamo/inductor errors are RuntimeErrors; a missing compiler OSError/subprocess
         return False, f"torch.compile failed: {type(exc).__name__}: {str(exc)[:160]}"
     return True, "torch.compile compiled and ran a small elementwise function on CPU"
 

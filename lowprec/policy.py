@@ -24,9 +24,9 @@ policy"), tried in order on module names (the first match wins; no match: the ba
 shell globs (``fnmatch``; ``*`` matches dots too) or, after ``re:``, one regular expression (``re.fullmatch``); it
 may contain neither ``=`` nor ``@`` (``@``, not ``;`` or ``,``: the CLI separates policies with those). A rule's
 policy is any policy text without rules. Rules choose the GEMM policy (weight, activation, grad, accumulator)
-of each module that ``lowprec.nn.convert`` converts; optimizer states and master weights follow the base policy. In Python: ``PrecisionPolicy(..., rules=[("lm_head", "bf16")])``
-or ``policy.with_rules("lm_head=bf16")``; in TOML / JSON: a ``rules`` list of ``{pattern, policy}`` tables
-(``from_dict``, ``from_toml``).
+of each module that ``lowprec.nn.convert`` converts; optimizer states and master weights follow the base policy.
+In Python: ``PrecisionPolicy(..., rules=[("lm_head", "bf16")])`` or ``policy.with_rules("lm_head=bf16")``; in
+TOML / JSON: a ``rules`` list of ``{pattern, policy}`` tables (``from_dict``, ``from_toml``).
 """
 from __future__ import annotations
 
@@ -215,7 +215,8 @@ class PrecisionPolicy:
                     raise ValueError(f"accumulator: {exc}") from None
         object.__setattr__(self, "accumulator", acc)
         if not isinstance(self.state_overrides, Mapping):
-            raise TypeError(f"state_overrides must be a mapping name -> spec, got {type(self.state_overrides).__name__}")
+            raise TypeError("state_overrides must be a mapping name -> spec, got "
+                            f"{type(self.state_overrides).__name__}")
         overrides = {}
         for name, spec in sorted(self.state_overrides.items()):
             if not isinstance(name, str) or not name.isidentifier():
