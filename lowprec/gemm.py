@@ -24,24 +24,22 @@ import torch
 from lowprec import hardware
 from lowprec.accumulate import Accumulator
 from lowprec.accumulate import matmul as acc_matmul
+from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec
 
 __all__ = ["Operand", "BACKENDS", "native_dtype", "native_reason", "use_native", "matmul", "scaled_mm"]
 
 BACKENDS = ("auto", "native", "emulated")
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
 def native_dtype(spec: QuantSpec | None) -> torch.dtype | None:
-    """The torch float8 dtype holding ``spec``'s element format exactly, or None."""
+    """The torch float8 dtype holding ``spec``'s element format exactly (E4M3 / E5M2, from the one map
+    ``lowprec.formats.torch_dtype``), or None."""
     if spec is None:
         return None
-    f = spec.format
-    key = (f.kind, f.exp_bits, f.man_bits, f.bias, f.has_inf, f.has_nan)
-    if key == ("float", 4, 3, 7, False, True) and hasattr(torch, "float8_e4m3fn"):
-        return torch.float8_e4m3fn
-    if key == ("float", 5, 2, 15, True, True) and hasattr(torch, "float8_e5m2"):
-        return torch.float8_e5m2
-    return None
+    dt = torch_dtype(spec.format)
+    return dt if dt in _FLOAT8 else None
 
 
 def native_reason(spec: QuantSpec | None) -> str | None:
