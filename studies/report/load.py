@@ -40,11 +40,18 @@ def _row_key(cells: dict[str, str | None]) -> tuple:
 def read_result_rows(path: str | Path) -> Loaded:
     """The rows of the results.csv at `path`; damaged and duplicate rows are named in ``problems`` and left out
     (the first row of a run id is kept). FileNotFoundError when absent; ValueError naming the file when its header
-    is not RESULT_COLUMNS."""
+    is not RESULT_COLUMNS or the file is not UTF-8 CSV text."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results.csv in {path.parent} (expected {path}); run `precision-sweep run` "
                                 f"first")
+    try:
+        return _read_rows(path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path} is not a readable results.csv (UTF-8 CSV): {exc}") from None
+
+
+def _read_rows(path: Path) -> Loaded:
     out = Loaded([])
     first: dict[str, tuple[int, tuple]] = {}
     with open(path, newline="", encoding="utf-8") as f:

@@ -142,3 +142,19 @@ def test_tokens_to_target_is_the_written_column(tiny_copy):
     assert ttt[rows[ok[0]]["run_id"]] == 1234.5
     assert math.isnan(ttt[rows[ok[1]]["run_id"]])
     assert any("1 run(s) recorded tokens-to-target for another target loss" in c for c in data.caveats)
+
+
+def test_undecodable_results_csv_names_the_file(tiny_copy):
+    path = tiny_copy / "results.csv"
+    path.write_bytes(path.read_bytes() + b"\xff\xfe garbage\n")
+    with pytest.raises(ValueError, match=f"{path} is not a readable results.csv"):
+        prepare(tiny_copy)
+
+
+def test_nul_bytes_row_is_named(tiny_copy):
+    path = tiny_copy / "results.csv"
+    n = len(lines_of(tiny_copy))
+    path.write_bytes(path.read_bytes() + b"\x00\x00\n")
+    data = prepare(tiny_copy)
+    assert len(data.problems) == 1 and f"{path} line {n + 1}" in data.problems[0]
+    assert len(data.results) == n - 1
