@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lowprec.codecs import Encoded, decode
+from lowprec.optim import LowPrecisionOptimizer
 
 from studies.config import RunSpec, Thresholds
 
@@ -24,8 +24,6 @@ __all__ = ["SECOND_MOMENT_KEYS", "DIVERGENCE_REASONS", "DivergenceDetector", "op
 SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "bound")  # AdamW, AMSGrad, StoSignSGD's G
 # every reason a run can stop early ("" = it did not)
 DIVERGENCE_REASONS = ("nan", "inf", "spike", "blow-up")
-# lowprec.optim.wrap stores a packed state entry as {PACKED_KEY: Encoded.to_dict()} (its module docstring)
-PACKED_KEY = "lowprec_packed"
 
 
 # ----------------------------------------------------------------------------------------------- detector
@@ -91,31 +89,19 @@ def optimizer_chain(opt: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
     return chain
 
 
-def _as_tensor(value: Any) -> torch.Tensor | None:
-    """A state entry as a float tensor: a tensor, a lowprec Encoded, or a packed entry of lowprec.optim.wrap
-    (``{"lowprec_packed": Encoded.to_dict()}``); None for anything else (step counters stay tensors)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Encoded):
-        return decode(value)
-    if isinstance(value, dict) and PACKED_KEY in value:
-        return decode(Encoded.from_dict(value[PACKED_KEY]))
-    return None
-
-
 def decoded_states(opt: torch.optim.Optimizer, keys: tuple[str, ...] = SECOND_MOMENT_KEYS
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, fp32 values) of every state entry named in ``keys``, packed entries decoded, from the first
-    optimizer in :func:`optimizer_chain` that holds any (a wrapper shares its base optimizer's state)."""
+    """(name, values) of every state tensor named in ``keys`` from the first optimizer in :func:`optimizer_chain`
+    that holds any (a wrapper shares its base optimizer's state); packed states of ``lowprec.optim.wrap`` come
+    decoded to fp32 (``LowPrecisionOptimizer.decoded_state``)."""
     for o in optimizer_chain(opt):
-        found = False
-        for st in o.state.values():
-            for key in keys:
-                t = _as_tensor(st.get(key)) if isinstance(st, dict) else None
-                if t is not None:
-                    found = True
-                    yield key, t
-        if found:
+        if isinstance(o, LowPrecisionOptimizer):
+            items = [(name, t) for _, name, t in o.decoded_state() if name in keys]
+        else:
+            items = [(key, st[key]) for st in o.state.values() for key in keys
+                     if isinstance(st, dict) and isinstance(st.get(key), torch.Tensor)]
+        if items:
+            yield from items
             return
 
 

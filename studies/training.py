@@ -177,8 +177,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], str]:
     none). A non-finite loss stops before the backward pass (the model is left as it was)."""
     spec, opt, params, tel = run.spec, run.opt, run.params, run.tel
     k = step + 1
-    if tel.step != k:  # lowprec.optim.wrap advances the shared counter once per optimizer step
-        raise RuntimeError(f"telemetry step {tel.step} != training step {k}")
+    tel.set_step(k)  # the rows of training step k carry k (the initial evaluation's carry 0)
     lr = lr_at(step, run.steps, spec.lr, spec.schedule, spec.warmup_frac)
     _set_lr(opt, lr)
     opt.zero_grad(set_to_none=True)
@@ -225,7 +224,6 @@ def train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel
     v0 = evaluate(run)
     run.metrics.append({**_blank(), "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
     reason = par.agree(run.detector.val(0, v0))
-    run.tel.next_step()  # step 0 was the initial evaluation; training step 1 comes next
     diverged_step: int | None = 0 if reason else None
     steps_done = 0
     for step in range(run.steps if not reason else 0):

@@ -7,7 +7,8 @@ import math
 import torch
 
 import lowprec.optim
-from studies.diagnosis import PACKED_KEY, decoded_states, optimizer_chain, state_zero_frac
+from lowprec.optim import PACKED_KEY
+from studies.diagnosis import decoded_states, optimizer_chain, state_zero_frac
 from studies.optimizers import make_optimizer
 
 
