@@ -166,6 +166,22 @@ def _worst_site(f) -> tuple[str, str]:
     return site, text
 
 
+def _unpacked_text(f) -> str:
+    """The first optimizer state held unpacked because it held NaN/inf its format cannot store (the telemetry
+    column ``unpacked``, lowprec.optim's bug-9 guard), or ""."""
+    if f is None or "unpacked" not in f:
+        return ""
+    hit = f[f["unpacked"].fillna(0).astype(float) > 0]
+    if not len(hit):
+        return ""
+    i = hit.index[0]
+    at = f" at step {int(hit.loc[i, 'step'])}" if "step" in hit else ""
+    fmt = hit.loc[i, "format"] if "format" in hit else ""
+    fmt = f" {fmt}" if isinstance(fmt, str) and fmt else ""
+    n, site = int(hit.loc[i, "unpacked"]), hit.loc[i, "site"]
+    return f"{n} entries of {site} held NaN/inf that its format{fmt} cannot store{at}"
+
+
 def _zero_state_text(f, metrics: list[dict]) -> str:
     """The latest zero fraction (>= 1%) of a second-moment state: from the telemetry frame, else the metrics."""
     if f is not None and "zero_frac" in f and "site" in f:
@@ -190,8 +206,9 @@ def explain(frame, metrics: list[dict], spec: RunSpec, diverged: bool, step: int
 
     Evidence, from the telemetry records up to the divergence step (the whole run otherwise): the first site whose
     output held a NaN/inf (``first_site``); the site with the largest flushed-to-zero or saturated fraction; the
-    latest zero fraction of a second-moment state (exp_avg_sq, StoSignSGD's bound). The site returned is the
-    first non-finite site if any, else the worst flushed/saturated site.
+    latest zero fraction of a second-moment state (exp_avg_sq, StoSignSGD's bound); the first optimizer state that
+    held NaN/inf its format cannot store (kept unpacked by lowprec.optim). The site returned is the first
+    non-finite site if any, else the worst flushed/saturated site.
     """
     head = f"{spec.optimizer} {spec.precision}, seed {spec.seed}"
     f = frame if frame is not None and len(frame) else None
@@ -202,7 +219,7 @@ def explain(frame, metrics: list[dict], spec: RunSpec, diverged: bool, step: int
     if diverged:
         site = first_site or worst_site
         s = f"{head}: diverged at step {step} ({reason})"
-        details = [t for t in (zero_text, worst_text) if t]
+        details = [t for t in (zero_text, worst_text, _unpacked_text(f)) if t]
         if first_site:
             details.append(f"the first non-finite value appeared at {first_site}")
         if details:

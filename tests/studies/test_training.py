@@ -112,3 +112,5 @@ def test_nan_reaching_a_packed_state_is_a_divergence(tmp_path, monkeypatch):
     assert row["status"] == "diverged", row["divergence_reason"]
     assert row["divergence_reason"] == "nan" and row["diverged_step"] == 4
     assert "diverged at step 4 (nan)" in row["explanation"]
+    assert row["divergence_site"] in ("optim:exp_avg", "optim:exp_avg_sq")   # where the NaN first showed
+    assert "held NaN/inf that its format e2m1 cannot store at step 3" in row["explanation"]
