@@ -36,6 +36,10 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     (["run", "--size", "huge"], "paper"),
     (["run", "--config", "/nonexistent/study.toml"], "not found"),
     (["report", "/nonexistent/folder"], "results.csv"),
+    (["run", "--executor", "ray"], "submitit"),
+    (["run", "--threads", "0"], "positive integer"),
+    (["merge", "/nonexistent/out", "/nonexistent/shard"], "not a results folder"),
+    (["export", "/nonexistent/folder"], "--tensorboard"),
     (["frobnicate"], "run"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, must_name):
