@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from lowprec.policy import TENSOR_ROLES
+
 __all__ = [
     "METRIC_ROLES", "METRIC_COLUMNS", "RESULT_COLUMNS", "RESULT_TYPES", "EXTRA_RESULT_TYPES", "STUDY_KEYS",
     "TELEMETRY_STRING_COLUMNS", "STATUSES", "ResultRow", "format_cell", "parse_cell", "format_row", "parse_row",
@@ -36,9 +38,9 @@ __all__ = [
     "to_strict_json", "dumps_study", "write_study", "read_study",
 ]
 
-# The roles whose quantization telemetry is logged per step (lowprec.policy.ROLES less the accumulator, which has
-# no per-step telemetry column).
-METRIC_ROLES = ("weight", "activation", "grad", "state", "master")
+# The roles whose quantization telemetry is logged per step: lowprec's one list of tensor roles (the accumulator
+# is not one of them: it has no per-step telemetry column).
+METRIC_ROLES = TENSOR_ROLES
 METRIC_COLUMNS = (
     ("step", "tokens", "loss", "val_loss", "lr", "grad_norm", "update_ratio")
     + tuple(f"{r}_{k}" for r in METRIC_ROLES for k in ("underflow", "overflow"))
