@@ -23,6 +23,14 @@ __all__ = ["study_section", "problems_section", "stability_section", "main_metri
            "variant_section", "mechanism_section"]
 
 
+def _per_cell(runs: pd.DataFrame) -> str:
+    """The number of runs per cell (phase, task, precision, optimizer) as "2", or "1–2" when cells differ."""
+    n = runs.groupby(["phase", "task", "precision", "optimizer"]).size()
+    if n.empty:
+        return "0"
+    return str(n.min()) if n.min() == n.max() else f"{n.min()}–{n.max()}"
+
+
 def study_section(doc: Doc, data: ReportData) -> None:
     """What was run: tasks, optimizers, precisions, seeds, steps, LRs, targets, the LR grid, study.json; the
     caveats of how cells were kept apart; the tune-phase table."""
@@ -37,7 +45,7 @@ def study_section(doc: Doc, data: ReportData) -> None:
         f"Tasks: {', '.join(ordered(src['task'], ()))}",
         f"Optimizers: {', '.join(ordered(src['optimizer'], OPTIMIZER_ORDER))}",
         f"Precisions: {', '.join(ordered(src['precision'], PRECISION_ORDER))}",
-        f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per cell)",
+        f"Seeds: {', '.join(map(str, seeds))} ({_per_cell(src)} per cell)",
     ]
     steps = sorted({int(s) for s in src["steps"].dropna()})
     if steps:

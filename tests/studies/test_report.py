@@ -91,6 +91,7 @@ def test_html_self_contained_and_every_section_present(rendered):
     for absent in ("ablation", "rounding", "mechanism"):
         assert f"No {absent}-phase runs in this study" in text
     assert "Data problems" not in text  # a clean folder has none
+    assert "Seeds: 0, 1 (2 per cell)" in text  # every optimizer@lr x precision cell has both seeds
 
 
 def test_target_and_rule_come_from_study_json(rendered, tiny_study):

@@ -158,3 +158,11 @@ def test_nul_bytes_row_is_named(tiny_copy):
     data = prepare(tiny_copy)
     assert len(data.problems) == 1 and f"{path} line {n + 1}" in data.problems[0]
     assert len(data.results) == n - 1
+
+
+def test_seeds_per_cell_counted_not_assumed(tiny_copy):
+    """The header's "per cell" is the counted number of runs per cell (a missing seed shows as 1–2)."""
+    lines = lines_of(tiny_copy)
+    (tiny_copy / "results.csv").write_text("".join(lines[:-1]), encoding="utf-8")
+    md = render_report(tiny_copy)["md"].read_text()
+    assert "Seeds: 0, 1 (1–2 per cell)" in md
