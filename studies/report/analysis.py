@@ -84,7 +84,8 @@ def split_setups(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         if len(setups) < 2:
             continue
         parsed = [json.loads(s) for s in setups]
-        keys = [k for k in dict.fromkeys(k for p in parsed for k in p) if len({json.dumps(p.get(k)) for p in parsed}) > 1]
+        fields = dict.fromkeys(k for p in parsed for k in p)
+        keys = [k for k in fields if len({json.dumps(p.get(k), sort_keys=True) for p in parsed}) > 1]
         label = {s: f"{task} [" + ", ".join(f"{k}={json.dumps(p.get(k), sort_keys=True)}" for k in keys) + "]"
                  for s, p in zip(setups, parsed)}
         res.loc[g.index, "task"] = [label[s] for s in g["setup"]]

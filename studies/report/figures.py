@@ -16,8 +16,8 @@ import pandas as pd
 from studies.report.style import DPI, OPTIMIZER_ORDER, ordered, slug
 from studies.schema import METRIC_ROLES as ROLES
 
-__all__ = ["Figures", "style", "heatmap", "mean_band", "loss_unit", "tokens_axis", "curve_column", "loss_curves", "xticks",
-           "point_ci", "telemetry_fig", "mechanism_fig"]
+__all__ = ["Figures", "style", "heatmap", "mean_band", "loss_unit", "tokens_axis", "curve_column", "loss_curves",
+           "xticks", "point_ci", "telemetry_fig", "mechanism_fig"]
 
 _DASHES = ["", (4, 1.5), (1, 1), (3, 1.25, 1.5, 1.25), (5, 1, 1, 1), (2, 2), (6, 2)]
 
