@@ -93,35 +93,36 @@ def _holds_matrix(mod: nn.Module) -> bool:
 
 
 class _SdpaRouter(TorchFunctionMode):
-    """Sends F.scaled_dot_product_attention calls to an AttentionSite (entered by a module's forward hooks)."""
+    """Sends F.scaled_dot_product_attention calls to an AttentionSite while the module it is attached to runs
+    (its bound ``enter`` / ``leave`` are the module's forward hooks, so a deep copy gets its own router)."""
 
     def __init__(self, site: AttentionSite) -> None:
         super().__init__()
         self.site = site
+        self.hooks: tuple = ()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.scaled_dot_product_attention:
             return self.site.sdpa(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.__enter__()
+
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.__exit__(None, None, None)
+
 
 def _attach_attention(mod: nn.Module, site: AttentionSite) -> None:
-    """Quantize the SDPA calls of ``mod``'s forward through ``site`` (forward pre-hook enters, hook exits)."""
-    old = getattr(mod, "_lowprec_attention_hooks", None)
-    if old is not None:
-        for h in old:
+    """Quantize the SDPA calls of ``mod``'s forward through ``site`` (replacing an earlier attachment)."""
+    old = getattr(mod, "lowprec_attention", None)
+    if isinstance(old, _SdpaRouter):
+        for h in old.hooks:
             h.remove()
     router = _SdpaRouter(site)
-
-    def enter(module: nn.Module, args: tuple) -> None:
-        router.__enter__()
-
-    def leave(module: nn.Module, args: tuple, output: Any) -> None:
-        router.__exit__(None, None, None)
-
-    mod.lowprec_attention = site
-    mod._lowprec_attention_hooks = (mod.register_forward_pre_hook(enter),
-                                    mod.register_forward_hook(leave, always_call=True))
+    router.hooks = (mod.register_forward_pre_hook(router.enter),
+                    mod.register_forward_hook(router.leave, always_call=True))
+    mod.lowprec_attention = router
 
 
 def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
@@ -265,7 +266,7 @@ def coverage(model: nn.Module) -> Coverage:
             why = skipped.get(name) or _builtin(mod)[1] or "not converted (convert() not run on it)"
             rows.append(CoverageRow(name, type(mod).__name__, False, "fp32", "fp32", "fp32", "-", why))
         att = getattr(mod, "attention", None) if isinstance(mod, QuantMultiheadAttention) else \
-            getattr(mod, "lowprec_attention", None)
+            getattr(getattr(mod, "lowprec_attention", None), "site", None)
         if isinstance(att, AttentionSite):
             site = att.qk
             rows.append(CoverageRow(f"{name}.sdpa" if name else "sdpa", "scaled_dot_product_attention",
