@@ -2,7 +2,8 @@
 
 ``convert(model, policy)`` (``lowprec.nn.converter``) swaps, in place, ``nn.Linear`` (and subclasses keeping its
 forward), Hugging Face ``Conv1D``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and ``nn.MultiheadAttention`` for their
-quantized twins; ``coverage(model)`` reports what is quantized and what is not, and why. Every weight layer runs
+quantized twins; ``coverage(model)`` reports what is quantized and what is not, and why (``coverage(model, x)``
+also lists the functional matmuls one forward pass runs in full precision, ``lowprec.nn.trace``). Every weight layer runs
 three labelled GEMMs through one autograd function (``lowprec.nn.function``):
 
     forward      y  = Q_act(x)        @ Q_w(W)^T     reduction over in_features
@@ -47,7 +48,8 @@ from lowprec.nn.converter import Coverage, CoverageRow, convert, coverage, regis
 from lowprec.nn.embedding import QuantEmbedding
 from lowprec.nn.linear import QuantHFConv1D, QuantLinear
 from lowprec.nn.site import QuantModule, Site
+from lowprec.nn.trace import functional_gemms
 
 __all__ = ["convert", "coverage", "register", "Coverage", "CoverageRow", "QuantLinear", "QuantHFConv1D",
            "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
-           "AttentionSite", "QuantModule", "Site", "BACKENDS", "native_dtype"]
+           "AttentionSite", "QuantModule", "Site", "BACKENDS", "native_dtype", "functional_gemms"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowprec.nn.linear import linear
-from lowprec.nn.site import QuantModule, Site, axis_free
+from lowprec.nn.site import QUANTIZED, QuantModule, Site, axis_free
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
 
@@ -45,11 +45,12 @@ class QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, site: Site, name: str) -> torch.Tensor:
-        qa = site.quant(a, "activation", -1, record=True, channel_axis=-2)
-        qb = site.quant(b, "activation", -2, record=True, channel_axis=-1)
-        ctx.site = site
-        ctx.save_for_backward(a, b, qa.q, qb.q)
-        return qa.q @ qb.q
+        with QUANTIZED:
+            qa = site.quant(a, "activation", -1, record=True, channel_axis=-2)
+            qb = site.quant(b, "activation", -2, record=True, channel_axis=-1)
+            ctx.site = site
+            ctx.save_for_backward(a, b, qa.q, qb.q)
+            return qa.q @ qb.q
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -99,6 +100,11 @@ class AttentionSite:
         if enable_gqa and key.shape[-3] != query.shape[-3]:   # grouped-query attention: repeat the kv heads
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+        with QUANTIZED:
+            return self._sdpa(query, key, value, attn_mask, is_causal, scale)
+
+    def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+              is_causal: bool, scale: float | None) -> torch.Tensor:
         L, S = query.shape[-2], key.shape[-2]
         s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
         scores = quantized_matmul(query, key.transpose(-1, -2), self.qk) * s

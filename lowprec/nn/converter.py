@@ -33,6 +33,7 @@ from lowprec.nn.conv import QUANT_CONV, unconvertible_reason
 from lowprec.nn.embedding import QuantEmbedding
 from lowprec.nn.linear import QuantHFConv1D, QuantLinear, is_hf_conv1d
 from lowprec.nn.site import QuantModule
+from lowprec.nn.trace import functional_gemms
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
 
@@ -248,8 +249,21 @@ def _spec(site, role: str) -> str:
     return "fp32" if s is None else str(s)
 
 
-def coverage(model: nn.Module) -> Coverage:
-    """Every GEMM-like module of ``model`` (and attention sites): quantized with which specs, or why not."""
+def coverage(model: nn.Module, *example_args: Any, **example_kwargs: Any) -> Coverage:
+    """Every GEMM-like module of ``model`` (and attention sites): quantized with which specs, or why not. Given
+    example inputs, one forward pass (``lowprec.nn.trace.functional_gemms``) adds a row per module that runs
+    functional matmuls in full precision (``torch.matmul``, ``@``, ``F.linear``, SDPA, ...)."""
+    rows = _module_rows(model)
+    if example_args or example_kwargs:
+        for (name, func), n in functional_gemms(model, *example_args, **example_kwargs).items():
+            hint = ("; convert(..., attention=True) quantizes it" if func == "scaled_dot_product_attention"
+                    else "")
+            rows.append(CoverageRow(f"{name}:{func}" if name else func, f"{func} (x{n})", False, "fp32", "fp32",
+                                    "fp32", "-", f"functional call in full precision{hint}"))
+    return Coverage(rows)
+
+
+def _module_rows(model: nn.Module) -> list[CoverageRow]:
     skipped = _SKIPPED.get(model, {})
     rows: list[CoverageRow] = []
     for name, mod in model.named_modules():
@@ -272,4 +286,4 @@ def coverage(model: nn.Module) -> Coverage:
             rows.append(CoverageRow(f"{name}.sdpa" if name else "sdpa", "scaled_dot_product_attention",
                                     not site.noop, "-", _spec(site, "activation"), _spec(site, "grad"),
                                     site.rule or "base", "" if not site.noop else "its policy quantizes nothing"))
-    return Coverage(rows)
+    return rows

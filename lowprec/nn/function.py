@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from lowprec.gemm import Operand
-from lowprec.nn.site import Site, axis_free
+from lowprec.nn.site import QUANTIZED, Site, axis_free
 
 __all__ = ["Axes", "GemmTable", "QuantGemm"]
 
@@ -62,9 +62,10 @@ class QuantGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: Site,
                 table: GemmTable, args: tuple) -> torch.Tensor:
-        qx = site.quant(x, "activation", table.x_fwd.reduce, record=True, channel_axis=table.x_fwd.channel)
-        qw = site.quant(weight, "weight", table.w_fwd.reduce, record=True, channel_axis=table.w_fwd.channel)
-        y = table.forward(site, qx, qw, bias, args)
+        with QUANTIZED:
+            qx = site.quant(x, "activation", table.x_fwd.reduce, record=True, channel_axis=table.x_fwd.channel)
+            qw = site.quant(weight, "weight", table.w_fwd.reduce, record=True, channel_axis=table.w_fwd.channel)
+            y = table.forward(site, qx, qw, bias, args)
         ctx.site, ctx.table, ctx.args = site, table, args
         ctx.update_history = site.update_history   # the backward records grad amaxes iff this forward did
         ctx.has_bias = bias is not None

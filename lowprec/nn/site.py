@@ -24,7 +24,7 @@ from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
 from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
-__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed"]
+__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED"]
 
 GEMM_ROLES = ("weight", "activation", "grad")
 
@@ -53,6 +53,22 @@ def axis_free(spec: QuantSpec | None) -> bool:
 def is_delayed(spec: QuantSpec | None) -> bool:
     """True for a delayed-scaling spec."""
     return spec is not None and spec.scaling is not None and spec.scaling.mode == "delayed"
+
+
+class QuantizedRegion:
+    """``with QUANTIZED:`` marks lowprec's own quantized computation (``depth > 0`` inside), so that
+    ``lowprec.nn.trace`` does not count its matmuls as full-precision ones."""
+
+    depth = 0
+
+    def __enter__(self) -> None:
+        QuantizedRegion.depth += 1
+
+    def __exit__(self, *exc) -> None:
+        QuantizedRegion.depth -= 1
+
+
+QUANTIZED = QuantizedRegion()
 
 
 class Site:

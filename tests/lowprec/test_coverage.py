@@ -79,3 +79,43 @@ def test_register_adds_a_converter_for_a_custom_module():
         remove()
     with pytest.warns(UserWarning, match="no converter for Odd"):
         lnn.convert(nn.Sequential(Odd()), "fp8-hybrid")
+
+
+class Attn(nn.Module):
+    """A projection module plus functional attention and a functional matmul with a raw parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(a.transpose(1, 2).reshape(B, T, 16)) @ torch.eye(16)
+
+
+class SelfAttention(Attn):
+    """The same, under a class name that ``convert(..., attention=True)`` recognises."""
+
+
+def test_coverage_with_example_input_lists_functional_matmuls():
+    from lowprec.telemetry import Telemetry
+    model = nn.Sequential(Attn())
+    tel = Telemetry()
+    lnn.convert(model, "fp8-hybrid", telemetry=tel)
+    model.train()
+    cov = lnn.coverage(model, torch.randn(2, 5, 16))
+    rows = {r.name: r for r in cov.rows}
+    assert rows["0:scaled_dot_product_attention"].type == "scaled_dot_product_attention (x1)"
+    assert "attention=True" in rows["0:scaled_dot_product_attention"].reason
+    assert rows["0:matmul"].type == "matmul (x1)" and not rows["0:matmul"].quantized
+    assert not any("linear" in n for n in rows)                 # the quantized layers' own GEMMs are not listed
+    assert model.training and len(tel.frame()) == 0             # tracing leaves mode and telemetry untouched
+
+    quant = nn.Sequential(SelfAttention())
+    lnn.convert(quant, "fp8-hybrid", attention=True)
+    rows = {r.name: r for r in lnn.coverage(quant, torch.randn(2, 5, 16)).rows}
+    assert rows["0.sdpa"].quantized and rows["0.sdpa"].activation == "e4m3:tensor"
+    assert "0:scaled_dot_product_attention" not in rows and "0:matmul" in rows
