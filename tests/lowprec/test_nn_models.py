@@ -244,3 +244,19 @@ def test_multihead_attention_with_bias_kv_left_unconverted_with_warning():
     assert type(model[0]) is nn.MultiheadAttention and type(model[0].out_proj) is not lnn.QuantLinear
     rows = {r.name: r for r in lnn.coverage(model).rows}
     assert not rows["0"].quantized and rows["0.out_proj"].reason == "inside an unconverted MultiheadAttention"
+
+
+def test_encoder_layer_attention_site_quantizes_the_attention_matmuls():
+    torch.manual_seed(6)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 6, 16)
+    exact = layer(x).detach()
+    plain = lnn.convert(copy.deepcopy(layer), "fp8-hybrid")
+    full = lnn.convert(copy.deepcopy(layer), "fp8-hybrid", attention=True)
+    rows = {r.name: r for r in lnn.coverage(full).rows}
+    assert rows["self_attn.sdpa"].quantized and rows["self_attn.sdpa"].grad == "e5m2:tensor"
+    out_plain, out_full = plain(x), full(x)
+    assert not torch.allclose(out_plain, out_full, rtol=1e-4, atol=1e-4)   # the attention matmuls changed too
+    assert 18 <= sqnr(exact, out_full.detach()) < 60
+    out_full.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in full.parameters())
