@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, decode, element_scale, encode
+from lowprec.optim_batch import BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
@@ -134,7 +135,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     defaults = _shared("defaults", "The base optimizer's defaults (shared).")
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,
-                 telemetry: Telemetry | None = None, seed: int = 0) -> None:
+                 telemetry: Telemetry | None = None, seed: int = 0, fused: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, LowPrecisionOptimizer):
@@ -144,7 +145,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if isinstance(seed, bool) or not hasattr(seed, "__index__"):
             raise TypeError(f"seed must be an integer, got {seed!r}")
         seed = operator.index(seed)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
         self.optimizer = optimizer
+        self.fused = fused
         self.policy = PrecisionPolicy.parse(policy)
         self.telemetry = telemetry
         self.seed = seed
@@ -247,12 +251,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             self._quantize_grads(live, tel)
         # only parameters with a gradient take part in the step (torch optimizers skip the others), so only
         # their states are decoded and re-encoded; the others stay packed untouched
-        for p in params:
-            st = self.state.get(p)
-            if st:
-                for name, value in list(st.items()):
-                    if _is_packed(value):
-                        st[name] = decode(Encoded.from_dict(value[PACKED_KEY])).to(p.device).reshape(p.shape)
+        self._decode_states(params)
 
         olds = [p.detach().clone() for p in live] if (sampling and self._master_spec is not None) else None
         self.optimizer.step()
@@ -285,10 +284,29 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
                 tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
 
+    def _decode_states(self, params: list[torch.Tensor]) -> None:
+        groups: dict[tuple, list[tuple[dict, str, torch.Tensor, Encoded]]] = {}
+        for p in params:
+            st = self.state.get(p)
+            for name, value in list((st or {}).items()):
+                if not _is_packed(value):
+                    continue
+                enc = Encoded.from_dict(value[PACKED_KEY])
+                if (self.fused and p.numel() <= BATCH_MAX_NUMEL and batchable(enc.spec) and not enc.packed
+                        and enc.global_scale is None and enc.codes.device == p.device):
+                    groups.setdefault((enc.spec, enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
+                else:
+                    st[name] = decode(enc).to(p.device).reshape(p.shape)
+        for entries in groups.values():
+            for (st, name, p, _), v in zip(entries, decode_rows([e[3] for e in entries])):
+                st[name] = v.reshape(p.shape)
+
     def _encode_states(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
+        """Encode the states of ``params`` (batched where ``fused``), then record telemetry in state order."""
         sampling = tel is not None and tel.sampling
         checking = tel is not None and not sampling and tel.check_nonfinite
-        checks: list[tuple[str, torch.Tensor, Encoded, QuantSpec, list[torch.Tensor]]] = []
+        todo: list[list[Any]] = []        # [kind, name, value, spec, enc] in state order, for telemetry
+        groups: dict[tuple, list[tuple[dict, str, torch.Tensor, list[Any]]]] = {}
         for p in params:
             st = self.state.get(p)
             if not st:
@@ -299,33 +317,57 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 spec = self._state_spec(name)
                 if spec is None:
                     if tel is not None and name in tel.zero_states:
-                        tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
+                        todo.append(["zeros", name, value, None, None])
                     continue
                 if not spec.format.has_nan and not bool(torch.isfinite(value).all()):
                     # the format would turn NaN/inf into numbers (or refuse them): keep fp32, visibly
-                    if tel is not None:
-                        tel.record(f"optim:{name}", "state", value, value, fmt_max=spec.format.max,
-                                   fmt=str(spec), unpacked=True)
+                    todo.append(["unpacked", name, value, spec, None])
                     continue
-                enc = encode(_atleast_1d(value), spec, generator=self._gen(p.device))
-                if sampling:
-                    self._record_state(tel, name, value, enc, spec)
-                elif checking:
-                    # non-finite if the state was, or (only possible without saturation in a format with
-                    # inf/NaN) its encoding overflowed to inf/NaN
-                    ts = [value]
-                    if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
-                        ts.append(decode(enc))
-                    if tel.deferred:
-                        for t in ts:
-                            tel.flag(f"optim:{name}", t)
-                    else:
-                        checks.append((name, value, enc, spec, [t.sum() for t in ts]))
+                x = _atleast_1d(value)
+                item = ["state", name, value, spec, None]
+                todo.append(item)
+                gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
+                if self.fused and x.numel() <= BATCH_MAX_NUMEL and batchable(spec):
+                    groups.setdefault(group_key(x, spec), []).append((st, name, x, item))
+                else:
+                    item[4] = encode(x, spec, generator=gen)
+                    st[name] = {PACKED_KEY: item[4].to_dict()}
+        for (spec, *_), entries in groups.items():
+            encs = encode_rows([e[2] for e in entries], spec)
+            if encs is None:  # unexpected layout: per tensor (nearest rounding: no generator is consumed)
+                encs = [encode(e[2], spec) for e in entries]
+            for (st, name, _, item), enc in zip(entries, encs):
+                item[4] = enc
                 st[name] = {PACKED_KEY: enc.to_dict()}
+        if tel is not None:
+            self._record_states(tel, todo, sampling, checking)
+
+    def _record_states(self, tel: Telemetry, todo: list[list[Any]], sampling: bool, checking: bool) -> None:
+        checks: list[tuple[list[Any], list[torch.Tensor]]] = []
+        for item in todo:
+            kind, name, value, spec, enc = item
+            if kind == "zeros":
+                tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
+            elif kind == "unpacked":
+                tel.record(f"optim:{name}", "state", value, value, fmt_max=spec.format.max, fmt=str(spec),
+                           unpacked=True)
+            elif sampling:
+                self._record_state(tel, name, value, enc, spec)
+            elif checking:
+                # non-finite if the state was, or (only possible without saturation in a format with
+                # inf/NaN) its encoding overflowed to inf/NaN
+                ts = [value]
+                if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
+                    ts.append(decode(enc))
+                if tel.deferred:
+                    for t in ts:
+                        tel.flag(f"optim:{name}", t)
+                else:
+                    checks.append((item, [t.sum() for t in ts]))
         if checks:  # one host read for all of this step's states; full rows for the non-finite ones
-            finite = _finite_flags([s for c in checks for s in c[4]])
+            finite = _finite_flags([s for _, sums in checks for s in sums])
             i = 0
-            for name, value, enc, spec, sums in checks:
+            for (_, name, value, spec, enc), sums in checks:
                 if not all(finite[i:i + len(sums)]):
                     self._record_state(tel, name, value, enc, spec)
                 i += len(sums)
@@ -398,7 +440,9 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
 
 def wrap(optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,
-         telemetry: Telemetry | None = None, seed: int = 0) -> LowPrecisionOptimizer:
+         telemetry: Telemetry | None = None, seed: int = 0, fused: bool = True) -> LowPrecisionOptimizer:
     """Wrap ``optimizer`` so its gradients, states and master weights follow ``policy`` (module docstring).
-    ``seed`` seeds the stochastic-rounding generator (one per device), saved in ``state_dict``."""
-    return LowPrecisionOptimizer(optimizer, policy, telemetry=telemetry, seed=seed)
+    ``seed`` seeds the stochastic-rounding generator (one per device), saved in ``state_dict``. ``fused``:
+    encode/decode like states of a step together (``lowprec.optim_batch``; bit-identical to ``fused=False``,
+    the per-tensor reference path)."""
+    return LowPrecisionOptimizer(optimizer, policy, telemetry=telemetry, seed=seed, fused=fused)
