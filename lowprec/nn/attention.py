@@ -7,8 +7,8 @@ in-projection GEMMs (packed ``in_proj_weight`` for self-attention as torch does,
 ``q/k/v_proj_weight``; telemetry site ``<name>.in_proj``) on the module's own site and the out-projection on the
 ``out_proj`` child's (a ``QuantLinear`` after ``convert``). Under a policy quantizing nothing it calls
 ``nn.MultiheadAttention.forward`` itself (bit for bit). Torch's fused fast paths read the weights directly and
-would bypass the quantization: the no-op pre-hook of every quantizing module (``lowprec.nn.site``) turns off
-``nn.TransformerEncoderLayer``'s.
+would bypass the quantization: ``convert`` gives an ``nn.TransformerEncoderLayer`` holding quantizing modules a
+no-op forward pre-hook, which turns its fast path off.
 
 The attention site (``AttentionSite``, opt-in: ``convert(..., attention=True)``) quantizes, for every
 ``F.scaled_dot_product_attention`` call inside the module it is attached to (and inside a converted

@@ -12,8 +12,10 @@ Converted (parameters stay the same objects, ``state_dict`` keys unchanged):
 Each module gets ``policy.for_module(name)``: the first per-module rule matching its name, else the base policy.
 With ``attention=True`` every ``F.scaled_dot_product_attention`` call inside a MultiheadAttention or a module
 whose class name ends in ``Attention`` (Hugging Face GPT2Attention, LlamaAttention, ...) has its two matmuls
-quantized (``lowprec.nn.attention``). A module that holds a weight matrix (a parameter with 2+ dims) but is left
-unconverted raises a ``UserWarning`` naming it and why; ``coverage(model)`` lists every GEMM-like module.
+quantized (``lowprec.nn.attention``). An ``nn.TransformerEncoderLayer`` holding quantizing modules gets a no-op
+forward pre-hook, which turns off torch's fused eval fast path (it reads the weights directly). A module that
+holds a weight matrix (a parameter with 2+ dims) but is left unconverted raises a ``UserWarning`` naming it and
+why; ``coverage(model)`` lists every GEMM-like module.
 """
 from __future__ import annotations
 
@@ -182,6 +184,7 @@ def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
         return new
 
     root = walk("", model)
+    _guard_fast_paths(root)
     if attention:
         _convert_attention(root, policy, filter, telemetry)
     _SKIPPED[root] = skipped
@@ -191,6 +194,25 @@ def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
         warnings.warn(f"lowprec.nn.convert left {len(unsupported)} module(s) holding weights in full precision: "
                       f"{listing}", UserWarning, stacklevel=2)
     return root
+
+
+def _no_fast_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook: its presence turns off ``nn.TransformerEncoderLayer``'s fused eval fast path,
+    which reads the weights directly and would skip the quantized GEMMs."""
+    return None
+
+
+def _guard_fast_paths(root: nn.Module) -> None:
+    for layer in root.modules():
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            continue
+        quantizing = any(isinstance(m, QuantModule) and not m.site.noop for m in layer.modules())
+        guard = getattr(layer, "_lowprec_fast_path_guard", None)
+        if quantizing and guard is None:
+            layer._lowprec_fast_path_guard = layer.register_forward_pre_hook(_no_fast_path)
+        elif not quantizing and guard is not None:
+            guard.remove()
+            layer._lowprec_fast_path_guard = None
 
 
 def _convert_attention(root: nn.Module, policy: PrecisionPolicy, filter, telemetry: Telemetry | None) -> None:

@@ -150,17 +150,10 @@ class Site:
         return matmul(a, b, self.backend, self.accumulator)
 
 
-def _no_fast_path(module, args) -> None:
-    """A no-op forward pre-hook: its presence turns off torch's fused fast paths (``nn.TransformerEncoderLayer``
-    in eval mode), which read the weights directly and would skip the quantization."""
-    return None
-
-
 class QuantModule:
     """Mixin of every converted module: its :class:`Site` (``module.site``), ``configure`` and ``policy``.
 
     Subclasses set ``_kind`` (the coverage report's label) and may override ``_make_site`` to restrict backends.
-    A module whose policy quantizes something carries the no-op pre-hook ``_no_fast_path``.
     """
 
     _kind = "module"
@@ -175,12 +168,6 @@ class QuantModule:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
         self._site = self._make_site(PrecisionPolicy.parse(policy), backend, name or self._kind, telemetry, rule)
-        guard = getattr(self, "_fast_path_guard", None)
-        if self._site.noop and guard is not None:
-            guard.remove()
-            self._fast_path_guard = None
-        elif not self._site.noop and guard is None:
-            self._fast_path_guard = self.register_forward_pre_hook(_no_fast_path)
 
     @property
     def site(self) -> Site:
