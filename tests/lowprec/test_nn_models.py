@@ -260,3 +260,18 @@ def test_encoder_layer_attention_site_quantizes_the_attention_matmuls():
     assert 18 <= sqnr(exact, out_full.detach()) < 60
     out_full.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in full.parameters())
+
+
+def test_gpt2_native_backend_matches_emulated(scaled_mm_calls):
+    """The transposed Conv1D weight through torch._scaled_mm: same operands, fp32 accumulation on both paths."""
+    idx = torch.randint(0, 64, (2, 16))
+    outs = {}
+    for backend in ("emulated", "native"):
+        model = lnn.convert(_gpt2(), "fp8-hybrid", backend=backend)
+        scaled_mm_calls.clear()
+        outs[backend] = _grads(model, idx)
+        # 8 Conv1D + lm_head, 3 GEMMs each (every input needs a gradient)
+        assert len(scaled_mm_calls) == (27 if backend == "native" else 0)
+    torch.testing.assert_close(outs["native"][0], outs["emulated"][0], rtol=1e-5, atol=1e-5)
+    for k, g in outs["emulated"][1].items():
+        torch.testing.assert_close(outs["native"][1][k], g, rtol=1e-4, atol=1e-6)
