@@ -267,9 +267,8 @@ def telemetry_fig(figs: Figures, metrics: pd.DataFrame, task: str, prec: str, op
     long = []
     for title, cols in panels:
         for c, role in cols:
-            v = pd.to_numeric(m[c], errors="coerce")
             long.append(pd.DataFrame({"step": m["step"], "optimizer": m["optimizer"], "run_id": m["run_id"],
-                                      "panel": title, "role": role, "value": v}))
+                                      "panel": title, "role": role, "value": m[c]}))
     d = pd.concat(long, ignore_index=True).dropna(subset=["value"])
     if d.empty or not (d["value"].abs() > 0).any():
         return None
