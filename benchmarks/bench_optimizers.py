@@ -9,7 +9,7 @@ steps. Ratios are against AdamW. State bytes per parameter are read from the opt
 Then the wrapped optimizer (``lowprec.optim.wrap(AdamW(foreach=True), policy)``: grad quantize -> state decode ->
 AdamW step -> master rounding -> state encode) on the same parameters and on a tiny-GPT-like set of small tensors
 (``--small``: 2-layer d_model 64 shapes, where per-tensor overhead dominates), without telemetry and with a
-``Telemetry(every=10)`` on an unsampled step (``--wrapped ''`` skips this part).
+``Telemetry`` on unsampled steps, exact and deferred NaN checks (``--wrapped ''`` skips this part).
 """
 import argparse
 import statistics
@@ -18,6 +18,8 @@ import time
 import torch
 
 from stosign import SignSGD, StoSignSGD
+
+_clock = time.perf_counter
 
 # parameter shapes of the default tiny GPT (d_model 64, 2 layers, vocab 256, context 64): many small tensors
 SMALL_SHAPES = [(256, 64), (64, 64)] + [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,),
@@ -40,9 +42,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time instead of wall time (steadier on a shared machine)")
     ap.add_argument("--wrapped", default="fp8-states,fp8-all",
                     help="comma-separated lowprec policies to time wrapped around AdamW ('' to skip)")
     args = ap.parse_args()
+    global _clock
+    _clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(args.numel)) for _ in range(args.tensors)]
@@ -65,14 +71,14 @@ def main() -> None:
             opt.step()
         times = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = _clock()
             opt.step()
-            times.append(time.perf_counter() - t0)
+            times.append(_clock() - t0)
         rows.append((name, statistics.median(times) * 1e3, min(times) * 1e3, state_bytes_per_param(opt, numel)))
         del opt
     base = rows[0][1]
     print(f"{numel / 1e6:.1f}M parameters ({args.tensors} x {args.numel}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), weight_decay={wd}")
+          f"{torch.get_num_threads()} thread(s), weight_decay={wd}, {'CPU' if args.cpu_time else 'wall'} time")
     print(f"{'optimizer':<26}{'median ms':>10}{'min ms':>9}{'vs AdamW':>10}{'state B/param':>15}")
     for name, med, mn, sb in rows:
         print(f"{name:<26}{med:>10.1f}{mn:>9.1f}{med / base:>9.2f}x{sb:>15.1f}")
@@ -93,9 +99,9 @@ def _time_steps(opt: torch.optim.Optimizer, repeats: int) -> list[float]:
         opt.step()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = _clock()
         opt.step()
-        times.append(time.perf_counter() - t0)
+        times.append(_clock() - t0)
     return times
 
 
@@ -117,9 +123,11 @@ def wrapped_rows(params: list[torch.nn.Parameter], policies: list[str], repeats:
     for policy in policies:
         rows.append((f"wrap({policy})", statistics.median(_time_steps(lowprec.optim.wrap(adamw(), policy),
                                                                       repeats)) * 1e3))
-        tel = Telemetry(every=10 ** 9)  # step 0 is sampled: the warm-up steps pass it, the timed ones are not
-        rows.append((f"wrap({policy}) + telemetry", statistics.median(_time_steps(
-            lowprec.optim.wrap(adamw(), policy, telemetry=tel), repeats)) * 1e3))
+        for label, check in (("telemetry", True), ("telemetry(deferred)", "deferred")):
+            # step 0 is sampled: the warm-up steps pass it, the timed ones are not
+            tel = Telemetry(every=10 ** 9, check_nonfinite=check)
+            rows.append((f"wrap({policy}) + {label}", statistics.median(_time_steps(
+                lowprec.optim.wrap(adamw(), policy, telemetry=tel), repeats)) * 1e3))
     print(f"wrapped AdamW, {what}:")
     print(f"{'optimizer':<36}{'median ms':>10}{'vs AdamW':>10}")
     for name, med in rows:
