@@ -160,6 +160,10 @@ class QuantSpec:
                 raise ValueError(f"rand_bits must be None or an int in [1, 32], got {self.rand_bits!r}")
         if self.format.kind == "scale" and self.scaling is not None:
             raise ValueError("the e8m0 scale format cannot itself be scaled")
+        if self.scaling is not None and self.scaling.scale_format == "e4m3" and self.format.max > 2.0**64:
+            # the fp32 global scale tensor_amax / (448 * fmt.max) would underflow float32 and zero every block
+            raise ValueError(f"E4M3 block scales (NVFP4-style) need an element format with max <= 2**64, got "
+                             f"{self.format.name} (max {self.format.max:.4g}); use scale=e8m0 or fp32 scales")
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
