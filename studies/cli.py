@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "MAX_THREADS", "build_parser", "config_from_args", "check_limits", "main"]
+__all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "MAX_THREADS", "build_parser", "config_from_args",
+           "check_limits", "main"]
 
 MAX_STEPS = 10_000_000        # training steps per run
 MAX_TOKENS = 10 ** 13         # training tokens per run
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--partition", help="Slurm partition (--executor submitit)")
     r.add_argument("--time-min", type=_pos_int, default=60, help="Slurm time limit per run, minutes (default 60)")
     r.add_argument("--mem-gb", type=float, help="Slurm memory per run, GB")
+    r.add_argument("--wait", type=float, default=0.0, metavar="MINUTES",
+                   help="with --shard: wait up to MINUTES for the other shards' runs in the same --out, so every "
+                        "shard finishes the whole study (tune rounds and targets need all of them)")
     r.add_argument("--append", action="store_true",
                    help="allow adding a different study to a results folder that already holds one")
     r.add_argument("--dry-run", action="store_true",
@@ -265,6 +269,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     cfg = config_from_args(args)
     check_limits(cfg, executor=args.executor, threads=args.threads)
+    if not 0 <= args.wait <= 7 * 24 * 60:  # also refuses nan
+        raise ValueError(f"--wait must be between 0 and {7 * 24 * 60} minutes, got {args.wait:g}")
     if args.dry_run:
         print(_dry_run(cfg, args.threads))
         return 0
@@ -276,7 +282,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     t0 = time.perf_counter()
     try:
         study = run_study(cfg, command=command, shard_kn=args.shard, debug=args.debug, threads=args.threads,
-                          executor=args.executor, executor_options=options, append=args.append)
+                          executor=args.executor, executor_options=options, append=args.append,
+                          wait_min=args.wait)
     except PhaseIncomplete as e:
         print(f"precision-sweep: {e}", file=sys.stderr)
         return 0

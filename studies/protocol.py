@@ -30,6 +30,7 @@ import datetime as dt
 import math
 import platform
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,14 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def _wait_for(specs: list[RunSpec], store: ResultsStore, wait_min: float, poll_s: float = 1.0) -> None:
+    """Block until every spec has a row in ``store`` (any status: other shards' runs) or ``wait_min`` passes."""
+    ids = {s.run_id for s in specs}
+    deadline = time.monotonic() + 60.0 * wait_min
+    while not ids <= {r["run_id"] for r in store.rows()} and time.monotonic() < deadline:
+        time.sleep(poll_s)
+
+
 def _missing(specs: list[RunSpec], store: ResultsStore) -> int:
     done = store.completed()
     return sum(1 for s in specs if s.run_id not in done)
@@ -342,14 +351,17 @@ def _missing(specs: list[RunSpec], store: ResultsStore) -> int:
 
 def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] | None = None,
               debug: bool = False, progress: bool = True, threads: int = 1, executor: str = "local",
-              executor_options: dict[str, Any] | None = None, append: bool = False) -> dict:
+              executor_options: dict[str, Any] | None = None, append: bool = False, wait_min: float = 0.0
+              ) -> dict:
     """Run the study's phases into ``cfg.out``; write study.json; return the study definition (dict).
 
     With ``shard_kn = (K, N)`` only this shard's part of each phase runs; phases after ``tune`` need every tune run
     (from all shards) and raise PhaseIncomplete until then. Each LR-extension round of the tune phase is planned
     from the finished runs of the rounds before it, so it too waits for every shard (one more rerun per round).
     Runs execute with ``executor`` ("local" or "submitit", see ``studies.sweep.run_specs``) and ``threads`` torch
-    threads each. A folder holding a different study (fingerprint) is refused unless ``append``.
+    threads each. A folder holding a different study (fingerprint) is refused unless ``append``. With
+    ``wait_min > 0`` a shard waits up to that many minutes for the other shards' runs in the same folder (tune
+    rounds, then the rest before the targets), so every shard of a job array finishes the whole study.
     """
     out = Path(cfg.out)
     fingerprint = study_fingerprint(cfg.to_dict(), threads=threads,
@@ -389,15 +401,17 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
                           debug=debug, progress=progress, **how)
             for k, v in c.items():
                 counts["tune"][k] = counts["tune"].get(k, 0) + v
+            if shard_kn:
+                _wait_for(batch, store, wait_min)
             missing = _missing(batch, store)
             if missing:
                 what = "tune runs" if rnd == 0 else f"runs of LR-extension round {rnd}"
                 study["status"] = f"waiting: {missing} of {len(batch)} {what} missing"
                 write_json_atomic(out / "study.json", study)
-                raise PhaseIncomplete(f"the tune phase is incomplete ({missing} of {len(batch)} {what} missing, "
-                                      f"e.g. other shards); rerun the same command when they have finished (shards sharing this "
-                                      f"folder), or `precision-sweep merge OUT DIR...` the shard folders and rerun "
-                                      f"with --out OUT")
+                raise PhaseIncomplete(
+                    f"the tune phase is incomplete ({missing} of {len(batch)} {what} missing, e.g. other shards); "
+                    f"shards sharing this folder: rerun the same command when they have finished (or give --wait); "
+                    f"shards with their own folders: `precision-sweep merge OUT DIR...` and rerun with --out OUT")
             ids = {s.run_id for s in tune}
             rows = [r for r in store.rows() if r["run_id"] in ids]
             if rnd >= cfg.tune_max_extensions:
@@ -428,6 +442,8 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     tvals = {t: v["target_loss"] for t, v in targets.items()}
     counts["main"] = run_specs(part(rest), out, workers=cfg.workers, desc="+".join(
         p for p in cfg.phases if p != "tune") or "runs", targets=tvals, debug=debug, progress=progress, **how)
+    if shard_kn:
+        _wait_for(rest, store, wait_min)
     if "tune" not in cfg.phases:
         targets = compute_targets(cfg, store.rows(), chosen)
         tvals = {t: v["target_loss"] for t, v in targets.items()}

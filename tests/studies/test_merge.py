@@ -93,3 +93,23 @@ def test_a_sharded_study_with_a_tune_phase_completes_after_merge(tmp_path):
     assert study["status"] == "complete"
     assert study["chosen_lrs"] == ref_study["chosen_lrs"] and study["lr_tried"] == ref_study["lr_tried"]
     pd.testing.assert_frame_equal(_table(merged), _table(ref))
+
+
+def test_shards_sharing_a_folder_with_wait_each_finish_the_tuned_study(tmp_path):
+    """A plain job array: two shard processes at once into one --out; each waits for the other's tune runs."""
+    import subprocess
+    import sys
+
+    shared, ref = tmp_path / "shared", tmp_path / "ref"
+    argv = [sys.executable, "-m", "studies.cli", "run", "--tasks", "convex-l1", "--size", "quick", "--optimizers",
+            "sgd", "--precisions", "fp32,bf16", "--seeds", "2", "--phases", "tune,main", "--lrs", "0.01,0.03",
+            "--steps", "6", "--workers", "1", "--no-report"]
+    procs = [subprocess.Popen([*argv, "--out", str(shared), "--shard", f"{k}/2", "--wait", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert subprocess.run([*argv, "--out", str(ref)], capture_output=True, timeout=300).returncode == 0
+    study, ref_study = (json.loads((d / "study.json").read_text()) for d in (shared, ref))
+    assert study["status"] == "complete" and study["chosen_lrs"] == ref_study["chosen_lrs"]
+    assert study["targets"] == ref_study["targets"]
+    pd.testing.assert_frame_equal(_table(shared), _table(ref))
