@@ -215,3 +215,15 @@ def test_an_unreadable_metrics_file_is_named(tmp_path):
     path.write_bytes(b"\x00\xff garbage without the columns\n")
     with pytest.raises(ValueError, match=str(path)):       # filling the targets reads every metrics.csv
         run_study(cfg, progress=False)
+
+
+def test_quick_then_default_into_one_folder_is_refused(tmp_path, capsys):
+    """The issue's case: `--quick` and the default study both wrote ./precision-sweep-results and got pooled."""
+    out = tmp_path / "precision-sweep-results"
+    assert _run(capsys, "run", "--quick", "--steps", "2", "--out", str(out), "--no-report")[0] == 0
+    t0 = time.perf_counter()
+    code, _, err = _run(capsys, "run", "--steps", "2", "--out", str(out), "--no-report")
+    assert code == 2 and err.count("\n") == 1 and "different study" in err
+    assert "size" in err and "optimizers" in err and "seeds" in err
+    assert time.perf_counter() - t0 < 30                                     # refused before any run
+    assert len(pd.read_csv(out / "results.csv")) == 4
