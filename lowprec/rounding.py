@@ -381,9 +381,8 @@ def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any) -> Cal
     f, r, sat, fl, rb = s.format, s.rounding, s.saturate, s.flush_subnormals, s.rand_bits
     functional_round(torch.zeros(1), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb)  # validate now
 
-    def core(x: torch.Tensor, random: torch.Tensor | None) -> torch.Tensor:
+    def core(x: torch.Tensor, random: torch.Tensor | None, lim: float | None) -> torch.Tensor:
         q = functional_round(x.float(), f, r, saturate=sat, flush_subnormals=fl, rand_bits=rb, random=random)
-        lim = saturation_limit(f, x.dtype) if sat else None
         return (q if lim is None else q.clamp(-lim, lim)).to(x.dtype)
 
     compiled = torch.compile(core, dynamic=False)
@@ -392,7 +391,7 @@ def compiled_quantizer(fmt: "str | Format | QuantSpec", **overrides: Any) -> Cal
         check_tensor(x)
         x = x.detach()
         rnd = random_bits(x.shape, x.device, generator) if r == Rounding.STOCHASTIC else None
-        return compiled(x, rnd)
+        return compiled(x, rnd, saturation_limit(f, x.dtype) if sat else None)  # (the limit: outside the graph)
 
     return quantizer
 

@@ -254,6 +254,12 @@ def test_compiled_quantizer_matches_eager():
         got = f(x, torch.Generator().manual_seed(5))
         ref = quantize(x, fmt, rounding=rounding, saturate=saturate, generator=torch.Generator().manual_seed(5))
         assert same(got, ref), (fmt, rounding)
+    # a float16 input saturates within float16 there too (bug 6): bf16's 65536 would be inf
+    h = torch.tensor([65504.0, -65504.0, 65000.0, 1.0] * 50, dtype=torch.float16)
+    f = lowprec.compiled_quantizer("bf16", rounding="stochastic")
+    got = f(h, torch.Generator().manual_seed(6))
+    assert torch.equal(got, quantize(h, "bf16", rounding="stochastic", generator=torch.Generator().manual_seed(6)))
+    assert torch.isfinite(got).all() and got.abs().max() == 65280.0
     with pytest.raises(ValueError):
         lowprec.compiled_quantizer("mxfp8")
 
