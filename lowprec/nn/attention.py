@@ -197,6 +197,8 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
+        if is_causal and attn_mask is None:    # as torch: is_causal is only a hint about attn_mask
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
         same_qkv, same_kv = query is key and key is value, key is value   # torch's packed in-projections
         batched = query.dim() == 3
         if not batched:
@@ -226,8 +228,8 @@ class QuantMultiheadAttention(QuantModule, nn.MultiheadAttention):
             if mask is not None:
                 scores = scores + mask
             p = torch.softmax(scores, dim=-1)
+            p = F.dropout(p, dropout) if dropout > 0 else p       # torch returns the weights after dropout
             weights = p.mean(1) if average_attn_weights else p
-            p = F.dropout(p, dropout) if dropout > 0 else p
             a = mm(p, v, None if att is None else att.pv)
         elif att is not None:
             a = att.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout)
