@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from studies.schema import (RESULT_COLUMNS, RESULT_TYPES, ResultRow, parse_row, read_metrics, read_study,
-                            read_telemetry, results_frame)
+from studies.schema import (EXTRA_RESULT_TYPES, RESULT_COLUMNS, RESULT_TYPES, ResultRow, parse_row, read_metrics,
+                            read_study, read_telemetry, results_frame)
 
 __all__ = ["Loaded", "read_result_rows", "load_results", "load_study", "load_metrics", "RUN_KEYS"]
 
@@ -34,13 +34,14 @@ class Loaded:
 
 
 def _row_key(cells: dict[str, str | None]) -> tuple:
-    return tuple(cells.get(c) for c in RESULT_COLUMNS)
+    return tuple(sorted((k, v) for k, v in cells.items() if k is not None))
 
 
 def read_result_rows(path: str | Path) -> Loaded:
     """The rows of the results.csv at `path`; damaged and duplicate rows are named in ``problems`` and left out
-    (the first row of a run id is kept). FileNotFoundError when absent; ValueError naming the file when its header
-    is not RESULT_COLUMNS or the file is not UTF-8 CSV text."""
+    (the first row of a run id is kept). The optional EXTRA_RESULT_TYPES columns (data-parallel runs) are accepted
+    and not shown. FileNotFoundError when absent; ValueError naming the file when its header is not RESULT_COLUMNS
+    (plus extras) or the file is not UTF-8 CSV text."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no results.csv in {path.parent} (expected {path}); run `precision-sweep run` "
@@ -57,7 +58,7 @@ def _read_rows(path: Path) -> Loaded:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        unknown = [c for c in header if c not in RESULT_TYPES]
+        unknown = [c for c in header if c not in RESULT_TYPES and c not in EXTRA_RESULT_TYPES]
         missing = [c for c in RESULT_COLUMNS if c not in header]
         if unknown or missing:
             raise ValueError(f"{path}: header does not match studies.schema.RESULT_COLUMNS; unknown: "
@@ -67,6 +68,11 @@ def _read_rows(path: Path) -> Loaded:
             extra = cells.get(None)
             if extra:
                 out.problems.append(f"{where}: {len(extra)} cell(s) more than the header (left out)")
+                continue
+            short = [c for c in header if cells.get(c) is None]
+            if short:
+                out.problems.append(f"{where}: {len(header) - len(short)} of {len(header)} cells, no "
+                                    f"{', '.join(short)} (truncated; left out)")
                 continue
             try:
                 row = parse_row(cells, where)

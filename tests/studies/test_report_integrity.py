@@ -166,3 +166,25 @@ def test_seeds_per_cell_counted_not_assumed(tiny_copy):
     (tiny_copy / "results.csv").write_text("".join(lines[:-1]), encoding="utf-8")
     md = render_report(tiny_copy)["md"].read_text()
     assert "Seeds: 0, 1 (1–2 per cell)" in md
+
+
+def test_data_parallel_columns_are_read_and_a_row_short_of_them_is_named(tiny_copy):
+    """results.csv of a study with data-parallel runs has studies.schema.EXTRA_RESULT_TYPES columns after the core
+    ones; the report reads it, and a row cut short inside those columns is still named as truncated."""
+    from studies.schema import EXTRA_RESULT_TYPES
+
+    rows = list(csv.DictReader(lines_of(tiny_copy)))
+    extra = {"world_size": "2", "comm": "fp32", "comm_bytes_sent": "10", "comm_allreduce_bytes": "10",
+             "comm_ratio": "1.0", "replicas_identical": "True"}
+    assert set(extra) == set(EXTRA_RESULT_TYPES)
+    with open(tiny_copy / "results.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], *extra])
+        w.writeheader()
+        w.writerows({**r, **extra} for r in rows)
+    path = tiny_copy / "results.csv"
+    assert prepare(tiny_copy).problems == [] and len(prepare(tiny_copy).results) == len(rows)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.rstrip("\n").rsplit(",", 2)[0] + "\n", encoding="utf-8")  # last 2 cells lost
+    data = prepare(tiny_copy)
+    assert len(data.problems) == 1 and f"{path} line {len(rows) + 1}" in data.problems[0]
+    assert "truncated" in data.problems[0] and len(data.results) == len(rows) - 1
