@@ -28,9 +28,12 @@ order only.
 Delayed scaling (``e4m3:delayed16``; Transformer Engine's DelayedScaling): every site (layer x role) whose spec is
 delayed owns a ``lowprec.DelayedScaler`` (``layer.site.scalers[role]``); each call quantizes with the scale from the
 history of the previous calls, then appends its own amax (training mode only: ``model.eval()`` freezes them). An
-operand quantized twice in one step reuses that step's scale and records once. Histories are plain attributes
-(not in ``state_dict``) and are reset by re-``convert``/``configure``. Outside layers a delayed spec has no
-history and scales by the current amax (see ``lowprec.Scaling``).
+operand quantized twice in one step reuses that step's scale and records once. Histories are saved in the
+module's ``state_dict`` (keys ``<module>.lowprec_delayed.<role>.{amax_history,scale,scale_inv,steps}``, attention
+sites ``...lowprec_delayed.qk.<role>...``; only for delayed specs, so other models keep their keys) and restored
+by ``load_state_dict`` (a checkpoint without them leaves the histories as they are); re-``convert``/``configure``
+resets them. Under DDP, ``reduce_amax(model)`` all-reduces (max) every recorded amax across ranks. Outside
+layers a delayed spec has no history and scales by the current amax (see ``lowprec.Scaling``).
 
 Stochastic rounding in layers draws from torch's global RNG; operands whose spec is block/channel-scaled or
 stochastic are re-quantized from the saved full-precision tensor in the backward (as microxcaling does),
@@ -39,17 +42,18 @@ tensor-scaled deterministic ones reuse the forward's quantized tensor.
 Under the ``fp32`` policy (or any policy leaving weight, activation, grad and accumulator unset) the layers call
 the original arithmetic (``F.linear``, ``F.conv2d``, ``F.embedding``, ...): bit-for-bit the unconverted model.
 Parameters are the same objects (an optimizer built before ``convert`` keeps working) and ``state_dict`` keys
-are unchanged. Empty inputs (an empty batch, an expert with no tokens) give empty outputs and zero gradients.
+are unchanged (but for the delayed-scaling histories above). Empty inputs (an empty batch, an expert with no tokens) give empty outputs and zero gradients.
 """
 from lowprec.gemm import BACKENDS, native_dtype
 from lowprec.nn.attention import AttentionSite, QuantMultiheadAttention
 from lowprec.nn.conv import QuantConv1d, QuantConv2d, QuantConv3d
-from lowprec.nn.converter import Coverage, CoverageRow, convert, coverage, register
+from lowprec.nn.converter import Coverage, CoverageRow, convert, coverage, reduce_amax, register
 from lowprec.nn.embedding import QuantEmbedding
 from lowprec.nn.linear import QuantHFConv1D, QuantLinear
-from lowprec.nn.site import QuantModule, Site
+from lowprec.nn.site import WORLD, QuantModule, Site
 from lowprec.nn.trace import functional_gemms
 
-__all__ = ["convert", "coverage", "register", "Coverage", "CoverageRow", "QuantLinear", "QuantHFConv1D",
-           "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
-           "AttentionSite", "QuantModule", "Site", "BACKENDS", "native_dtype", "functional_gemms"]
+__all__ = ["convert", "coverage", "register", "reduce_amax", "Coverage", "CoverageRow", "QuantLinear",
+           "QuantHFConv1D", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantEmbedding", "QuantMultiheadAttention",
+           "AttentionSite", "QuantModule", "Site", "BACKENDS", "native_dtype", "functional_gemms",
+           "WORLD"]

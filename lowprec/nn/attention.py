@@ -57,12 +57,14 @@ class QuantMatmul(torch.autograd.Function):
         site: Site = ctx.site
         a, b, qaq, qbq = ctx.saved_tensors
         grad_a = grad_b = None
+        first = None   # the first quantized dC: a delayed spec's second quantization reuses its scale
         if ctx.needs_input_grad[0]:   # dA [M, K] = dC [M, N] @ B^T [N, K]: reduction over N
-            qg = site.quant(g, "grad", -1, record=True, channel_axis=-2).q
+            first = site.quant(g, "grad", -1, record=True, channel_axis=-2)
             qb = qbq if axis_free(site.specs["activation"]) else site.quant(b, "activation", -1, False, -2).q
-            grad_a = qg @ qb.transpose(-1, -2)
+            grad_a = first.q @ qb.transpose(-1, -2)
         if ctx.needs_input_grad[1]:   # dB [K, N] = A^T [K, M] @ dC [M, N]: reduction over M
-            qg = site.quant(g, "grad", -2, record=not ctx.needs_input_grad[0], channel_axis=-1).q
+            qg = site.quant(g, "grad", -2, record=first is None, channel_axis=-1,
+                            delayed_scale=None if first is None else first.scale).q
             qa = qaq if axis_free(site.specs["activation"]) else site.quant(a, "activation", -2, False, -1).q
             grad_b = qa.transpose(-1, -2) @ qg
         return grad_a, grad_b, None, None

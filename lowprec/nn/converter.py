@@ -34,12 +34,12 @@ from lowprec.nn.attention import AttentionSite, QuantMultiheadAttention
 from lowprec.nn.conv import QUANT_CONV, unconvertible_reason
 from lowprec.nn.embedding import QuantEmbedding
 from lowprec.nn.linear import QuantHFConv1D, QuantLinear, is_hf_conv1d
-from lowprec.nn.site import QuantModule
+from lowprec.nn.site import WORLD, QuantModule, install_state_hooks, module_sites
 from lowprec.nn.trace import functional_gemms
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
 
-__all__ = ["convert", "coverage", "register", "Coverage", "CoverageRow"]
+__all__ = ["convert", "coverage", "register", "reduce_amax", "Coverage", "CoverageRow"]
 
 Builder = Callable[..., nn.Module]
 _REGISTRY: list[tuple[Callable[[nn.Module], bool], Builder]] = []
@@ -126,6 +126,7 @@ def _attach_attention(mod: nn.Module, site: AttentionSite) -> None:
     router.hooks = (mod.register_forward_pre_hook(router.enter),
                     mod.register_forward_hook(router.leave, always_call=True))
     mod.lowprec_attention = router
+    install_state_hooks(mod)   # its delayed histories go in state_dict, as a QuantModule's do
 
 
 def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
@@ -194,6 +195,22 @@ def convert(model: nn.Module, policy: PrecisionPolicy | str, *,
         warnings.warn(f"lowprec.nn.convert left {len(unsupported)} module(s) holding weights in full precision: "
                       f"{listing}", UserWarning, stacklevel=2)
     return root
+
+
+def reduce_amax(model: nn.Module, group: Any = WORLD) -> int:
+    """Opt-in for data-parallel training (DDP): from now on every amax that a delayed-scaling site of ``model``
+    records in training is all-reduced (max) over the ``torch.distributed`` process ``group`` first (``WORLD``,
+    the default: the default group; ``None`` turns the reduction off again), so all ranks keep identical
+    histories and scales, as Transformer Engine reduces amaxes over its ``fp8_group``. Call it after the last
+    ``convert`` (a re-``configure`` keeps it; a new attention site does not). Each reduced amax is one blocking
+    all-reduce of one fp32 scalar, on the amax's device (CPU tensors need a gloo group). Returns the number of
+    delayed histories affected."""
+    n = 0
+    for mod in model.modules():
+        for site in module_sites(mod).values():
+            site.amax_group = group
+            n += len(site.scalers)
+    return n
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:

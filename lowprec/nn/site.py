@@ -10,12 +10,20 @@ keeps one scale per index of the channel axis); delayed specs take their scale f
 before and then record this call's amax (training mode only). ``requant`` gives the operand of a backward GEMM:
 the forward's quantized tensor when the spec does not depend on the axis and is deterministic, else the saved
 full-precision tensor re-quantized along the new axis (as microxcaling does; the forward's delayed scale reused).
+
+Delayed-scaling state: ``delayed_state()`` / ``load_delayed_state()`` give and take every history as tensors
+(``<role>.amax_history``, ``.scale``, ``.scale_inv``, ``.steps``), which ``lowprec.nn.state`` puts in the module's
+``state_dict``. With ``amax_group`` set (``lowprec.nn.reduce_amax``), each amax recorded in training is first
+all-reduced (max) over that ``torch.distributed`` group, so every rank keeps the same history and scales, as
+Transformer Engine reduces amaxes over its ``fp8_group``.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lowprec.delayed import DelayedScaler
 from lowprec.gemm import BACKENDS, Operand, matmul, native_reason
@@ -24,9 +32,14 @@ from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
 from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
-__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED"]
+__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED",
+           "WORLD", "DELAYED_FIELDS"]
 
 GEMM_ROLES = ("weight", "activation", "grad")
+WORLD = "world"
+"""``amax_group`` value for torch.distributed's default (world) group."""
+DELAYED_FIELDS = ("amax_history", "scale", "scale_inv", "steps")
+"""The tensors of one delayed-scaling history, as ``delayed_state`` names them (``<role>.<field>``)."""
 
 
 def axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
@@ -91,9 +104,10 @@ class Site:
             r: (None if is_identity(getattr(policy, r)) else getattr(policy, r)) for r in GEMM_ROLES}
         self.accumulator = policy.accumulator
         self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
-        # delayed scaling: one amax history per role of this layer (not in state_dict); recorded in training mode
+        # delayed scaling: one amax history per role of this layer; recorded in training mode
         self.scalers = {r: DelayedScaler.from_spec(s) for r, s in self.specs.items() if is_delayed(s)}
         self.update_history = True
+        self.amax_group: Any = None   # None: no reduction; WORLD or a ProcessGroup: all-reduce (max) of amaxes
         if backend == "native":
             problems = [p for a, b in native_gemms for p in self.native_problems(a, b)]
             if problems:
@@ -126,6 +140,8 @@ class Site:
             if delayed_scale is None:
                 scaler = self.scalers[role]
                 amax = finite_amax(t.detach())
+                if self.update_history and self.amax_group is not None:
+                    amax = self._reduce(amax)
                 delayed_scale = scaler.scales_for(amax)[1]
                 if self.update_history:
                     scaler.update(amax)
@@ -136,6 +152,47 @@ class Site:
         if record and tel is not None and tel.wants():
             tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
         return Operand(q, scale, spec)
+
+    def _reduce(self, amax: torch.Tensor) -> torch.Tensor:
+        """``amax`` all-reduced (max) over ``amax_group`` (every rank must run the same quantized calls)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"site {self.name!r}: amax reduction needs an initialized torch.distributed "
+                               "process group (torch.distributed.init_process_group)")
+        amax = amax.to(torch.float32).reshape(()).clone()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=None if self.amax_group == WORLD else self.amax_group)
+        return amax
+
+    def delayed_state(self) -> dict[str, torch.Tensor]:
+        """Every delayed history of this site as tensors ``<role>.<field>`` (``DELAYED_FIELDS``; copies)."""
+        out: dict[str, torch.Tensor] = {}
+        for role, sc in self.scalers.items():
+            out[f"{role}.amax_history"] = sc.amax_history.detach().clone()
+            out[f"{role}.scale"] = sc.scale.detach().clone()
+            out[f"{role}.scale_inv"] = sc.scale_inv.detach().clone()
+            out[f"{role}.steps"] = torch.tensor(sc.steps, dtype=torch.int64)
+        return out
+
+    def load_delayed_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore histories from ``delayed_state()`` output; a role missing from ``state`` keeps its history.
+        Raises ValueError for a role this site has no delayed spec for or a history of another length."""
+        roles = {k.split(".", 1)[0] for k in state}
+        extra = roles - set(self.scalers)
+        if extra:
+            raise ValueError(f"site {self.name!r}: delayed-scaling state for role(s) {sorted(extra)}, but this "
+                             f"site's delayed roles are {sorted(self.scalers) or 'none'}")
+        for role in sorted(roles):
+            sc = self.scalers[role]
+            missing = [f for f in DELAYED_FIELDS if f"{role}.{f}" not in state]
+            if missing:
+                raise ValueError(f"site {self.name!r}: delayed-scaling state of {role!r} lacks {missing}")
+            hist = state[f"{role}.amax_history"]
+            if hist.numel() != sc.history_len:
+                raise ValueError(f"site {self.name!r}: {role} amax history of length {hist.numel()}, but the "
+                                 f"spec {self.specs[role]} keeps {sc.history_len}")
+            dev = sc.amax_history.device
+            sc.load_state_dict({"amax_history": hist.to(dev), "scale": state[f"{role}.scale"].to(dev),
+                                "scale_inv": state[f"{role}.scale_inv"].to(dev),
+                                "steps": int(state[f"{role}.steps"])})
 
     def requant(self, t: torch.Tensor, role: str, saved_q: torch.Tensor, saved_scale: torch.Tensor | None,
                 reduce_axis: int, channel_axis: int | None = None) -> Operand:
@@ -150,10 +207,72 @@ class Site:
         return matmul(a, b, self.backend, self.accumulator)
 
 
+STATE_PREFIX = "lowprec_delayed"
+
+
+def module_sites(module: torch.nn.Module) -> dict[str, Site]:
+    """The sites a module owns itself (not its children's): ``""`` for a QuantModule's own site, ``"qk"`` /
+    ``"pv"`` for an attached attention site (``module.attention`` of a converted MultiheadAttention, or the
+    ``lowprec_attention`` router of another attention module)."""
+    out: dict[str, Site] = {}
+    att = None
+    if isinstance(module, QuantModule):
+        out[""] = module._site
+        att = getattr(module, "attention", None)
+    if att is None:
+        att = getattr(getattr(module, "lowprec_attention", None), "site", None)
+    for key in ("qk", "pv"):
+        site = getattr(att, key, None)
+        if isinstance(site, Site):
+            out[key] = site
+    return out
+
+
+def _key(prefix: str, site_key: str, name: str) -> str:
+    return f"{prefix}{STATE_PREFIX}.{site_key + '.' if site_key else ''}{name}"
+
+
+def _save_delayed(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for site_key, site in module_sites(module).items():
+        for name, t in site.delayed_state().items():
+            state_dict[_key(prefix, site_key, name)] = t
+
+
+def _load_delayed(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Takes this module's ``lowprec_delayed.*`` entries out of ``state_dict`` (so strict loading does not call
+    them unexpected) and loads them; entries for a site or role without a delayed spec stay, and are unexpected."""
+    for site_key, site in module_sites(module).items():
+        head = _key(prefix, site_key, "")
+        mine = {k[len(head):]: k for k in state_dict if k.startswith(head)
+                and k[len(head):].split(".", 1)[0] in site.scalers}
+        if not mine:
+            continue
+        try:
+            site.load_delayed_state({name: state_dict[k] for name, k in mine.items()})
+        except ValueError as exc:
+            error_msgs.append(str(exc))
+        for k in mine.values():
+            del state_dict[k]
+
+
+def install_state_hooks(module: torch.nn.Module) -> None:
+    """Make ``module.state_dict()`` hold the delayed-scaling histories of its sites (``module_sites``) under
+    ``<prefix>lowprec_delayed.[qk.|pv.]<role>.<field>`` and ``load_state_dict`` restore them (idempotent)."""
+    if getattr(module, "_lowprec_state_hooks", None) is None:
+        module._lowprec_state_hooks = (module.register_state_dict_post_hook(_save_delayed),
+                                       module.register_load_state_dict_pre_hook(_load_delayed))
+
+
+__all__ += ["STATE_PREFIX", "module_sites", "install_state_hooks"]
+
+
 class QuantModule:
     """Mixin of every converted module: its :class:`Site` (``module.site``), ``configure`` and ``policy``.
 
     Subclasses set ``_kind`` (the coverage report's label) and may override ``_make_site`` to restrict backends.
+    ``state_dict`` holds the site's delayed-scaling histories, if any (``install_state_hooks``); ``configure``
+    keeps the site's ``amax_group``.
     """
 
     _kind = "module"
@@ -167,7 +286,11 @@ class QuantModule:
         """(Re)set the policy, backend, telemetry site name and sink; delayed-scaling histories restart."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {BACKENDS}")
+        old = getattr(self, "_site", None)
         self._site = self._make_site(PrecisionPolicy.parse(policy), backend, name or self._kind, telemetry, rule)
+        if isinstance(old, Site):
+            self._site.amax_group = old.amax_group
+        install_state_hooks(self)
 
     @property
     def site(self) -> Site:
