@@ -192,6 +192,14 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"LowPrecisionOptimizer({self.policy}, {self.optimizer!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups: here they live in the base optimizer
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 

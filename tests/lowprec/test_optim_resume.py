@@ -161,3 +161,17 @@ def test_decoded_state_nested_shows_signconverted_base():
     p0 = next(model.parameters())
     assert "lowprec_packed" in opt.state[p0]["bound"]            # the wrapped optimizer's state is packed
     assert isinstance(inner.state[p0]["exp_avg"], torch.Tensor)  # the nested base's stays fp32
+
+
+def test_deepcopy_continues_identically():
+    import copy
+    model = _model()
+    opt = wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), "fp8-all", seed=2)
+    _train(model, opt, 2)
+    model2, opt2 = copy.deepcopy((model, opt))             # one memo: opt2 steps model2's parameters
+    assert opt2.param_groups is opt2.optimizer.param_groups
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    _train(model, opt, 2, start=2)
+    _train(model2, opt2, 2, start=2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
