@@ -4,7 +4,7 @@ The wrapped optimizer stores one :class:`lowprec.Encoded` per state tensor. For 
 depends only on that element or on its own block of the last axis (``batchable``), encoding the rows of several
 tensors stacked together gives, row for row, the codes and scales of encoding each tensor alone. So the states of a
 step that share spec, dtype, device and last dimension are encoded with one call (and decoded with one call) and
-split into per-tensor ``Encoded`` views: bit-identical to the per-tensor path (``wrap(..., fused=False)``, the
+split into per-tensor ``Encoded`` copies: bit-identical to the per-tensor path (``wrap(..., fused=False)``, the
 reference; ``tests/lowprec/test_optim_fused.py`` checks it), with one set of kernel launches per group instead of
 per tensor, which is where a model's many small tensors spend their time.
 
@@ -54,9 +54,12 @@ def encode_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[Encoded] | None
         return None
     out, r = [], 0
     for x, rw in zip(xs, rows):
+        # copies, not views: a state kept between steps must not pin the whole batch's buffer (a parameter that
+        # stops getting gradients would keep every other tensor's codes of that step alive)
         k = rw.shape[0]
-        sc = None if scale is None else scale[r:r + k].reshape(*x.shape[:-1], scale.shape[1])
-        out.append(Encoded(enc.codes[r:r + k].reshape(x.shape), sc, enc.spec, x.shape, x.dtype, None, False))
+        sc = None if scale is None else scale[r:r + k].reshape(*x.shape[:-1], scale.shape[1]).clone()
+        codes = enc.codes[r:r + k].reshape(x.shape).clone()
+        out.append(Encoded(codes, sc, enc.spec, x.shape, x.dtype, None, False))
         r += k
     return out
 

@@ -94,3 +94,9 @@ def test_batchable_specs():
     no = ["e4m3:stochastic", "e4m3:tensor", "e4m3:channel", "nvfp4", "mxfp4", "e2m1", "int8:block32", "e3m2"]
     assert [ob.batchable(spec(s)) for s in yes] == [True] * len(yes)
     assert [ob.batchable(spec(s)) for s in no] == [False] * len(no)
+
+
+def test_fused_codes_do_not_share_storage():
+    params, opt, _ = _run("fp8-all", "adamw", fused=True, steps=1)
+    ptrs = [opt.state[p]["exp_avg"]["lowprec_packed"]["codes"].untyped_storage().data_ptr() for p in params]
+    assert len(set(ptrs)) == len(ptrs)             # each state owns its codes (no pinned batch buffer)
