@@ -13,12 +13,19 @@ ArithmeticError: bad input, a torch error, out of memory, unreadable data) becom
 and ``divergence_reason = "error: ..."`` so a sweep never stops on one bad cell; any other exception is a bug and
 propagates.
 
+Checkpoints (``checkpoint_every=N``, single-process runs): after every N-th step the whole training state (model,
+optimizer with its packed states and generators, telemetry, divergence detector, metrics so far, global RNG
+states) goes to ``runs/<run_id>/checkpoint.pt`` (atomic rename); a run started again with a checkpoint present
+continues after its step and ends bit-identical to an uninterrupted run. The file is removed when the run ends.
+It is a pickle (``torch.load(weights_only=False)``): load only checkpoints this package wrote.
+
 Per-step cost: the training loss is read on the host every step (the divergence detector needs it); the gradient
 norm stays on the device until the run ends; parameters are cloned (for ``update_ratio`` and
 ``lost_update_frac``) only on telemetry-sampled steps (every ``telemetry_every`` steps and the last one).
 """
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
@@ -35,14 +42,15 @@ from studies.diagnosis import (SECOND_MOMENT_KEYS, DivergenceDetector, explain, 
                                state_bytes_per_param, state_zero_frac)
 from studies.optimizers import make_optimizer
 from studies.schema import METRIC_COLUMNS as _SCHEMA_METRIC_COLUMNS
-from studies.store import RESULT_COLUMNS, write_csv_atomic
+from studies.store import RESULT_COLUMNS, write_atomic, write_csv_atomic
 
-__all__ = ["METRIC_COLUMNS", "RESULT_COLUMNS", "RUN_FAILURES", "Parallel", "Run", "lr_at", "setup", "evaluate",
-           "train_step", "finish", "train", "execute_run"]
+__all__ = ["METRIC_COLUMNS", "RESULT_COLUMNS", "RUN_FAILURES", "CHECKPOINT_NAME", "Parallel", "Run", "lr_at",
+           "setup", "evaluate", "train_step", "save_checkpoint", "load_checkpoint", "finish", "train", "execute_run"]
 
 METRIC_COLUMNS = list(_SCHEMA_METRIC_COLUMNS)
 # the exceptions that make a run an "error" row instead of stopping the sweep (anything else is a bug)
 RUN_FAILURES = (ValueError, RuntimeError, OSError, ArithmeticError)
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def lr_at(step: int, steps: int, lr: float, schedule: str, warmup_frac: float) -> float:
@@ -121,7 +129,6 @@ def _blank() -> dict[str, Any]:
 def setup(spec: RunSpec, par: Parallel) -> Run:
     """Seed, build the task's model and data, convert the model and wrap the optimizer under ``spec.policy``."""
     import lowprec.nn
-    import lowprec.optim
     from lowprec.telemetry import Telemetry
     from studies.tasks import get_task
 
@@ -142,12 +149,19 @@ def setup(spec: RunSpec, par: Parallel) -> Run:
     lowprec.nn.convert(trun.model, spec.policy, telemetry=tel, backend=backend)
     par.wrap(trun)
     params = [p for p in trun.model.parameters() if p.requires_grad]
-    gen = torch.Generator(device=par.device).manual_seed(1_000_003 * spec.seed + 12_345)
-    opt = lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), spec.policy,
-                             telemetry=tel)
+    opt = _optimizer(spec, params, tel, par.device)
     return Run(spec=spec, par=par, trun=trun, opt=opt, tel=tel, params=params, steps=steps,
                eval_every=int(spec.eval_every or task.eval_every), tokens_per_step=tps,
                detector=DivergenceDetector(Thresholds(**spec.thresholds)))
+
+
+def _optimizer(spec: RunSpec, params: list[torch.Tensor], tel, device: str) -> torch.optim.Optimizer:
+    """The registry optimizer over ``params`` (its generator seeded by the run's seed), wrapped under the policy."""
+    import lowprec.optim
+
+    gen = torch.Generator(device=device).manual_seed(1_000_003 * spec.seed + 12_345)
+    return lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), spec.policy,
+                              telemetry=tel)
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -216,17 +230,56 @@ def _telemetry_columns(tel) -> dict[str, float]:
             if k in METRIC_COLUMNS and isinstance(v, (int, float)) and not math.isnan(v)}
 
 
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run, path: Path, steps_done: int) -> None:
+    """Write the training state after step ``steps_done`` to ``path`` atomically (module docstring)."""
+    state = {"run_id": run.spec.run_id, "steps_done": steps_done, "model": run.trun.model, "tel": run.tel,
+             "opt": run.opt.state_dict(), "detector": run.detector, "metrics": run.metrics,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}}
+    buf = io.BytesIO()
+    torch.save(state, buf)  # one pickle: the model's sites (delayed scalers included) keep sharing the telemetry
+    write_atomic(path, buf.getvalue())
+
+
+def load_checkpoint(run: Run, path: Path) -> int:
+    """Put the state saved at ``path`` into ``run`` (built by :func:`setup` for the same spec); return the
+    number of steps it had done. ValueError if the checkpoint belongs to another run."""
+    state = torch.load(path, weights_only=False)
+    if state["run_id"] != run.spec.run_id:
+        raise ValueError(f"{path} is a checkpoint of run {state['run_id']}, not of {run.spec.run_id}")
+    run.trun.model, run.tel = state["model"], state["tel"]
+    run.params = [p for p in run.trun.model.parameters() if p.requires_grad]
+    # the optimizer through its own state_dict (packed states and generators; torch optimizers do not pickle
+    # their extra attributes): the same construction as setup(), then the saved state
+    run.opt = _optimizer(run.spec, run.params, run.tel, run.par.device)
+    run.opt.load_state_dict(state["opt"])
+    run.detector, run.metrics = state["detector"], state["metrics"]
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["random"])
+    return int(state["steps_done"])
+
+
 # ----------------------------------------------------------------------------------------------- the loop
-def train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel) -> dict[str, Any]:
-    """Set up, train until ``steps`` or divergence, evaluate every ``eval_every`` steps, finish: the row's
-    columns from ``steps`` on (see :func:`finish`)."""
+def train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel,
+          checkpoint_every: int | None = None) -> dict[str, Any]:
+    """Set up (or resume from the run's checkpoint), train until ``steps`` or divergence, evaluate every
+    ``eval_every`` steps, finish: the row's columns from ``steps`` on (see :func:`finish`)."""
     run = setup(spec, par)
-    v0 = evaluate(run)
-    run.metrics.append({**_blank(), "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
-    reason = par.agree(run.detector.val(0, v0))
-    diverged_step: int | None = 0 if reason else None
-    steps_done = 0
-    for step in range(run.steps if not reason else 0):
+    ckpt = run_dir / CHECKPOINT_NAME
+    if checkpoint_every is not None and (par.world != 1 or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive integer on a single-process run, got "
+                         f"{checkpoint_every!r} with {par.world} processes")
+    reason, diverged_step = "", None
+    if checkpoint_every is not None and ckpt.is_file():
+        steps_done = load_checkpoint(run, ckpt)
+    else:
+        v0 = evaluate(run)
+        run.metrics.append({**_blank(), "step": 0, "tokens": 0, "val_loss": v0, "lr": 0.0})
+        reason = par.agree(run.detector.val(0, v0))
+        diverged_step = 0 if reason else None
+        steps_done = 0
+    for step in range(steps_done, run.steps if not reason else 0):
         k = step + 1
         rec, reason = train_step(run, step)
         if reason in ("nan", "inf"):
@@ -242,7 +295,11 @@ def train(spec: RunSpec, run_dir: Path, target_loss: float | None, par: Parallel
         if reason:
             diverged_step = k
             break
-    return finish(run, run_dir, target_loss, reason, diverged_step, steps_done)
+        if checkpoint_every is not None and k % checkpoint_every == 0 and k < run.steps:
+            save_checkpoint(run, ckpt, k)
+    row = finish(run, run_dir, target_loss, reason, diverged_step, steps_done)
+    ckpt.unlink(missing_ok=True)
+    return row
 
 
 def finish(run: Run, run_dir: Path, target_loss: float | None, reason: str, diverged_step: int | None,
@@ -295,21 +352,22 @@ def _base_row(spec: RunSpec) -> dict[str, Any]:
 
 
 def execute_run(spec: RunSpec, out_dir: str | Path, *, target_loss: float | None = None,
-                debug: bool = False, parallel: Parallel | None = None,
-                run_dir: str | Path | None = None) -> dict[str, Any]:
+                debug: bool = False, parallel: Parallel | None = None, run_dir: str | Path | None = None,
+                checkpoint_every: int | None = None) -> dict[str, Any]:
     """Run ``spec``, write ``out_dir/runs/<run_id>/{metrics,telemetry}.csv``, return the results row (the
     columns of ``studies.schema.RESULT_COLUMNS``, typed; ``diverged_step`` is None unless it diverged).
 
     A failure in :data:`RUN_FAILURES` becomes a row with ``status="error"`` (traceback in
     ``runs/<run_id>/error.txt``) unless ``debug`` is true, in which case it propagates. ``parallel`` makes this
-    process one rank of a data-parallel run (see :class:`Parallel`); ``run_dir`` overrides where the files go.
+    process one rank of a data-parallel run (see :class:`Parallel`); ``run_dir`` overrides where the files go;
+    ``checkpoint_every`` saves a checkpoint every N steps and resumes from one (module docstring).
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else Path(out_dir) / "runs" / spec.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     row = _base_row(spec)
     try:
-        row.update(train(spec, run_dir, target_loss, parallel or Parallel()))
+        row.update(train(spec, run_dir, target_loss, parallel or Parallel(), checkpoint_every))
     except RUN_FAILURES as e:
         if debug:
             raise

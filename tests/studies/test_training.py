@@ -114,3 +114,40 @@ def test_nan_reaching_a_packed_state_is_a_divergence(tmp_path, monkeypatch):
     assert "diverged at step 4 (nan)" in row["explanation"]
     assert row["divergence_site"] in ("optim:exp_avg", "optim:exp_avg_sq")   # where the NaN first showed
     assert "held NaN/inf that its format e2m1 cannot store at step 3" in row["explanation"]
+
+
+@pytest.mark.parametrize("optimizer, precision", [("stosignsgd", "fp8-all"), ("adamw", "nvfp4")])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, monkeypatch, optimizer, precision):
+    """A run stopped after step 10 (checkpoints every 4 steps) resumes from step 8 and ends with the files and
+    row of an uninterrupted run: packed states, stochastic-rounding and optimizer generators, telemetry and the
+    detector all continue."""
+    import studies.training as T
+
+    torch.set_num_threads(1)
+    spec = _spec(optimizer=optimizer, precision=precision, steps=12, telemetry_every=3, eval_every=5)
+    ref = execute_run(spec, tmp_path / "ref", debug=True)
+
+    class Killed(BaseException):  # not a run failure: it propagates, as a kill would stop the process
+        pass
+
+    clean, calls, stop_at = T.train_step, [], [10]
+
+    def stopped(run, step):
+        calls.append(step)
+        if step in stop_at:          # only the first run is stopped
+            stop_at.clear()
+            raise Killed
+        return clean(run, step)
+
+    monkeypatch.setattr(T, "train_step", stopped)
+    with pytest.raises(Killed):
+        execute_run(spec, tmp_path / "cut", debug=True, checkpoint_every=4)
+    run_dir = tmp_path / "cut" / "runs" / spec.run_id
+    assert (run_dir / T.CHECKPOINT_NAME).is_file()
+    calls.clear()
+    row = execute_run(spec, tmp_path / "cut", debug=True, checkpoint_every=4)
+    assert calls == [8, 9, 10, 11]                        # resumed after step 8, not restarted
+    assert not (run_dir / T.CHECKPOINT_NAME).exists()
+    assert {k: v for k, v in row.items() if k != "wall_s"} == {k: v for k, v in ref.items() if k != "wall_s"}
+    for name in ("metrics.csv", "telemetry.csv"):
+        assert (run_dir / name).read_bytes() == (tmp_path / "ref" / "runs" / spec.run_id / name).read_bytes(), name
