@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, decode, element_scale, encode
-from lowprec.optim_batch import BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key
+from lowprec.optim_batch import BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key, quantize_rows
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
@@ -272,12 +272,26 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def _quantize_grads(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
         spec = self._grad_spec
+        record = tel is not None and tel.wants()
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
+        done: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if self.fused and batchable(spec):
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for p in params:
+                g = _atleast_1d(p.grad)
+                if g.numel() <= BATCH_MAX_NUMEL:
+                    groups.setdefault(group_key(g, spec), []).append(p)
+            for members in groups.values():
+                if len(members) > 1:
+                    out = quantize_rows([_atleast_1d(p.grad) for p in members], spec)
+                    if out is not None:
+                        done.update(zip(map(id, members), out))
+        for p in params:  # in parameter order (telemetry sums in that order), batched or one by one
             g = _atleast_1d(p.grad)
-            q, scale = quantize_with_scale(g, spec, generator=self._gen(p.device))
-            if tel is not None and tel.wants():
+            q, scale = done.get(id(p)) or quantize_with_scale(g, spec, generator=self._gen(p.device))
+            if record:
                 tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
             p.grad.copy_(q.reshape(p.grad.shape))
 

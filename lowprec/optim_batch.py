@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from lowprec.codecs import Encoded, decode, encode
-from lowprec.quantize import QuantSpec
+from lowprec.quantize import QuantSpec, quantize_with_scale
 
-__all__ = ["batchable", "encode_rows", "decode_rows", "group_key", "BATCH_MAX_NUMEL"]
+__all__ = ["batchable", "encode_rows", "decode_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL"]
 
 # Only tensors up to this size are batched: for larger ones the launches are a small part of the time and the
 # concatenation would add a pass over the data.
@@ -60,6 +60,23 @@ def encode_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[Encoded] | None
         sc = None if scale is None else scale[r:r + k].reshape(*x.shape[:-1], scale.shape[1]).clone()
         codes = enc.codes[r:r + k].reshape(x.shape).clone()
         out.append(Encoded(codes, sc, enc.spec, x.shape, x.dtype, None, False))
+        r += k
+    return out
+
+
+def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """``[quantize_with_scale(x, spec) for x in xs]`` in one call (same conditions as ``encode_rows``); the
+    values and per-element scales are views of the batch. None when the result has an unexpected layout."""
+    n = xs[0].shape[-1]
+    rows = [x.reshape(-1, n) for x in xs]
+    big = torch.cat(rows)
+    q, scale = quantize_with_scale(big, spec)
+    if q.shape != big.shape or (scale is not None and scale.shape != big.shape):
+        return None
+    out, r = [], 0
+    for x, rw in zip(xs, rows):
+        k = rw.shape[0]
+        out.append((q[r:r + k].reshape(x.shape), None if scale is None else scale[r:r + k].reshape(x.shape)))
         r += k
     return out
 

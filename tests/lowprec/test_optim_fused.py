@@ -58,7 +58,7 @@ def _same_tree(a, b):
 @pytest.mark.parametrize("policy", [
     "fp8-all", "fp8-states", "mxfp8", "state=e4m3", "state=e5m2:block32:scale=e8m0", "state=bf16",
     "state=e4m3:block128:nosat,master=bf16", "state=e4m3:block128,state.exp_avg_sq=e5m2:block32",
-    "state=e4m3:block128:stochastic", "state=mxfp4", "nvfp4,state=nvfp4",
+    "state=e4m3:block128:stochastic", "state=mxfp4", "nvfp4,state=nvfp4", "bf16", "grad=e5m2:block32:scale=e8m0",
 ])
 def test_fused_equals_per_tensor_path(policy, kind, monkeypatch):
     calls = {"n": 0}
@@ -100,3 +100,19 @@ def test_fused_codes_do_not_share_storage():
     params, opt, _ = _run("fp8-all", "adamw", fused=True, steps=1)
     ptrs = [opt.state[p]["exp_avg"]["lowprec_packed"]["codes"].untyped_storage().data_ptr() for p in params]
     assert len(set(ptrs)) == len(ptrs)             # each state owns its codes (no pinned batch buffer)
+
+
+@pytest.mark.parametrize("policy", ["mxfp8", "bf16"])
+def test_batchable_grads_take_the_batched_path(policy, monkeypatch):
+    calls = {"n": 0}
+    orig = ob.quantize_rows
+
+    def counted(xs, spec):
+        out = orig(xs, spec)
+        calls["n"] += out is not None
+        return out
+    monkeypatch.setattr("lowprec.optim.quantize_rows", counted)
+    ref, _, ref_tel = _run(policy, "adamw", fused=False)
+    got, _, got_tel = _run(policy, "adamw", fused=True)
+    assert calls["n"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(ref, got)) and ref_tel.frame().equals(got_tel.frame())
