@@ -33,10 +33,11 @@ def _nonfinite(loss: float) -> str:
 
 
 class DivergenceDetector:
-    """Stateful divergence check over training losses (every step) and validation losses (every evaluation)."""
+    """Stateful divergence check over training losses (every step) and validation losses (every evaluation).
+    The thresholds are checked here, once (ValueError naming the bad one)."""
 
     def __init__(self, thresholds: Thresholds):
-        self.t = thresholds
+        self.t = thresholds.validate()
         self.initial_loss: float | None = None
         self.running_min = math.inf
         self.spike_count = 0

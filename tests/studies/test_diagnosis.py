@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import lowprec.optim
 from lowprec.optim import PACKED_KEY
-from studies.diagnosis import decoded_states, optimizer_chain, state_zero_frac
+from studies.config import Thresholds
+from studies.diagnosis import DivergenceDetector, decoded_states, optimizer_chain, state_zero_frac
 from studies.optimizers import make_optimizer
 
 
@@ -51,3 +53,10 @@ def test_zero_frac_of_packed_states_is_read_from_the_codes():
     assert state_zero_frac(opt) == oracle
     (name, values), = list(decoded_states(opt))
     assert name == "exp_avg_sq" and values.dtype == torch.float32 and int((values == 0).sum()) == 40
+
+
+def test_detector_checks_its_thresholds_once():
+    with pytest.raises(ValueError, match="spike_factor"):
+        DivergenceDetector(Thresholds(spike_factor=0.5))      # a spike must be a rise
+    with pytest.raises(ValueError, match="warmup_steps"):
+        DivergenceDetector(Thresholds(warmup_steps=-1))
