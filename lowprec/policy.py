@@ -18,6 +18,15 @@ the following entries modify (``"fp8-all,state.exp_avg_sq=none"``); ``none`` uns
 ``str(policy)`` is canonical and ``PrecisionPolicy.parse(str(p)) == p``. Presets are defined once, in
 ``PRESET_TABLE`` (name, policy text, description), and read by this same parser.
 
+Options (integers, ``0`` = off; written after the roles):
+
+- ``wgrad_rht=<n>``: a random Hadamard transform of size ``n`` (a power of two; NVFP4's recipe uses 16) applied to
+  both operands of the grad-weight GEMM along its reduction (token) axis before they are quantized (as
+  Transformer Engine's NVFP4 recipe; ``lowprec.nn.function``). The GEMM's exact result is unchanged
+  (``H S (H S)^T = I``); only what quantization sees changes.
+- ``state_min_numel=<n>``: optimizer states of tensors with fewer than ``n`` elements stay fp32 (torchao's
+  low-bit optimizers and bitsandbytes keep tensors under 4,096 elements unquantized).
+
 Per-module rules: after the base policy, ``@``-separated ``pattern=policy`` entries ("at these modules, this
 policy"), tried in order on module names (the first match wins; no match: the base policy), e.g.
 ``"fp8-all@lm_head|transformer.h.11.*=bf16@re:.*\\.attn\\..*=weight=e4m3:tensor"``. A pattern is ``|``-separated
@@ -42,10 +51,11 @@ from lowprec.formats import Format
 from lowprec.quantize import QuantSpec
 
 __all__ = ["PrecisionPolicy", "Rule", "PRESETS", "PRESET_DOCS", "PRESET_TABLE", "ROLES", "TENSOR_ROLES",
-           "is_identity"]
+           "OPTIONS", "is_identity"]
 
 ROLES = ("weight", "activation", "grad", "state", "master", "accumulator")
 TENSOR_ROLES = ROLES[:-1]  # the roles that hold a QuantSpec (the accumulator holds an Accumulator)
+OPTIONS = ("wgrad_rht", "state_min_numel")  # integer options of a policy (module docstring), 0 = off
 
 _WHERE = {
     "weight": "weight operand of forward and grad-input GEMMs",
@@ -97,7 +107,7 @@ def _parse_items(text: str, preset: Callable[[str], "PrecisionPolicy"]) -> tuple
                 raise ValueError(f"{item!r}: only the first entry may be a preset name; "
                                  f"others are role=spec with roles {', '.join(ROLES)} or state.<name>")
             p = preset(item)
-            base = {r: getattr(p, r) for r in ROLES}
+            base = {r: getattr(p, r) for r in (*ROLES, *OPTIONS)}
             overrides = dict(p.state_overrides)
             continue
         key, value = (s.strip() for s in item.split("=", 1))
@@ -106,9 +116,14 @@ def _parse_items(text: str, preset: Callable[[str], "PrecisionPolicy"]) -> tuple
             overrides[key[len("state."):]] = value
         elif key in ROLES:
             base[key] = value
+        elif key in OPTIONS:
+            try:
+                base[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{key}= needs an integer, got {value!r}") from None
         else:
             raise ValueError(f"unknown role {key!r}; valid roles: {', '.join(ROLES)}, or state.<name> "
-                             "(e.g. state.exp_avg_sq)")
+                             f"(e.g. state.exp_avg_sq), or an option: {', '.join(OPTIONS)}")
     return base, overrides
 
 
@@ -200,8 +215,17 @@ class PrecisionPolicy:
     accumulator: Accumulator | None = None
     state_overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
     rules: Sequence[Rule] = ()
+    wgrad_rht: int = 0
+    state_min_numel: int = 0
 
     def __post_init__(self) -> None:
+        for opt in OPTIONS:
+            v = getattr(self, opt)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{opt} must be a non-negative int (0 = off), got {v!r}")
+        if self.wgrad_rht and (self.wgrad_rht < 2 or self.wgrad_rht & (self.wgrad_rht - 1)):
+            raise ValueError(f"wgrad_rht must be 0 (off) or a power of two >= 2 (NVFP4's recipe: 16), "
+                             f"got {self.wgrad_rht}")
         for role in TENSOR_ROLES:
             object.__setattr__(self, role, _to_spec(getattr(self, role), role))
         acc = self.accumulator
@@ -231,8 +255,11 @@ class PrecisionPolicy:
         return hash(str(self))
 
     # ------------------------------------------------------------------ queries
-    def state_spec(self, name: str) -> QuantSpec | None:
-        """The spec of optimizer state ``name``: its override if any, else ``state``."""
+    def state_spec(self, name: str, numel: int | None = None) -> QuantSpec | None:
+        """The spec of optimizer state ``name``: its override if any, else ``state``; ``None`` (fp32) for a
+        tensor of ``numel`` elements below ``state_min_numel``."""
+        if numel is not None and numel < self.state_min_numel:
+            return None
         return self.state_overrides[name] if name in self.state_overrides else self.state
 
     @property
@@ -292,6 +319,7 @@ class PrecisionPolicy:
             parts.append(f"master={self.master}")
         if self.accumulator is not None:
             parts.append(f"accumulator={self.accumulator}")
+        parts += [f"{opt}={getattr(self, opt)}" for opt in OPTIONS if getattr(self, opt)]
         return "@".join([",".join(parts) if parts else "fp32", *(str(r) for r in self.rules)])
 
     def __repr__(self) -> str:
@@ -301,6 +329,7 @@ class PrecisionPolicy:
         """Plain JSON-able dict: role -> spec string or None, state_overrides, and ``rules`` when there are any."""
         d: dict[str, Any] = {r: (None if getattr(self, r) is None else str(getattr(self, r))) for r in ROLES}
         d["state_overrides"] = {k: (None if v is None else str(v)) for k, v in self.state_overrides.items()}
+        d.update({opt: getattr(self, opt) for opt in OPTIONS if getattr(self, opt)})
         if self.rules:
             d["rules"] = [{"pattern": r.pattern, "policy": str(r.policy)} for r in self.rules]
         return d
@@ -308,14 +337,14 @@ class PrecisionPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PrecisionPolicy":
         """The inverse of ``to_dict``; also reads ``base`` (a policy text that the other keys modify)."""
-        unknown = set(d) - set(ROLES) - {"state_overrides", "rules", "base"}
+        unknown = set(d) - set(ROLES) - set(OPTIONS) - {"state_overrides", "rules", "base"}
         if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; valid: {', '.join(ROLES)}, state_overrides, "
-                             "rules, base")
+            raise ValueError(f"unknown keys {sorted(unknown)}; valid: {', '.join(ROLES + OPTIONS)}, "
+                             "state_overrides, rules, base")
         kwargs = dict(d)
         if "base" in kwargs:
             b = cls.parse(kwargs.pop("base"))
-            merged: dict[str, Any] = {r: kwargs.pop(r, getattr(b, r)) for r in ROLES}
+            merged: dict[str, Any] = {r: kwargs.pop(r, getattr(b, r)) for r in (*ROLES, *OPTIONS)}
             merged["state_overrides"] = {**b.state_overrides, **kwargs.pop("state_overrides", {})}
             merged["rules"] = (*b.rules, *kwargs.pop("rules", ()))
             kwargs = merged
@@ -350,6 +379,12 @@ class PrecisionPolicy:
             r = _spec_row("accumulator", acc.spec, _WHERE["accumulator"])
             promote = f", promote {acc.promote}" if acc.promote else ""
             rows.append(r[:3] + (f"chunk {acc.chunk}{promote}",) + r[4:])
+        if self.wgrad_rht:
+            rows.append(("wgrad_rht", "-", "-", f"Hadamard {self.wgrad_rht}, random signs", "-",
+                         "both grad-weight GEMM operands, along the tokens, before quantization"))
+        if self.state_min_numel:
+            rows.append(("state_min_numel", "fp32 (full)", "-", "-", "-",
+                         f"states of tensors under {self.state_min_numel} elements"))
         base = self.base
         title = f"precision policy: {base}"
         for name, p in PRESETS.items():
@@ -380,8 +415,21 @@ PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
      'Transformer Engine HYBRID: E4M3 weights and activations, E5M2 gradients, per-tensor current scaling '
      '(amax / max), fp32 states and master'),
     ("fp8-states", "state=e4m3:block128",
-     'only optimizer states in E4M3, blocks of 128 with fp32 scales amax/448 (torchao-style; small tensors'
-     ' are quantized too); everything else fp32'),
+     'only optimizer states in E4M3, blocks of 128 along the last axis with fp32 scales amax/448, every state'
+     ' tensor quantized (not torchao\'s rule: see fp8-states-torchao); everything else fp32'),
+    ("fp8-states-torchao", "state=e4m3:block256,state_min_numel=4096",
+     "torchao's FP8 optimizer states (torchao.optim.AdamWFp8): E4M3 moments in blocks of 256 with fp32 scales "
+     'amax/448, states of tensors under 4,096 elements kept fp32 (torchao/optim/adam.py, after bitsandbytes); '
+     'everything else fp32'),
+    ("fp8-states-e4m3-e5m2", "state=e4m3:tensor,state.exp_avg_sq=e5m2:tensor",
+     'both Adam moments in FP8 with per-tensor scaling: first moment E4M3, second moment E5M2 for its range '
+     '(Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs", arXiv 2409.12517); everything else '
+     'fp32'),
+    ("fp8-lm-o2", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:tensor,"
+                  "state.exp_avg_sq=fp16,master=fp16:tensor",
+     'FP8-LM / MS-AMP O2 (arXiv 2310.18313; MS-AMP docs "Optimization Level"): FP8 GEMMs as fp8-hybrid, '
+     'first Adam moment FP8 E4M3 with a per-tensor scale, second moment FP16, FP16 master weights with a '
+     'per-tensor scale (MS-AMP LBAdamW: exp_avg_dtype=uint8, exp_avg_sq_dtype=float16)'),
     ("fp8-all", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:block128,"
                 "master=bf16:stochastic",
      "the paper's FP8 setting: fp8-hybrid GEMMs (param gradients E5M2 too), E4M3 optimizer states (blocks "

@@ -14,6 +14,15 @@ and its gradient is the fp32 sum of the unquantized ``dy`` over ``bias_dims`` (a
 Inputs arrive in fp32 in the layer's own layout (layers reshape / cast outside, so autograd casts gradients back).
 A second backward GEMM re-quantizes ``dy`` only when its spec depends on the axis or is stochastic; the grad
 telemetry is recorded once per backward.
+
+Random Hadamard transform (``policy.wgrad_rht = n``, tables with ``rht=True``: the linear layers): before the
+grad-weight GEMM ``dW = dy^T x`` is quantized, both operands are multiplied, in blocks of ``n`` rows along the
+token axis it reduces over, by ``H S`` (``H`` the n x n Sylvester Hadamard matrix over sqrt(n), ``S`` a diagonal
+of random signs drawn from torch's global RNG once per backward and shared by the two operands). Since
+``(H S)(H S)^T = I`` the product is unchanged before quantization; outliers are spread over the block. This is
+Transformer Engine's NVFP4 recipe ("Random Hadamard Transform": 16 x 16, "only for wgrad GEMM"; TE docs
+``features/low_precision_training/nvfp4``; arXiv 2509.25149). A ragged last block is padded with zero rows.
+Delayed specs quantize the transformed operands with the step's scale already taken from the history.
 """
 from __future__ import annotations
 
@@ -25,7 +34,27 @@ import torch
 from lowprec.gemm import Operand
 from lowprec.nn.site import QUANTIZED, Site, axis_free
 
-__all__ = ["Axes", "GemmTable", "QuantGemm"]
+__all__ = ["Axes", "GemmTable", "QuantGemm", "hadamard", "random_hadamard_rows"]
+
+
+def hadamard(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The n x n Sylvester Hadamard matrix divided by sqrt(n) (orthogonal; n a power of two), float32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard size is a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float32, device=device)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+def random_hadamard_rows(t: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    """``t [M, C]`` with every block of ``n`` consecutive rows ``u`` replaced by ``(H S)^T u`` (``hs = H S``,
+    ``n x n``); rows are zero-padded to a multiple of ``n`` (the result has ``ceil(M / n) * n`` rows)."""
+    n = hs.shape[0]
+    pad = (-t.shape[0]) % n
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return (hs.t() @ t.reshape(-1, n, t.shape[1])).reshape(-1, t.shape[1])
 
 
 @dataclass(frozen=True)
@@ -54,6 +83,8 @@ class GemmTable:
     grad_input: Callable[..., torch.Tensor]
     grad_weight: Callable[..., torch.Tensor]
     bias_dims: tuple[int, ...]
+    rht: bool = False
+    """Whether ``policy.wgrad_rht`` applies: 2-D operands whose grad-weight GEMM reduces over axis 0."""
 
 
 class QuantGemm(torch.autograd.Function):
@@ -88,7 +119,14 @@ class QuantGemm(torch.autograd.Function):
             b = table.w_dgrad
             qw = site.requant(w, "weight", qwq, qws, b.reduce, channel_axis=b.channel)
             grad_x = table.grad_input(site, qg, qw, x, ctx.args)
-        if need_w:
+        if need_w and table.rht and site.wgrad_rht:
+            hs = hadamard(site.wgrad_rht, g.device)
+            hs = hs * (torch.randint(0, 2, (hs.shape[0],), device=g.device) * 2 - 1).to(hs.dtype)
+            gt, xt = random_hadamard_rows(g, hs), random_hadamard_rows(x, hs)
+            qgw = site.quant(gt, "grad", 0, record=qg is None, delayed_scale=None if qg is None else qg.scale)
+            qx = site.quant(xt, "activation", 0, record=False, delayed_scale=qxs)
+            grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
+        elif need_w:
             a = table.g_wgrad
             if qg is not None and axis_free(site.specs["grad"]):
                 qgw = qg
@@ -118,7 +156,7 @@ def _linear_grad_weight(site: Site, qg: Operand, qx: Operand, w: torch.Tensor, a
 
 LINEAR = GemmTable(x_fwd=Axes(1), w_fwd=Axes(1), g_dgrad=Axes(1), w_dgrad=Axes(0), g_wgrad=Axes(0),
                    x_wgrad=Axes(0), forward=_linear_forward, grad_input=_linear_grad_input,
-                   grad_weight=_linear_grad_weight, bias_dims=(0,))
+                   grad_weight=_linear_grad_weight, bias_dims=(0,), rht=True)
 """x [M, K], W [N, K], dy [M, N] (2-D: layers flatten the leading dims)."""
 
 __all__ += ["LINEAR"]

@@ -103,6 +103,7 @@ class Site:
         self.specs: dict[str, QuantSpec | None] = {
             r: (None if is_identity(getattr(policy, r)) else getattr(policy, r)) for r in GEMM_ROLES}
         self.accumulator = policy.accumulator
+        self.wgrad_rht = policy.wgrad_rht   # Hadamard size on the grad-weight GEMM's operands (0: none)
         self.noop = all(s is None for s in self.specs.values()) and self.accumulator is None
         # delayed scaling: one amax history per role of this layer; recorded in training mode
         self.scalers = {r: DelayedScaler.from_spec(s) for r, s in self.specs.items() if is_delayed(s)}
