@@ -66,9 +66,9 @@ def carve(params: list[Tensor], keys: list[Any], flat_for: Callable[[Any, int], 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The sign step, shared by StoSignSGD, SignSGD and SignConverted. `dirs` are the update directions (m or u),
-# `bounds` the G buffers (None where unused), `noises` odd int16 tensors (None when noise is off), `scratch` one
-# tensor like each parameter that the step may overwrite.
+# The sign step, shared by StoSignSGD, SignSGD, SignConverted and Lion. `dirs` are the update directions (m, u or
+# Lion's c), `bounds` the G buffers (None where unused), `noises` odd int16 tensors (None when noise is off),
+# `scratch` one tensor like each parameter that the step may overwrite (without noise it may be `dirs` itself).
 # ----------------------------------------------------------------------------------------------------------------
 
 def sign_step_single(params: list[Tensor], dirs: list[Tensor], bounds: list[Tensor | None],
@@ -121,7 +121,8 @@ def sign_step_foreach(params: list[Tensor], dirs: list[Tensor], bounds: list[Ten
             torch._foreach_addcmul_(ws, bounds, noises, value=NOISE_SCALE)  # m + G·n
         torch._foreach_sign_(ws)
     else:
-        torch._foreach_copy_(ws, dirs)
+        if dirs is not ws:
+            torch._foreach_copy_(ws, dirs)
         torch._foreach_sign_(ws)
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
