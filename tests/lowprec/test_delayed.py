@@ -225,14 +225,15 @@ def test_nosat_overflow_gives_nan_for_e4m3_and_inf_for_e5m2():
     assert not torch.isfinite(outs[-1]).any()
 
 
-def test_eval_mode_freezes_history_and_state_dict_keys_unchanged():
+def test_eval_mode_freezes_history_and_parameter_keys_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     keys = list(model.state_dict())
     convert(model, "weight=e4m3:delayed16,activation=e4m3:delayed16,grad=e5m2:delayed16")
-    assert list(model.state_dict()) == keys
+    # the parameters keep their keys; the histories are added (tests/lowprec/test_nn_state.py)
+    assert [k for k in model.state_dict() if "lowprec_delayed" not in k] == keys
     plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    plain.load_state_dict(model.state_dict())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lowprec_delayed" not in k})
     model(torch.randn(4, 8)).sum().backward()
     sc = model[0]._site.scalers
     assert {r: s.steps for r, s in sc.items()} == {"weight": 1, "activation": 1, "grad": 1}
