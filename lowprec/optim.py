@@ -34,6 +34,12 @@ Between steps the optimizer state really is the packed codes, so ``state_dict()`
 generator state, so that ``load_state_dict`` resumes exactly (the following trajectory is bit-identical).
 ``decoded_state()`` yields every state tensor as fp32 for a run loop's statistics.
 
+**Fused (default).** ``fused=True`` quantizes the gradients, and encodes/decodes the states, of tensors of up to
+64k elements that share a *batchable* spec (round-to-nearest; unscaled, or blocks along the last axis with fp32
+or E8M0 scales; a format with NaN: bf16, mxfp8, e4m3:block128, ...) with one call per group
+(``lowprec.optim_batch``): bit-identical to ``fused=False``, the per-tensor reference path. Stochastic rounding,
+tensor/channel scaling and NVFP4 stay per tensor.
+
 Nested optimizers (``stosign.SignConverted``'s ``.base``): the wrapper quantizes the states of the optimizer it
 wraps (SignConverted's bound ``G``); the nested base's own states (AdamW's moments inside SignConverted) stay
 fp32, as the base keeps them (``decoded_state(nested=True)`` shows them).
@@ -290,7 +296,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                         done.update(zip(map(id, members), out))
         for p in params:  # in parameter order (telemetry sums in that order), batched or one by one
             g = _atleast_1d(p.grad)
-            q, scale = done.get(id(p)) or quantize_with_scale(g, spec, generator=self._gen(p.device))
+            gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
+            q, scale = done.get(id(p)) or quantize_with_scale(g, spec, generator=gen)
             if record:
                 tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
             p.grad.copy_(q.reshape(p.grad.shape))

@@ -1,5 +1,7 @@
 """The batched state path (wrap(..., fused=True), lowprec.optim_batch) against the per-tensor reference path
 (fused=False): parameters, packed codes and scales, generator states and telemetry frames must be bit-identical."""
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -112,7 +114,9 @@ def test_batchable_grads_take_the_batched_path(policy, monkeypatch):
         calls["n"] += out is not None
         return out
     monkeypatch.setattr("lowprec.optim.quantize_rows", counted)
-    ref, _, ref_tel = _run(policy, "adamw", fused=False)
-    got, _, got_tel = _run(policy, "adamw", fused=True)
+    monkeypatch.setattr(sys.modules[__name__], "SHAPES", SHAPES[:-1])  # all small: every grad batched
+    ref, ref_opt, ref_tel = _run(policy, "adamw", fused=False)
+    got, got_opt, got_tel = _run(policy, "adamw", fused=True)
     assert calls["n"] > 0
     assert all(torch.equal(a, b) for a, b in zip(ref, got)) and ref_tel.frame().equals(got_tel.frame())
+    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())
