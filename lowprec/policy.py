@@ -444,6 +444,15 @@ PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
     ("nvfp4", "weight=nvfp4,activation=nvfp4,grad=nvfp4:stochastic",
      'NVFP4: E2M1 elements in blocks of 16 with E4M3 scales and an fp32 tensor scale on weights, '
      'activations and gradients, stochastic rounding on gradients only (as TE); fp32 states and master'),
+    ("nvfp4-recipe", "weight=nvfp4:block16x16,activation=nvfp4,grad=nvfp4:stochastic,wgrad_rht=16",
+     "NVFP4 as deployed (Transformer Engine's NVFP4BlockScaling; arXiv 2509.25149): E2M1 with E4M3 block scales "
+     'and an fp32 tensor scale; weights in 16x16 2-D blocks (the same tiles forward and backward), activations '
+     'and gradients in 1x16 blocks, stochastic rounding on gradients only, a 16x16 random Hadamard transform on '
+     'both grad-weight GEMM operands; fp32 states and master (TE also keeps some layers in bf16: add rules)'),
+    ("fp8-blockwise", "weight=e4m3:block128x128,activation=e4m3:block128,grad=e4m3:block128",
+     'DeepSeek-V3 fine-grained FP8 (arXiv 2412.19437, sec. 3.3; TE Float8BlockScaling): E4M3 everywhere, '
+     'fp32 scales amax/448, weights in 128x128 blocks, activations and gradients in 1x128 tiles along each '
+     "GEMM's reduction axis; fp32 states and master"),
     ("int4", "weight=int4:block32",
      'weight-only INT4 fake quantization, symmetric absmax groups of 32 along the reduction axis '
      '(straight-through gradient); activations, gradients, states and master fp32'),

@@ -54,7 +54,9 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Ca
     """Arrange ``x`` so that one scale per group broadcasts over it; returns ``(view, undo)``.
 
     tensor/channel: ``x`` itself. block: ``axis`` moved last, padded with zeros to a multiple of ``block_size``,
-    reshaped to ``(..., n_blocks, block_size)``; ``undo`` maps a tensor of that shape back to ``x``'s layout."""
+    reshaped to ``(..., n_blocks, block_size)``; ``undo`` maps a tensor of that shape back to ``x``'s layout.
+    2-D blocks (``block_rows = R > 1``): ``axis`` moved last, the other dimensions flattened to rows, both padded
+    with zeros (to multiples of R and ``block_size``), then ``(row_tiles, col_tiles, R * block_size)``."""
     if scaling.mode != "block":
         if scaling.mode == "channel":
             if x.dim() == 0:
@@ -65,6 +67,8 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Ca
         raise ValueError("block scaling needs a tensor with at least one dimension")
     ax = _norm_axis(scaling.axis, x.dim())
     bs = scaling.block_size
+    if scaling.block_rows > 1:
+        return _tile_view(x, ax, scaling.block_rows, bs)
     xm = x.movedim(ax, -1)
     length = xm.shape[-1]
     pad = (-length) % bs
@@ -76,6 +80,24 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Ca
     def undo(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(*lead, length + pad)[..., :length]
         return t.movedim(-1, ax).contiguous()
+
+    return view, undo
+
+
+def _tile_view(x: torch.Tensor, ax: int, r: int, c: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    xm = x.movedim(ax, -1)
+    lead, length = xm.shape[:-1], xm.shape[-1]
+    x2 = xm.reshape(-1, length)
+    rows = x2.shape[0]
+    pr, pc = (-rows) % r, (-length) % c
+    if pr or pc:
+        x2 = torch.nn.functional.pad(x2, (0, pc, 0, pr))
+    R, C = rows + pr, length + pc
+    view = x2.reshape(R // r, r, C // c, c).transpose(1, 2).reshape(R // r, C // c, r * c)
+
+    def undo(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(R // r, C // c, r, c).transpose(1, 2).reshape(R, C)[:rows, :length]
+        return t.reshape(*lead, length).movedim(-1, ax).contiguous()
 
     return view, undo
 
@@ -97,10 +119,30 @@ def nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
-def e8m0_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """OCP MX shared exponent: floor(log2(amax)) - emax_elem, clamped to [-127, 127]; -127 where amax == 0."""
-    _, e = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1): floor(log2(amax)) = e - 1
-    exp = (e - 1 - fmt.emax).clamp_(-127, 127)
+def _ceil_log2(a: torch.Tensor) -> torch.Tensor:
+    m, e = torch.frexp(a)  # a = m * 2**e, m in [0.5, 1): log2(a) is an integer iff m == 0.5
+    return e - (m == 0.5).to(e.dtype)
+
+
+def e8m0_exponent(amax: torch.Tensor, fmt: Format, rounding: str = "floor") -> torch.Tensor:
+    """The MX shared exponent of float32 ``amax`` for ``rounding`` (``Scaling.scale_rounding``; torchao's
+    ``ScaleCalculationMode``): floor (OCP): ``floor(log2(amax)) - emax_elem``; ceil: ``ceil(log2(amax)) -
+    emax_elem``; even: amax rounded half-up to the element's mantissa bits (on its float32 bits), then floor;
+    rceil: ``ceil(log2(amax / fmt.max))`` (the quotient in float32). Clamped to [-127, 127]; -127 where
+    amax == 0."""
+    if rounding == "floor":
+        _, e = torch.frexp(amax)  # floor(log2(amax)) = e - 1
+        exp = e - 1 - fmt.emax
+    elif rounding == "ceil":
+        exp = _ceil_log2(amax) - fmt.emax
+    elif rounding == "even":
+        bits = amax.view(torch.int32) + (1 << (22 - fmt.man_bits))
+        exp = ((bits >> 23) & 0xFF) - 127 - fmt.emax
+    elif rounding == "rceil":
+        exp = _ceil_log2(amax / fmt.max)
+    else:
+        raise ValueError(f"unknown scale rounding {rounding!r}")
+    exp = exp.to(torch.int32).clamp_(-127, 127)
     return torch.where(amax > 0, exp, torch.full_like(exp, -127))
 
 
@@ -118,7 +160,7 @@ def compute_scale(view: torch.Tensor, scaling: Scaling, fmt: Format) -> ScaleInf
     fp32) are kept normal (>= 2**-126) and rounded up where needed, so that ``x / scale`` stays finite."""
     amax = _group_amax(view, scaling).to(torch.float32)
     if scaling.scale_format == "e8m0":
-        exp = e8m0_exponent(amax, fmt)
+        exp = e8m0_exponent(amax, fmt, scaling.scale_rounding)
         return ScaleInfo(pow2(exp), (exp + 127).to(torch.uint8))
     if scaling.scale_format == "e4m3":
         t_amax = finite_amax(view)

@@ -13,7 +13,7 @@ from typing import Any
 
 from .formats import Format, get_format
 
-__all__ = ["Rounding", "Scaling", "QuantSpec", "SCALED_FORMATS", "spec", "parse_scaling"]
+__all__ = ["Rounding", "Scaling", "QuantSpec", "SCALED_FORMATS", "SCALE_ROUNDINGS", "spec", "parse_scaling"]
 
 
 class Rounding(str, enum.Enum):
@@ -42,6 +42,7 @@ class Rounding(str, enum.Enum):
 _SCALING_MODES = ("tensor", "channel", "block", "delayed")
 _DELAYED_ALGOS = ("max", "most_recent")
 _SCALE_FORMATS = ("fp32", "e8m0", "e4m3")
+SCALE_ROUNDINGS = ("floor", "ceil", "even", "rceil")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,18 @@ class Scaling:
     of (amax / fmt.max) / s_global times an fp32 tensor scale s_global = tensor_amax / (448 * fmt.max)).
     Amax is taken over finite values. ``axis`` is reset to -1 for tensor/delayed scaling and ``block_size`` to 32
     for every mode but block (so equal scalings compare equal); history_len/margin/algo off delayed are an error.
+
+    2-D blocks (``block_rows > 1``, text ``block<R>x<C>``, e.g. ``block16x16`` or DeepSeek-V3's ``block128x128``):
+    tiles of ``block_rows`` x ``block_size`` elements, ``block_size`` along ``axis`` and ``block_rows`` along the
+    other dimensions flattened (for a 2-D tensor, the other axis); ragged tiles are padded with zeros. A square
+    tile groups the same elements whatever ``axis`` is, so a matrix and its transpose are quantized alike
+    (Transformer Engine's reason for 16x16 NVFP4 weight tiles). ``block1x<C>`` is ``block<C>``.
+
+    ``scale_rounding`` (E8M0 scales only; torchao's ``ScaleCalculationMode``): how the power-of-two scale is
+    chosen from a block's amax. ``"floor"`` (OCP MX v1.0, the default): ``2**(floor(log2(amax)) - emax_elem)``,
+    elements above the format's max saturate; ``"ceil"``: ``2**(ceil(log2(amax)) - emax_elem)``; ``"even"``:
+    amax first rounded to the element format's mantissa width (half up), then floor; ``"rceil"`` (NVIDIA's,
+    as in cuBLAS / TE MXFP8): ``2**ceil(log2(amax / fmt.max))``, so nothing saturates. Text ``scale_round=ceil``.
 
     ``"delayed"``: Transformer Engine's DelayedScaling, one fp32 scale per tensor taken from an amax history of
     the *previous* steps: ``scale = amax_h * 2**margin / fmt.max`` with ``amax_h`` the max of the last
@@ -72,6 +85,8 @@ class Scaling:
     history_len: int = 1024
     margin: int = 0
     algo: str = "max"
+    block_rows: int = 1
+    scale_rounding: str = "floor"
 
     def __post_init__(self) -> None:
         if self.mode not in _SCALING_MODES:
@@ -97,6 +112,16 @@ class Scaling:
         elif (hl, m, self.algo) != (1024, 0, "max"):
             raise ValueError(f"history length, margin= and algo= apply to delayed scaling only, not to "
                              f"{self.mode!r} scaling (e.g. 'e4m3:delayed16:margin=1')")
+        br = self.block_rows
+        if not isinstance(br, int) or isinstance(br, bool) or br < 1:
+            raise ValueError(f"invalid block rows {br!r}: must be a positive int (e.g. 'block16x16')")
+        if br != 1 and self.mode != "block":
+            raise ValueError(f"2-D blocks (block<R>x<C>) need block scaling, not {self.mode!r}")
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"unknown scale rounding {self.scale_rounding!r}; valid: {', '.join(SCALE_ROUNDINGS)}")
+        if self.scale_rounding != "floor" and self.scale_format != "e8m0":
+            raise ValueError(f"scale_round={self.scale_rounding} applies to E8M0 (MX) scales only, not to "
+                             f"{self.scale_format!r} scales (e.g. 'mxfp8:scale_round=rceil')")
         if self.mode in ("tensor", "delayed"):
             object.__setattr__(self, "axis", -1)
         if self.mode != "block":
@@ -104,7 +129,7 @@ class Scaling:
 
     def __str__(self) -> str:
         if self.mode == "block":
-            s = "block%d" % self.block_size
+            s = "block%d" % self.block_size if self.block_rows == 1 else f"block{self.block_rows}x{self.block_size}"
         elif self.mode == "delayed":
             s = "delayed%d" % self.history_len
             if self.margin:
@@ -117,6 +142,8 @@ class Scaling:
             s += f":axis={self.axis}"
         if self.scale_format != "fp32":
             s += f":scale={self.scale_format}"
+        if self.scale_rounding != "floor":
+            s += f":scale_round={self.scale_rounding}"
         return s
 
 
@@ -168,8 +195,9 @@ class QuantSpec:
     @classmethod
     def parse(cls, text: str) -> "QuantSpec":
         """Parse ``"fmt[:token...]"``. Tokens: ``nearest|stochastic|toward_zero``, ``sat|nosat``, ``flush``,
-        ``tensor|channel|block<N>|delayed[<N>]``, ``axis=<int>``, ``scale=<fp32|e8m0|e4m3>``, ``randbits=<int>``,
-        and for delayed scaling ``margin=<int>``, ``algo=<max|most_recent>``.
+        ``tensor|channel|block<N>|block<R>x<C>|delayed[<N>]``, ``axis=<int>``, ``scale=<fp32|e8m0|e4m3>``,
+        ``scale_round=<floor|ceil|even|rceil>`` (E8M0 scales), ``randbits=<int>``, and for delayed scaling
+        ``margin=<int>``, ``algo=<max|most_recent>``.
         ``fmt`` may be a scaled format name (``mxfp8``, ``mxfp6``, ``mxfp4``, ``nvfp4``).
 
         Delayed scaling (Transformer Engine): ``delayed<N>`` keeps an amax history of ``N`` steps (``delayed``
@@ -183,6 +211,7 @@ class QuantSpec:
         kw: dict[str, Any] = {}
         mode = axis = bs = sfmt = None
         delayed_kw: dict[str, Any] = {}
+        extra_kw: dict[str, Any] = {}
         if name in SCALED_FORMATS:
             fmt_name, sc = SCALED_FORMATS[name]
             fmt = get_format(fmt_name)
@@ -203,6 +232,11 @@ class QuantSpec:
                 mode = t
             elif re.fullmatch(r"block\d+", t):
                 mode, bs = "block", int(t[5:])
+            elif re.fullmatch(r"block\d+x\d+", t):
+                rows, cols = t[5:].split("x")
+                mode, bs, extra_kw["block_rows"] = "block", int(cols), int(rows)
+            elif t.startswith("scale_round="):
+                extra_kw["scale_rounding"] = t.split("=", 1)[1]
             elif re.fullmatch(r"delayed\d*", t):
                 mode = "delayed"
                 if len(t) > 7:
@@ -219,8 +253,9 @@ class QuantSpec:
                 kw["rand_bits"] = _int_token(t, "randbits")
             else:
                 raise ValueError(f"unknown token {tok!r} in spec {text!r}; valid tokens: nearest, stochastic, "
-                                 "toward_zero, sat, nosat, flush, tensor, channel, block<N>, delayed<N>, "
-                                 "axis=<int>, scale=<fp32|e8m0|e4m3>, margin=<int>, algo=<max|most_recent>, "
+                                 "toward_zero, sat, nosat, flush, tensor, channel, block<N>, block<R>x<C>, "
+                                 "delayed<N>, axis=<int>, scale=<fp32|e8m0|e4m3>, "
+                                 "scale_round=<floor|ceil|even|rceil>, margin=<int>, algo=<max|most_recent>, "
                                  "randbits=<int>")
         if mode is None and (axis is not None or bs is not None or sfmt is not None or delayed_kw):
             raise ValueError(f"spec {text!r}: axis=/scale=/margin=/algo= need a scaling token (tensor, channel, "
@@ -230,17 +265,26 @@ class QuantSpec:
                 raise ValueError(f"spec {text!r}: margin=/algo= apply to delayed scaling only "
                                  "(e.g. 'e4m3:delayed16:margin=1')")
             kw["scaling"] = Scaling(mode, -1 if axis is None else axis, 32 if bs is None else bs,
-                                    "fp32" if sfmt is None else sfmt, **delayed_kw)
+                                    "fp32" if sfmt is None else sfmt, **delayed_kw, **extra_kw)
+        elif extra_kw:
+            raise ValueError(f"spec {text!r}: scale_round= needs block scaling with E8M0 scales "
+                             "(e.g. 'mxfp8:scale_round=rceil')")
         return cls(fmt, **kw)
 
     def __str__(self) -> str:
         head, parts = self.format.name, []
-        if self.scaling is not None:
-            named = next((n for n in _CANONICAL_SCALED if SCALED_FORMATS[n] == (self.format.name, self.scaling)), None)
+        sc = self.scaling
+        if sc is not None:
+            plain = replace(sc, block_rows=1, scale_rounding="floor")
+            named = next((n for n in _CANONICAL_SCALED if SCALED_FORMATS[n] == (self.format.name, plain)), None)
             if named:
                 head = named
+                if sc.block_rows != 1:
+                    parts.append(f"block{sc.block_rows}x{sc.block_size}")
+                if sc.scale_rounding != "floor":
+                    parts.append(f"scale_round={sc.scale_rounding}")
             else:
-                parts.append(str(self.scaling))
+                parts.append(str(sc))
         if self.rounding != Rounding.NEAREST:
             parts.insert(0, self.rounding.value)
         if not self.saturate:

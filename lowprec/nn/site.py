@@ -56,11 +56,14 @@ def axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None
 
 
 def axis_free(spec: QuantSpec | None) -> bool:
-    """Quantizing with this spec gives the same result whatever the reduction axis (and is deterministic)."""
+    """Quantizing with this spec gives the same result whatever the reduction axis (and is deterministic): no,
+    tensor or delayed scaling, or square 2-D blocks (``block16x16``: the same tiles along either axis)."""
     if spec is None:
         return True
     deterministic = spec.rounding != Rounding.STOCHASTIC
-    return deterministic and (spec.scaling is None or spec.scaling.mode in ("tensor", "delayed"))
+    sc = spec.scaling
+    square = sc is not None and sc.mode == "block" and sc.block_rows == sc.block_size
+    return deterministic and (sc is None or sc.mode in ("tensor", "delayed") or square)
 
 
 def is_delayed(spec: QuantSpec | None) -> bool:

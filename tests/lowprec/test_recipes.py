@@ -102,3 +102,147 @@ def test_state_min_numel_keeps_small_tensors_fp32():
 def test_fp8_states_description_says_what_it_does():
     doc = PRESET_DOCS["fp8-states"]
     assert "128" in doc and "torchao" not in doc.split("(")[0]
+
+
+# ------------------------------------------------------------------------------------ MX scale rounding modes
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from lowprec.codecs import decode, encode  # noqa: E402
+from lowprec.quantize import QuantSpec, quantize, quantize_with_scale  # noqa: E402
+
+# torchao's constants (torchao/prototype/mx_formats/constants.py): largest power of two, max, mantissa bits
+ELEM = {"mxfp8": (8, 448.0, 3), "mxfp4": (2, 6.0, 1)}
+
+
+def _floor_log2(a: float) -> int:
+    m, e = math.frexp(a)        # a = m * 2**e, 0.5 <= m < 1 (exact on floats)
+    return e - 1
+
+
+def _ceil_log2(a: float) -> int:
+    m, e = math.frexp(a)
+    return e - 1 if m == 0.5 else e
+
+
+def _oracle_exponent(amax: float, mode: str, name: str) -> int:
+    """torchao's ScaleCalculationMode rules (torchao/prototype/mx_formats/mx_tensor.py), in exact float math."""
+    pow2, fmax, mbits = ELEM[name]
+    if mode == "floor":
+        e = _floor_log2(amax) - pow2
+    elif mode == "ceil":
+        e = _ceil_log2(amax) - pow2
+    elif mode == "even":          # amax rounded half up to mbits mantissa bits, then floor
+        m, ex = math.frexp(amax)
+        r = math.floor(m * 2 ** (mbits + 1) + 0.5) * 2.0 ** (ex - mbits - 1)
+        e = _floor_log2(r) - pow2
+    else:                         # rceil: the float32 quotient amax / max, rounded up to a power of two
+        e = _ceil_log2(float(np.float32(amax) / np.float32(fmax)))
+    return max(-127, min(127, e))
+
+
+@pytest.mark.parametrize("name", ["mxfp8", "mxfp4"])
+@pytest.mark.parametrize("mode", ["floor", "ceil", "even", "rceil"])
+def test_mx_scale_rounding_modes_match_torchao_rules(name, mode):
+    pow2, fmax, _ = ELEM[name]
+    # block maxima on and around every boundary: powers of two, the element max, EVEN's half-way points
+    amaxes = [2.0 ** k * f for k in (-20, -3, 0, 5, 40) for f in (1.0, 1.5, 1.75, 1.875, 1.9375, 6 / 4, 7 / 4, 448 / 256)]
+    amaxes += [float(np.nextafter(np.float32(a), np.float32(np.inf))) for a in amaxes[:12]]
+    amaxes += [float(np.nextafter(np.float32(a), np.float32(0))) for a in amaxes[:12]]
+    amaxes = [float(np.float32(a)) for a in amaxes]
+    x = torch.zeros(len(amaxes), 32)
+    g = torch.Generator().manual_seed(0)
+    for i, a in enumerate(amaxes):
+        x[i] = (torch.rand(32, generator=g) * 2 - 1) * a * 0.99
+        x[i, i % 32] = -a if i % 2 else a
+    sp = QuantSpec.parse(f"{name}:scale_round={mode}")
+    q, scale = quantize_with_scale(x, sp)
+    want = torch.tensor([2.0 ** _oracle_exponent(a, mode, name) for a in amaxes])
+    assert torch.equal(scale[:, 0], want), mode
+    assert torch.equal(scale, want[:, None].expand(-1, 32))
+    assert (q.abs() / scale).max() <= fmax
+    if mode in ("ceil", "rceil"):     # the scale covers the block: nothing saturates
+        assert torch.equal((x.abs() / scale).amax(1) <= fmax, torch.ones(len(amaxes), dtype=torch.bool))
+    if mode == "floor":               # today's default, OCP MX v1.0
+        assert torch.equal(q, quantize(x, name))
+    assert torch.equal(decode(encode(x, sp)), q)      # the codecs store the same scales
+
+
+def test_scale_round_text_and_errors():
+    assert str(QuantSpec.parse("e4m3:block32:scale=e8m0:scale_round=rceil")) == "mxfp8:scale_round=rceil"
+    assert QuantSpec.parse("mxfp8:scale_round=floor") == QuantSpec.parse("mxfp8")
+    for bad, match in (("nvfp4:scale_round=ceil", "E8M0"), ("e4m3:block32:scale_round=ceil", "E8M0"),
+                       ("mxfp8:scale_round=up", "scale rounding"), ("e4m3:scale_round=ceil", "block scaling")):
+        with pytest.raises(ValueError, match=match):
+            QuantSpec.parse(bad)
+
+
+# ------------------------------------------------------------------------------------------------ 2-D blocks
+def _e4m3_tiles(w: torch.Tensor, r: int, c: int) -> torch.Tensor:
+    """Oracle: every r x c tile scaled by its own amax / 448 and cast with torch's float8_e4m3fn."""
+    out = torch.empty_like(w)
+    for i in range(0, w.shape[0], r):
+        for j in range(0, w.shape[1], c):
+            t = w[i:i + r, j:j + c]
+            s = t.abs().max() / 448.0
+            out[i:i + r, j:j + c] = (t / s).to(torch.float8_e4m3fn).float() * s
+    return out
+
+
+def test_2d_blocks_match_tile_oracle_and_transpose():
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * torch.logspace(-3, 2, 200)      # ragged tiles on both axes
+    q = quantize(w, "e4m3:block128x128")
+    torch.testing.assert_close(q, _e4m3_tiles(w, 128, 128), rtol=0, atol=0)
+    assert torch.equal(quantize(w, "e4m3:block128x128:axis=0"), q)          # a square tile ignores the axis
+    assert torch.equal(quantize(w.t().contiguous(), "e4m3:block128x128").t(), q)
+    assert torch.equal(quantize(w, "e4m3:block1x128"), quantize(w, "e4m3:block128"))
+    # NVFP4 16x16: one E4M3 block scale per tile, the same for the matrix and its transpose
+    qn, sn = quantize_with_scale(w, "nvfp4:block16x16")
+    tiles = sn[:288, :192].reshape(18, 16, 12, 16)
+    assert torch.equal(tiles, tiles[:, :1, :, :1].expand_as(tiles))
+    assert torch.equal(quantize(w.t().contiguous(), "nvfp4:block16x16").t(), qn)
+    enc = encode(w, "nvfp4:block16x16")
+    assert enc.scale.shape == (19, 13) and torch.equal(decode(enc), qn)
+
+
+def test_fp8_blockwise_linear_matches_deepseek_rule():
+    """DeepSeek-V3: y = Q_1x128(x) Q_128x128(W)^T with E4M3 and fp32 scales amax/448 (oracle: torch casts)."""
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 160)
+    x = torch.randn(40, 256) * 3
+    q = convert(copy.deepcopy(lin), "fp8-blockwise")
+    y = q(x)
+    xq = _e4m3_tiles(x, 1, 128)
+    wq = _e4m3_tiles(lin.weight.detach(), 128, 128)
+    torch.testing.assert_close(y, xq @ wq.t() + lin.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_nvfp4_recipe_preset_is_the_te_recipe():
+    p = PrecisionPolicy.preset("nvfp4-recipe")
+    w, a, g = p.weight, p.activation, p.grad
+    assert (w.format.name, a.format.name, g.format.name) == ("e2m1",) * 3
+    assert all(s.scaling.scale_format == "e4m3" for s in (w, a, g))
+    assert (w.scaling.block_rows, w.scaling.block_size) == (16, 16)        # 2-D weights
+    assert (a.scaling.block_rows, a.scaling.block_size) == (1, 16)         # 1-D activations and gradients
+    assert (g.scaling.block_rows, g.scaling.block_size) == (1, 16)
+    assert [str(s.rounding) for s in (w, a, g)] == ["nearest", "nearest", "stochastic"]   # SR on grads only
+    assert p.wgrad_rht == 16
+    assert "2509.25149" in PRESET_DOCS["nvfp4-recipe"]
+
+
+def test_2d_weight_tiles_are_reused_in_the_backward():
+    """TE's reason for 16x16 weight tiles: grad-input uses the very weight values of the forward."""
+    torch.manual_seed(2)
+    lin = nn.Linear(48, 32)
+    pol = "weight=nvfp4:block16x16,activation=nvfp4,grad=nvfp4"
+    q = convert(copy.deepcopy(lin), pol)
+    x = torch.randn(20, 48, requires_grad=True)
+    gy = torch.randn(20, 32)
+    q(x).backward(gy)
+    wq = quantize(lin.weight.detach(), "nvfp4:block16x16")
+    gq = quantize(gy, "nvfp4")                      # blocks along the grad-input GEMM's reduction (out features)
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q(x).detach(), quantize(x.detach(), "nvfp4") @ wq.t() + lin.bias.detach(),
+                               rtol=1e-6, atol=1e-6)
