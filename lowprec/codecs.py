@@ -9,6 +9,14 @@ float32 ``global_scale``, or float32 values. ``encode`` takes its elements and s
 (:func:`lowprec.quantize.scale_and_round`), so ``decode(encode(x, spec))`` equals ``quantize(x, spec)`` exactly
 (for stochastic rounding: with identically seeded generators). A NaN or inf that the format cannot hold (NaN in
 e2m1, FP6, integers, mxfp4, ...) raises :class:`NonFiniteError` instead of becoming a number.
+
+COAT's dynamic range expansion (``encode(x, spec, expand=n)``; Xi et al. 2024, arXiv 2410.19313, as in NVlabs'
+``fp8_adamw_expand`` kernel and torchao's ``subclass_fp8_with_dynamic_range_expansion.py``), for block specs with
+fp32 scales (COAT: ``e4m3:block128``): per block, with ``M``/``m`` the largest/smallest magnitude (+1e-20) and
+``c = sqrt(M m)``, the elements are stored as ``sign(x) |x / c|^k`` with ``k = floor(n log2(fmt.max^2 / 2) /
+log2(M / m)) / n`` (a multiple of 1/n; 1 for a block of equal magnitudes), then block-quantized as usual; decoding
+inverts it (``sign(v) |v|^(1/k) c``). ``k`` and ``c`` are stored per block (float32). ``decode(encode(...))`` then
+differs from ``quantize(x, spec)``: the expansion belongs to the stored codes only.
 """
 
 from __future__ import annotations
@@ -190,12 +198,14 @@ class Encoded:
     dtype: torch.dtype
     global_scale: torch.Tensor | None = None
     packed: bool = False
+    expand_k: torch.Tensor | None = None
+    expand_center: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of codes plus scales."""
         n = self.codes.numel() * self.codes.element_size()
-        for t in (self.scale, self.global_scale):
+        for t in (self.scale, self.global_scale, self.expand_k, self.expand_center):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -204,19 +214,59 @@ class Encoded:
         """Only tensors and plain Python values (safe for ``torch.load(weights_only=True)``)."""
         return {"codes": self.codes, "scale": self.scale, "global_scale": self.global_scale,
                 "spec": _spec_text(self.spec), "shape": list(self.shape),
-                "dtype": str(self.dtype).replace("torch.", ""), "packed": self.packed}
+                "dtype": str(self.dtype).replace("torch.", ""), "packed": self.packed,
+                "expand_k": self.expand_k, "expand_center": self.expand_center}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Encoded":
         return cls(codes=d["codes"], scale=d["scale"], spec=_spec(d["spec"]), shape=torch.Size(d["shape"]),
-                   dtype=_DTYPES[d["dtype"]], global_scale=d.get("global_scale"), packed=bool(d["packed"]))
+                   dtype=_DTYPES[d["dtype"]], global_scale=d.get("global_scale"), packed=bool(d["packed"]),
+                   expand_k=d.get("expand_k"), expand_center=d.get("expand_center"))
+
+
+def _check_expand(s: QuantSpec, expand: int) -> None:
+    if not isinstance(expand, int) or isinstance(expand, bool) or expand < 0:
+        raise ValueError(f"expand must be a non-negative int (0 = off; COAT: 16), got {expand!r}")
+    if expand and (s.scaling is None or s.scaling.mode != "block" or s.scaling.scale_format != "fp32"
+                   or s.scaling.block_rows != 1):
+        raise ValueError(f"dynamic range expansion needs 1-D block scaling with fp32 scales (COAT: "
+                         f"'e4m3:block128'), got {s}")
+
+
+def _expand(x: torch.Tensor, s: QuantSpec, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """COAT's expansion of float32 ``x`` per block (module docstring): (expanded x, k, center)."""
+    view, undo = _sc.to_scaling_view(x, s.scaling)
+    real, _ = _sc.to_scaling_view(torch.ones_like(x), s.scaling)   # 0 on the padding of a ragged block
+    a = view.abs()
+    big = _sc.finite_amax(view, dim=-1, keepdim=True) + 1e-20
+    small = torch.where(real > 0, a, torch.full_like(a, float("inf"))).amin(-1, keepdim=True) + 1e-20
+    center = torch.sqrt(big * small)
+    lr = torch.log2(big / small)
+    k = torch.floor(torch.log2(torch.tensor(s.format.max ** 2 / 2)) / lr * n) / n
+    k = torch.where((lr > 0) & torch.isfinite(k) & (k > 0), k, torch.ones_like(k))
+    y = torch.sign(view) * (a / center) ** k
+    return undo(y), k.squeeze(-1), center.squeeze(-1)
+
+
+def _unexpand(v: torch.Tensor, enc: "Encoded") -> torch.Tensor:
+    view, undo = _sc.to_scaling_view(v.float(), enc.spec.scaling)
+    k, c = enc.expand_k.unsqueeze(-1), enc.expand_center.unsqueeze(-1)
+    return undo(torch.sign(view) * view.abs() ** (1.0 / k) * c).to(enc.dtype)
 
 
 def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = None, scaling: Any = None,
-           saturate: bool | None = None, generator: torch.Generator | None = None, pack: bool = True) -> Encoded:
+           saturate: bool | None = None, generator: torch.Generator | None = None, pack: bool = True,
+           expand: int = 0) -> Encoded:
     """Quantize ``x`` (quantize's scale -> round) and return its codes and scales (layout: module docstring).
-    Raises :class:`NonFiniteError`, naming the spec, for a NaN/inf the format cannot hold."""
+    ``expand=n``: COAT's dynamic range expansion first (module docstring). Raises :class:`NonFiniteError`,
+    naming the spec, for a NaN/inf the format cannot hold."""
     s = _spec(fmt, rounding=rounding, scaling=scaling, saturate=saturate)
+    _check_expand(s, expand)
+    if expand:
+        y, k, c = _expand(x.detach().float(), s, expand)
+        enc = encode(y, s, generator=generator, pack=pack)
+        enc.shape, enc.dtype, enc.expand_k, enc.expand_center = x.shape, x.dtype, k, c
+        return enc
     r = scale_and_round(x, s, generator, native=True)
     scale = glob = None
     if r.info is not None:
@@ -237,6 +287,9 @@ def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = 
 
 def decode(enc: Encoded) -> torch.Tensor:
     """Values of an :class:`Encoded` (shape and dtype of the original tensor)."""
+    if enc.expand_k is not None:
+        plain = Encoded(enc.codes, enc.scale, enc.spec, enc.shape, torch.float32, enc.global_scale, enc.packed)
+        return _unexpand(decode(plain), enc)
     s, fmt = enc.spec, enc.spec.format
     n = 1
     for d in enc.shape:

@@ -26,6 +26,9 @@ Options (integers, ``0`` = off; written after the roles):
   (``H S (H S)^T = I``); only what quantization sees changes.
 - ``state_min_numel=<n>``: optimizer states of tensors with fewer than ``n`` elements stay fp32 (torchao's
   low-bit optimizers and bitsandbytes keep tensors under 4,096 elements unquantized).
+- ``state_expand=<n>``: COAT's dynamic range expansion of packed optimizer states (``lowprec.codecs.encode(...,
+  expand=n)``: per block ``sign(x)|x/c|^k``, ``k`` a multiple of 1/n; COAT uses ``e4m3:block128`` and n = 16);
+  needs a 1-D block state spec with fp32 scales.
 
 Per-module rules: after the base policy, ``@``-separated ``pattern=policy`` entries ("at these modules, this
 policy"), tried in order on module names (the first match wins; no match: the base policy), e.g.
@@ -55,7 +58,7 @@ __all__ = ["PrecisionPolicy", "Rule", "PRESETS", "PRESET_DOCS", "PRESET_TABLE", 
 
 ROLES = ("weight", "activation", "grad", "state", "master", "accumulator")
 TENSOR_ROLES = ROLES[:-1]  # the roles that hold a QuantSpec (the accumulator holds an Accumulator)
-OPTIONS = ("wgrad_rht", "state_min_numel")  # integer options of a policy (module docstring), 0 = off
+OPTIONS = ("wgrad_rht", "state_min_numel", "state_expand")  # integer options of a policy (module docstring), 0 = off
 
 _WHERE = {
     "weight": "weight operand of forward and grad-input GEMMs",
@@ -217,6 +220,7 @@ class PrecisionPolicy:
     rules: Sequence[Rule] = ()
     wgrad_rht: int = 0
     state_min_numel: int = 0
+    state_expand: int = 0
 
     def __post_init__(self) -> None:
         for opt in OPTIONS:
@@ -250,6 +254,14 @@ class PrecisionPolicy:
         if isinstance(self.rules, (str, Mapping)) or not isinstance(self.rules, Iterable):
             raise TypeError(f"rules must be a sequence of rules such as [('lm_head', 'bf16')], got {self.rules!r}")
         object.__setattr__(self, "rules", tuple(_to_rule(r) for r in self.rules))
+        if self.state_expand:
+            for name in ("state", *self.state_overrides):
+                sp = self.state if name == "state" else self.state_overrides[name]
+                sc = None if sp is None else sp.scaling
+                if sp is not None and (sc is None or sc.mode != "block" or sc.scale_format != "fp32"
+                                       or sc.block_rows != 1):
+                    raise ValueError(f"state_expand (COAT dynamic range expansion) needs 1-D block state specs "
+                                     f"with fp32 scales (COAT: 'state=e4m3:block128'), got {name}={sp}")
 
     def __hash__(self) -> int:
         return hash(str(self))
@@ -382,6 +394,9 @@ class PrecisionPolicy:
         if self.wgrad_rht:
             rows.append(("wgrad_rht", "-", "-", f"Hadamard {self.wgrad_rht}, random signs", "-",
                          "both grad-weight GEMM operands, along the tokens, before quantization"))
+        if self.state_expand:
+            rows.append(("state_expand", "-", "-", f"x -> sign(x)|x/c|^k per block, k in 1/{self.state_expand}",
+                         "-", "packed optimizer states (COAT dynamic range expansion)"))
         if self.state_min_numel:
             rows.append(("state_min_numel", "fp32 (full)", "-", "-", "-",
                          f"states of tensors under {self.state_min_numel} elements"))
@@ -425,6 +440,10 @@ PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
      'both Adam moments in FP8 with per-tensor scaling: first moment E4M3, second moment E5M2 for its range '
      '(Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs", arXiv 2409.12517); everything else '
      'fp32'),
+    ("coat-states", "state=e4m3:block128,state_expand=16",
+     "COAT's optimizer states (Xi et al. 2024, arXiv 2410.19313): both Adam moments E4M3 in groups of 128 with "
+     'fp32 scales after dynamic range expansion sign(x)|x/c|^k (c the geometric mean of the group\'s largest '
+     'and smallest magnitude, k a multiple of 1/16 fitting the group\'s range to E4M3\'s); everything else fp32'),
     ("fp8-lm-o2", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:tensor,"
                   "state.exp_avg_sq=fp16,master=fp16:tensor",
      'FP8-LM / MS-AMP O2 (arXiv 2310.18313; MS-AMP docs "Optimization Level"): FP8 GEMMs as fp8-hybrid, '

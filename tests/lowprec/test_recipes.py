@@ -109,7 +109,7 @@ import math  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from lowprec.codecs import decode, encode  # noqa: E402
+from lowprec.codecs import Encoded, decode, encode  # noqa: E402
 from lowprec.quantize import QuantSpec, quantize, quantize_with_scale  # noqa: E402
 
 # torchao's constants (torchao/prototype/mx_formats/constants.py): largest power of two, max, mantissa bits
@@ -246,3 +246,49 @@ def test_2d_weight_tiles_are_reused_in_the_backward():
     torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(q(x).detach(), quantize(x.detach(), "nvfp4") @ wq.t() + lin.bias.detach(),
                                rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- COAT dynamic range expansion
+def _coat_oracle(x: torch.Tensor, group: int = 128, expand_min: int = 16) -> torch.Tensor:
+    """torchao's quantize_fp8 with dynamic range expansion (from COAT, arXiv 2410.19313), then its dequantize:
+    flat groups, Rdtype = 448 * 448 / 2, k = floor(log2(Rdtype) / log2(Rx) * 16) / 16, scale = (Max / c)^k / 448,
+    torch's float8_e4m3fn cast (float64 arithmetic here)."""
+    g = x.double().reshape(-1, group)
+    mx = g.abs().amax(-1, keepdim=True) + 1e-20
+    mn = g.abs().amin(-1, keepdim=True) + 1e-20
+    c = torch.sqrt(mx * mn)
+    k = torch.floor(math.log2(448.0 * 448.0 / 2) / torch.log2(mx / mn) * expand_min) / expand_min
+    scale = (mx / c) ** k / 448.0
+    codes = ((g.sign() * (g.abs() / c) ** k) / scale).float().to(torch.float8_e4m3fn)
+    v = codes.double() * scale
+    return (v.sign() * v.abs() ** (1 / k) * c).reshape(x.shape).float()
+
+
+def test_coat_expansion_matches_the_published_rule():
+    torch.manual_seed(3)
+    # second-moment-like states: a wide range inside each group of 128
+    v = torch.randn(16, 256).pow(2) * torch.logspace(-14, -6, 256)
+    m = torch.randn(16, 256) * torch.logspace(-6, -2, 256)
+    for x in (v, m):
+        enc = encode(x, "e4m3:block128", expand=16)
+        assert enc.expand_k.shape == enc.expand_center.shape == (16, 2)
+        got, want = decode(enc), _coat_oracle(x)
+        rel = ((got - want).abs() / want.abs().clamp_min(1e-30))
+        assert (rel > 1e-4).float().mean() < 0.01       # float32 vs float64 arithmetic: rare code flips
+        assert rel.max() < 0.2                          # at most one E4M3 step (2^-3) apart
+    # the point of the expansion: small second moments are no longer flushed to zero
+    assert (decode(encode(v, "e4m3:block128")) == 0).any()
+    assert not (decode(encode(v, "e4m3:block128", expand=16)) == 0).any()
+    enc = encode(v, "e4m3:block128", expand=16)
+    assert torch.equal(decode(Encoded.from_dict(enc.to_dict())), decode(enc))   # k and c travel in the dict
+
+
+def test_coat_expansion_constant_group_and_errors():
+    x = torch.full((2, 128), 0.5)
+    assert torch.equal(decode(encode(x, "e4m3:block128", expand=16)), x)     # k = 1 for equal magnitudes
+    for bad in ("e4m3", "e4m3:tensor", "mxfp8", "nvfp4"):
+        with pytest.raises(ValueError, match="block scaling with fp32 scales"):
+            encode(x, bad, expand=16)
+    with pytest.raises(ValueError, match="state_expand"):
+        PrecisionPolicy.parse("state=e4m3:tensor,state_expand=16")
+    assert str(PrecisionPolicy.preset("coat-states")) == "state=e4m3:block128,state_expand=16"
