@@ -435,7 +435,8 @@ PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
     ("fp8-states-torchao", "state=e4m3:block256,state_min_numel=4096",
      "torchao's FP8 optimizer states (torchao.optim.AdamWFp8): E4M3 moments in blocks of 256 with fp32 scales "
      'amax/448, states of tensors under 4,096 elements kept fp32 (torchao/optim/adam.py, after bitsandbytes); '
-     'everything else fp32'),
+     'blocks run along the last axis (torchao blocks the flattened tensor and keeps fp32 a tensor whose size is '
+     'no multiple of 256: the same blocks when the last dimension is a multiple of 256); everything else fp32'),
     ("fp8-states-e4m3-e5m2", "state=e4m3:tensor,state.exp_avg_sq=e5m2:tensor",
      'both Adam moments in FP8 with per-tensor scaling: first moment E4M3, second moment E5M2 for its range '
      '(Fishman et al. 2024, "Scaling FP8 training to trillion-token LLMs", arXiv 2409.12517); everything else '
