@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     steps = r.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=_pos_int, help="training steps per run (default: the task's)")
     steps.add_argument("--tokens", type=_pos_int, help="training tokens per run (steps = tokens / tokens-per-step)")
+    r.add_argument("--horizons", type=_config_arg("parse_steps", "horizons"), metavar="N,N,...",
+                   help="horizon ladder: steps per horizon (LR tuned at each; default study: 50,100,200); "
+                        "--steps/--tokens without --horizons mean one horizon")
     r.add_argument("--workers", type=_pos_int,
                    help="parallel worker processes (default 2; at most the CPU cores), or with --executor "
                         "submitit the most jobs running at once")
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only shard K of N (deterministic split, for cluster job arrays)")
     r.add_argument("--data", metavar="PATH",
                    help="your data: a text file or a nanoGPT uint16 .bin token file (trains the GPT on it)")
-    r.add_argument("--phases", help="comma-separated subset of tune,main,ablation,rounding,mechanism")
+    r.add_argument("--phases", help="comma-separated subset of tune,main,ablation,rounding,failure,mechanism")
     r.add_argument("--tune-per-precision", action="store_true", default=None,
                    help="tune the LR at every precision instead of once at fp32")
     r.add_argument("--tune-max-extensions", type=_nonneg_int, metavar="N",
@@ -161,7 +164,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = apply_overrides(cfg, load_toml(args.config))
     overrides = {}
     for name in ("tasks", "size", "optimizers", "precisions", "lrs", "seeds", "steps", "tokens", "workers",
-                 "out", "data", "phases", "tune_per_precision", "tune_max_extensions"):
+                 "out", "data", "phases", "tune_per_precision", "tune_max_extensions", "horizons"):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v
@@ -171,6 +174,8 @@ def config_from_args(args: argparse.Namespace):
         overrides["tokens"] = None
     if args.tokens is not None:
         overrides["steps"] = None
+    if (args.steps is not None or args.tokens is not None) and args.horizons is None:
+        overrides["horizons"] = None  # one run length: the one given
     if args.data and not args.tasks:
         overrides["tasks"] = ["text"]
     if args.data and "phases" not in overrides:
@@ -183,7 +188,9 @@ def check_limits(cfg, *, executor: str = "local", threads: int = 1) -> None:
     """Refuse budgets that cannot be meant (one-line ValueError, exit 2) before anything is built."""
     cores = os.cpu_count() or 1
     for name, v, top in (("steps", cfg.steps, MAX_STEPS), ("tokens", cfg.tokens, MAX_TOKENS),
-                         ("mechanism_steps", cfg.mechanism_steps, MAX_STEPS)):
+                         ("mechanism_steps", cfg.mechanism_steps, MAX_STEPS),
+                         ("horizons", max(cfg.horizons or [0]), MAX_STEPS),
+                         ("failure_horizons", max(cfg.failure_horizons or [0]), MAX_STEPS)):
         if v is not None and v > top:
             raise ValueError(f"{name} {v} is above the limit of {top:,} per run")
     if executor == "local" and cfg.workers > max(2, cores):

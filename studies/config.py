@@ -38,10 +38,11 @@ from studies.precision import parse_precision, precision_label, rounding_variant
 
 __all__ = ["PHASES", "SIZES", "SCHEDULES", "Thresholds", "StudyConfig", "RunSpec", "parse_precision",
            "precision_label", "rounding_variants", "parse_seeds", "parse_task_precisions", "parse_list",
-           "parse_precisions", "parse_floats", "parse_shard", "apply_overrides", "load_toml", "quick_config",
-           "default_config", "paper_config_path", "MAX_SEEDS"]
+           "parse_precisions", "parse_floats", "parse_steps", "parse_shard", "apply_overrides", "load_toml",
+           "quick_config",
+           "default_config", "paper_config_path", "MAX_SEEDS", "FAILURE_PRECISIONS"]
 
-PHASES = ("tune", "main", "ablation", "rounding", "mechanism")
+PHASES = ("tune", "main", "ablation", "rounding", "failure", "mechanism")
 MAX_SEEDS = 10_000  # seeds per list (a count is checked before any list is built)
 SIZES = ("quick", "default", "paper")
 SCHEDULES = ("cosine", "constant")
@@ -114,6 +115,14 @@ class StudyConfig:
     rounding_precision: str = "fp8-all"
     rounding_seeds: list[int] | None = None          # None: the first study seed
     rounding_tasks: list[str] | None = None          # None: every study task
+    # horizon ladder (studies.protocol): steps per horizon; None = one horizon (steps / tokens / task default)
+    horizons: list[int] | None = None
+    horizon_precisions: list[str] | None = None      # precisions off the middle horizon (None: the main ones)
+    # FP8 failure map (phase "failure"): optimizers x storage policies x seeds x failure_horizons
+    failure_precisions: list[str] = field(default_factory=list)
+    failure_optimizers: list[str] = field(default_factory=lambda: ["adamw", "signum", "stosignsgd"])
+    failure_seeds: list[int] | None = None           # None: the study's seeds
+    failure_horizons: list[int] | None = None        # None: the two longest horizons (or the one run length)
     mechanism_tasks: list[str] = field(default_factory=lambda: ["convex-l1"])
     mechanism_optimizers: list[str] = field(default_factory=lambda: ["signsgd", "signum", "stosignsgd"])
     mechanism_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -136,7 +145,7 @@ class StudyConfig:
             if p not in PHASES:
                 raise ValueError(f"unknown phase {p!r}; valid: {', '.join(PHASES)}")
         for name in [*self.optimizers, *self.ablation_optimizers, *(self.rounding_optimizers or []),
-                     *self.mechanism_optimizers, self.target_optimizer]:
+                     *self.mechanism_optimizers, *self.failure_optimizers, self.target_optimizer]:
             check_optimizer(name)
         from studies.tasks import get_task  # validates task names (ValueError lists TASKS)
 
@@ -154,6 +163,13 @@ class StudyConfig:
         self.tune_precision = precision_label(self.tune_precision)
         self.ablation_precision = precision_label(self.ablation_precision)
         self.rounding_precision = precision_label(self.rounding_precision)
+        self.failure_precisions = [precision_label(p) for p in self.failure_precisions]
+        if self.horizon_precisions is not None:
+            self.horizon_precisions = [precision_label(p) for p in self.horizon_precisions]
+        for name in ("horizons", "failure_horizons"):
+            v = getattr(self, name)
+            if v is not None and (not v or any(not isinstance(h, int) or isinstance(h, bool) or h <= 0 for h in v)):
+                raise ValueError(f"{name} must be positive integers (steps), got {v!r}")
         for name, v in [("steps", self.steps), ("tokens", self.tokens), ("eval_every", self.eval_every),
                         ("mechanism_steps", self.mechanism_steps)]:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
@@ -167,7 +183,8 @@ class StudyConfig:
         if self.lrs is not None:
             if not self.lrs or any(not isinstance(x, (int, float)) or x <= 0 for x in self.lrs):
                 raise ValueError(f"lrs must be positive numbers, got {self.lrs!r}")
-        for name in ("seeds", "tune_seeds", "mechanism_seeds", "ablation_seeds", "rounding_seeds"):
+        for name in ("seeds", "tune_seeds", "mechanism_seeds", "ablation_seeds", "rounding_seeds",
+                     "failure_seeds"):
             v = getattr(self, name)
             if v is not None and (not v or any(not isinstance(s, int) or s < 0 for s in v)):
                 raise ValueError(f"{name} must be non-negative integers, got {v!r}")
@@ -323,6 +340,18 @@ def parse_floats(value: Any, what: str) -> list[float]:
     return out
 
 
+def parse_steps(value: Any, what: str) -> list[int]:
+    """Step counts: a list of positive integers or "250,1000,4000"."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = [int(v) if isinstance(v, str) else v for v in items if not isinstance(v, str) or v.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: expected positive integers like 250,1000, got {value!r}") from None
+    if not out or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in out):
+        raise ValueError(f"{what}: expected positive integers like 250,1000, got {value!r}")
+    return out
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """"K/N" with 0 <= K < N -> (K, N)."""
     try:
@@ -343,6 +372,12 @@ _FIELD_PARSERS = {
     "ablation_seeds": lambda v: None if v is None else parse_seeds(v),
     "rounding_seeds": lambda v: None if v is None else parse_seeds(v),
     "mechanism_seeds": parse_seeds,
+    "failure_seeds": lambda v: None if v is None else parse_seeds(v),
+    "failure_precisions": lambda v: [] if not v else parse_precisions(v),
+    "failure_optimizers": lambda v: parse_list(v, "failure_optimizers"),
+    "horizon_precisions": lambda v: None if v is None else parse_precisions(v),
+    "horizons": lambda v: None if v is None else parse_steps(v, "horizons"),
+    "failure_horizons": lambda v: None if v is None else parse_steps(v, "failure_horizons"),
     "lrs": lambda v: None if v is None else parse_floats(v, "lrs"),
     "phases": lambda v: parse_list(v, "phases"),
     "ablation_optimizers": lambda v: parse_list(v, "ablation_optimizers"),
@@ -434,14 +469,27 @@ def quick_config() -> StudyConfig:
         seeds=[0], phases=["main"], telemetry_every=5, workers=2)
 
 
+# the FP8 failure map's storage policies: optimizer states (for AdamW: both moments) unscaled E4M3, E4M3 per
+# tensor, E4M3 block-128, E5M2 per tensor, FP8-LM's E4M3 first / fp16 second moment, FP4 and INT4 states, and bf16
+# master weights with round-to-nearest; everything else in full precision, so only the storage differs
+FAILURE_PRECISIONS = ["state=e4m3", "state=e4m3:tensor", "state=e4m3:block128", "state=e5m2:tensor",
+                      "state=e4m3:tensor,state.exp_avg_sq=fp16", "state=e2m1:block32", "state=int4:block32",
+                      "master=bf16"]
+
+
 def default_config() -> StudyConfig:
-    """The default study (``precision-sweep run`` with no arguments): tiny GPT ("default" size, 250 steps) ×
-    {adamw, signum, stosignsgd} × {fp32, bf16, fp8-hybrid, fp8-states, fp8-all, fp8-all-unscaled, nvfp4} × 2 seeds,
-    the tiny MoE × the same optimizers × {fp32, fp8-all, fp8-all-unscaled} × 2 seeds, LR tuning for both, and the
-    ablation and rounding phases (GPT) and the mechanism phase (convex). The README's "Results" section gives its
-    measured time."""
-    return StudyConfig(tasks=["gpt", "moe"], task_precisions={"moe": ["fp32", "fp8-all", "fp8-all-unscaled"]},
-                       ablation_tasks=["gpt"], rounding_tasks=["gpt"])
+    """The default study (``precision-sweep run`` with no arguments), sized for ~10 minutes on 2 cores: the tiny
+    GPT at "quick" size on a horizon ladder of 50 / 100 / 200 steps (LR tuned at each), {adamw, signsgd, signum,
+    stosignsgd} x {fp32, fp8-all, nvfp4} at 100 steps and {fp32, fp8-all} at 50 and 200, 3 seeds; ablations
+    (each variant tuned) and rounding at 100 steps; the FP8 failure map (adamw, signum, stosignsgd x
+    FAILURE_PRECISIONS x 3 seeds at 100 and 200 steps); the mechanism on convex-l1 and convex-l1-weak. The MoE,
+    bf16/fp8-hybrid/fp8-states and the larger sizes are in studies/paper.toml. README "Results" has its time."""
+    return StudyConfig(tasks=["gpt"], size="quick", optimizers=["adamw", "signsgd", "signum", "stosignsgd"],
+                       precisions=["fp32", "fp8-all", "nvfp4"], seeds=[0, 1, 2], horizons=[50, 100, 200],
+                       horizon_precisions=["fp32", "fp8-all"], rounding_optimizers=["adamw", "stosignsgd"],
+                       failure_precisions=list(FAILURE_PRECISIONS),
+                       mechanism_tasks=["convex-l1", "convex-l1-weak"],
+                       mechanism_optimizers=["signsgd", "signum", "stosignsgd", "adamw"])
 
 
 def paper_config_path() -> Path:

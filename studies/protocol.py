@@ -3,9 +3,10 @@
 Phases (each optional, run in this order):
 
 - ``tune``: every optimizer gets the same budget — its LR grid (the task's ``lr_grid`` or ``--lrs``) at
-  ``tune_precision`` (fp32) with ``tune_seeds``. The best LR per optimizer has the lowest mean final validation
-  loss over the tune seeds; a diverged or failed run counts as +inf (worst). Ablation variants use the LR chosen
-  for the optimizer they ablate (stosignsgd). With ``tune_per_precision`` the grid runs at every precision.
+  ``tune_precision`` (fp32) with ``tune_seeds``, at every horizon of the ladder (``horizons``; the middle one
+  for ablation variants, each tuned by this same rule; ``studies.horizon``). The best LR per optimizer has the lowest mean final validation
+  loss over the tune seeds; a diverged or failed run counts as +inf (worst). An optimizer not tuned itself uses
+  its base optimizer's LR. With ``tune_per_precision`` the grid runs at every precision.
   Edge extension (the same rule for every optimizer): while the best LR is the lowest (highest) LR tried, the
   next LR outward is run — the lowest (highest) tried LR divided (multiplied) by the ratio of the grid's two
   lowest (highest) points, rounded to 2 significant digits — at most ``tune_max_extensions`` times per optimizer
@@ -15,11 +16,17 @@ Phases (each optional, run in this order):
   its chosen LR, × (1 + ``target_slack``). Without a tune phase, the same rule over the main phase's runs of that
   optimizer at that precision (at its best LR when several were run).
 - ``main``: every optimizer × precision × seed at its chosen LR (the task's default LR without tuning, or each of
-  ``--lrs`` when given).
-- ``ablation``: stosignsgd and its variants at ``ablation_precision`` with stosignsgd's LR.
+  ``--lrs`` when given), at every horizon (``horizon_precisions`` off the middle one). A tune run at the chosen LR
+  is the same configuration as seed 0 of its main cell and is run once (``studies.sweep`` reuses it).
+- ``ablation``: stosignsgd and its variants at ``ablation_precision``, each with its own tuned LR.
 - ``rounding``: nearest vs stochastic rounding of master weights and optimizer states, per optimizer, at variants
   of ``rounding_precision``.
+- ``failure``: the FP8 failure map: ``failure_optimizers`` × ``failure_precisions`` (state / master storage
+  policies) × seeds × ``failure_horizons``, each optimizer at its full-precision tuned LR of that horizon.
 - ``mechanism``: the non-smooth convex task(s) in fp32 with each optimizer's default LR.
+
+After the runs, ``studies.summary.summarize`` writes the answer (ladder speedups, paired loss changes vs fp32,
+the failure map, the mechanism, claims) to study.json's ``summary``.
 
 tokens_to_target is filled in for every row of a task that has a target (``finalize``), from its metrics.csv.
 """
@@ -35,6 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from studies import horizon
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer
 from studies.config import RunSpec, rounding_variants
@@ -44,6 +52,8 @@ from studies.records import check_folder, file_sha256, merge_folders, package_ve
 from studies.schema import read_study
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
+from studies.finalize import data_hash, finalize, versions as _versions
+from studies.summary import summarize
 
 __all__ = ["PhaseIncomplete", "tuned_optimizers", "main_precisions", "tune_precisions", "plan_tune", "next_lr",
            "at_edge", "plan_extension", "choose_lrs", "chosen_lr", "compute_targets", "plan_after_tune", "finalize",
@@ -62,27 +72,17 @@ def _task(cfg: StudyConfig, name: str, size: str | None = None):
 
 def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision: str, lr: float, seed: int,
           size: str | None = None, steps: int | None = None, data: str | None = None) -> RunSpec:
+    """One run; ``steps`` None: the study's steps / tokens (the task's own for the mechanism phase)."""
     data_sha256 = data_hash(data) if data else None
     own = phase == "mechanism"  # the convex tasks keep their own step count (mechanism_steps or the default)
     return RunSpec(
         task=task, optimizer=optimizer, precision=precision, lr=float(lr), seed=int(seed), phase=phase,
         size=size or cfg.size, data=data, steps=steps if (steps is not None or own) else cfg.steps,
-        tokens=None if (steps is not None or own) else cfg.tokens, eval_every=None if own else cfg.eval_every,
+        tokens=None if (steps is not None or own) else cfg.tokens,
+        eval_every=None if own else horizon.eval_every_at(cfg, steps),
         schedule=cfg.schedule,
         warmup_frac=cfg.warmup_frac, telemetry_every=cfg.telemetry_every,
         thresholds=dataclasses.asdict(cfg.thresholds), data_sha256=data_sha256)
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def data_hash(path: str | Path) -> str:
-    """SHA-256 of the data file's content (cached per path, size and modification time)."""
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(path)
-    return _HASHES[key]
 
 
 def _default_lr(task, optimizer: str) -> float:
@@ -104,17 +104,29 @@ def _lr_grid(cfg: StudyConfig, task, optimizer: str) -> list[float]:
 
 
 def tuned_optimizers(cfg: StudyConfig) -> list[str]:
-    """Optimizers that get an LR grid: the study's, the target optimizer, and the bases of ablation variants."""
+    """Optimizers that get an LR grid: the study's, the target optimizer, every ablation variant (each tuned by the
+    same rule) and the optimizers of the rounding and failure phases."""
     names = list(cfg.optimizers)
     extra = [cfg.target_optimizer]
     if "ablation" in cfg.phases:
-        extra += [base_optimizer(o) for o in cfg.ablation_optimizers]
+        extra += list(cfg.ablation_optimizers)
     if "rounding" in cfg.phases:
         extra += [base_optimizer(o) for o in (cfg.rounding_optimizers or cfg.optimizers)]
+    if "failure" in cfg.phases and cfg.failure_precisions:
+        extra += [base_optimizer(o) for o in cfg.failure_optimizers]
     for n in extra:
         if n not in names:
             names.append(n)
     return names
+
+
+def tune_horizons(cfg: StudyConfig, optimizer: str) -> list[int | None]:
+    """The horizons ``optimizer`` is tuned at: every horizon of the ladder for the main and target optimizers
+    (and those of the failure phase), the middle one for ablation variants and rounding-only optimizers."""
+    everywhere = set(cfg.optimizers) | {cfg.target_optimizer}
+    if "failure" in cfg.phases and cfg.failure_precisions:
+        everywhere |= {base_optimizer(o) for o in cfg.failure_optimizers}
+    return horizon.ladder(cfg) if optimizer in everywhere else [horizon.middle(cfg)]
 
 
 def main_precisions(cfg: StudyConfig, task: str) -> list[str]:
@@ -132,9 +144,17 @@ def plan_tune(cfg: StudyConfig) -> list[RunSpec]:
     for tname in cfg.tasks:
         task = _task(cfg, tname)
         for opt in tuned_optimizers(cfg):
-            for prec in tune_precisions(cfg, tname):
-                specs += _tune_specs(cfg, tname, opt, prec, _lr_grid(cfg, task, opt))
+            for h in tune_horizons(cfg, opt):
+                for prec in tune_precisions(cfg, tname):
+                    specs += _tune_specs(cfg, tname, opt, prec, _lr_grid(cfg, task, opt), h)
     return specs
+
+
+def tune_grids(cfg: StudyConfig) -> dict[tuple[str, str, str], list[float]]:
+    """{(horizon key, precision, optimizer): the base LR grid} of every tuned cell (the start of ``tried``)."""
+    return {(horizon.horizon_key(cfg, t, h), p, o): sorted(set(_lr_grid(cfg, _task(cfg, t), o)))
+            for t in cfg.tasks for o in tuned_optimizers(cfg) for h in tune_horizons(cfg, o)
+            for p in tune_precisions(cfg, t)}
 
 
 def next_lr(tried: list[float], base: list[float], best: float) -> float | None:
@@ -160,9 +180,10 @@ def at_edge(tried: list[float], best: float) -> bool:
     return len(tried) >= 2 and best in (tried[0], tried[-1])
 
 
-def _tune_specs(cfg: StudyConfig, tname: str, opt: str, prec: str, lrs: list[float]) -> list[RunSpec]:
-    return [_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr, seed=seed, data=cfg.data)
-            for lr in lrs for seed in cfg.tune_seeds]
+def _tune_specs(cfg: StudyConfig, tname: str, opt: str, prec: str, lrs: list[float], steps: int | None = None
+                ) -> list[RunSpec]:
+    return [_spec(cfg, phase="tune", task=tname, optimizer=opt, precision=prec, lr=lr, seed=seed, data=cfg.data,
+                  steps=steps) for lr in lrs for seed in cfg.tune_seeds]
 
 
 def plan_extension(cfg: StudyConfig, tried: dict[tuple[str, str, str], list[float]], rows: list[dict]
@@ -174,15 +195,16 @@ def plan_extension(cfg: StudyConfig, tried: dict[tuple[str, str, str], list[floa
     """
     chosen = choose_lrs(cfg, rows)
     specs: list[RunSpec] = []
-    for (tname, prec, opt), lrs in tried.items():
-        best = chosen.get(tname, {}).get(prec, {}).get(opt, {}).get("lr")
+    for (key, prec, opt), lrs in tried.items():
+        best = chosen.get(key, {}).get(prec, {}).get(opt, {}).get("lr")
         if best is None:
             continue
+        tname, steps = horizon.split_key(key)
         lr = next_lr(lrs, _lr_grid(cfg, _task(cfg, tname), opt), best)
         if lr is not None:
             lrs.append(lr)
             lrs.sort()
-            specs += _tune_specs(cfg, tname, opt, prec, [lr])
+            specs += _tune_specs(cfg, tname, opt, prec, [lr], steps if steps is not None else horizon.middle(cfg))
     return specs
 
 
@@ -205,7 +227,8 @@ def _float(v: Any) -> float:
 
 
 def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:
-    """{task: {precision: {optimizer: {"lr": best, "scores": {lr: score}}}}} from the rows of ``phase``.
+    """{task key: {precision: {optimizer: {"lr": best, "scores": {lr: score}}}}} from the rows of ``phase``; the
+    key is ``studies.horizon.horizon_key`` (the task name, "task@steps" off the middle horizon of a ladder).
 
     Ties and all-diverged grids pick the smallest LR (the most conservative choice).
     """
@@ -213,7 +236,7 @@ def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:
     for r in rows:
         if r.get("phase") != phase:
             continue
-        groups[(r["task"], r["precision"], r["optimizer"])][float(r["lr"])].append(r)
+        groups[(horizon.row_key(cfg, r), r["precision"], r["optimizer"])][float(r["lr"])].append(r)
     out: dict = {}
     for (task, prec, opt), by_lr in groups.items():
         scores = {lr: _score(rs) for lr, rs in sorted(by_lr.items())}
@@ -222,14 +245,17 @@ def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:
     return out
 
 
-def chosen_lr(cfg: StudyConfig, chosen: dict, task, optimizer: str, precision: str) -> float:
-    """The LR for ``optimizer`` at ``precision``: tuned (per precision or at tune_precision), else the default."""
-    per_task = chosen.get(task.name, {})
+def chosen_lr(cfg: StudyConfig, chosen: dict, task, optimizer: str, precision: str, steps: int | None = None
+              ) -> float:
+    """The LR for ``optimizer`` at ``precision`` and horizon ``steps``: tuned there (per precision or at
+    tune_precision; its own, else its base optimizer's), else the middle horizon's, else the task default."""
     keys = [precision, cfg.tune_precision] if cfg.tune_per_precision else [cfg.tune_precision]
-    for key in keys:
-        for name in (optimizer, base_optimizer(optimizer)):
-            if name in per_task.get(key, {}):
-                return per_task[key][name]["lr"]
+    for tkey in dict.fromkeys([horizon.horizon_key(cfg, task.name, steps), task.name]):
+        per_task = chosen.get(tkey, {})
+        for key in keys:
+            for name in (optimizer, base_optimizer(optimizer)):
+                if name in per_task.get(key, {}):
+                    return per_task[key][name]["lr"]
     return _default_lr(task, optimizer)
 
 
@@ -239,7 +265,7 @@ def compute_targets(cfg: StudyConfig, rows: list[dict], chosen: dict) -> dict[st
     for tname in cfg.tasks:
         prec, opt = cfg.tune_precision, cfg.target_optimizer
         cands = [r for r in rows if r["task"] == tname and r["optimizer"] == opt and r["precision"] == prec
-                 and r.get("phase") in ("tune", "main")]
+                 and r.get("phase") in ("tune", "main") and horizon.row_key(cfg, r) == tname]
         lr = chosen.get(tname, {}).get(prec, {}).get(opt, {}).get("lr")
         if lr is not None:
             base = [r for r in cands if r["phase"] == "tune" and float(r["lr"]) == lr]
@@ -258,33 +284,41 @@ def compute_targets(cfg: StudyConfig, rows: list[dict], chosen: dict) -> dict[st
 
 
 def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
-    """The main, ablation, rounding and mechanism runs (those of them listed in cfg.phases)."""
+    """The main (every horizon of the ladder), ablation and rounding (middle horizon), failure (its horizons) and
+    mechanism runs (those of them listed in cfg.phases)."""
     specs: list[RunSpec] = []
     tuned = "tune" in cfg.phases
+    mid = horizon.middle(cfg)
+
+    def add(phase: str, tname: str, opt: str, prec: str, lr: float, seeds: list[int], steps: int | None) -> None:
+        specs.extend(_spec(cfg, phase=phase, task=tname, optimizer=opt, precision=prec, lr=lr, seed=seed,
+                           data=cfg.data, steps=steps) for seed in seeds)
+
     for tname in cfg.tasks:
         task = _task(cfg, tname)
         if "main" in cfg.phases:
-            for opt in cfg.optimizers:
-                for prec in main_precisions(cfg, tname):
-                    lrs = [chosen_lr(cfg, chosen, task, opt, prec)] if tuned or not cfg.lrs else cfg.lrs
-                    for lr in lrs:
-                        for seed in cfg.seeds:
-                            specs.append(_spec(cfg, phase="main", task=tname, optimizer=opt, precision=prec,
-                                               lr=lr, seed=seed, data=cfg.data))
+            for h in horizon.ladder(cfg):
+                for opt in cfg.optimizers:
+                    for prec in horizon.precisions_at(cfg, main_precisions(cfg, tname), h):
+                        lrs = [chosen_lr(cfg, chosen, task, opt, prec, h)] if tuned or not cfg.lrs else cfg.lrs
+                        for lr in lrs:
+                            add("main", tname, opt, prec, lr, cfg.seeds, h)
         if "ablation" in cfg.phases and tname in (cfg.ablation_tasks or cfg.tasks):
             for opt in cfg.ablation_optimizers:
-                lr = chosen_lr(cfg, chosen, task, opt, cfg.ablation_precision)
-                for seed in cfg.ablation_seeds or cfg.seeds:
-                    specs.append(_spec(cfg, phase="ablation", task=tname, optimizer=opt,
-                                       precision=cfg.ablation_precision, lr=lr, seed=seed, data=cfg.data))
+                lr = chosen_lr(cfg, chosen, task, opt, cfg.ablation_precision, mid)
+                add("ablation", tname, opt, cfg.ablation_precision, lr, cfg.ablation_seeds or cfg.seeds, mid)
         if "rounding" in cfg.phases and tname in (cfg.rounding_tasks or cfg.tasks):
             variants = rounding_variants(cfg.rounding_precision)
             for opt in cfg.rounding_optimizers or cfg.optimizers:
-                lr = chosen_lr(cfg, chosen, task, opt, cfg.rounding_precision)
+                lr = chosen_lr(cfg, chosen, task, opt, cfg.rounding_precision, mid)
                 for prec in variants.values():
-                    for seed in cfg.rounding_seeds or cfg.seeds[:1]:
-                        specs.append(_spec(cfg, phase="rounding", task=tname, optimizer=opt, precision=prec,
-                                           lr=lr, seed=seed, data=cfg.data))
+                    add("rounding", tname, opt, prec, lr, cfg.rounding_seeds or cfg.seeds[:1], mid)
+        if "failure" in cfg.phases:
+            for h in horizon.failure_horizons(cfg):
+                for opt in cfg.failure_optimizers:
+                    lr = chosen_lr(cfg, chosen, task, opt, cfg.tune_precision, h)  # tuned in full precision
+                    for prec in cfg.failure_precisions:
+                        add("failure", tname, opt, prec, lr, cfg.failure_seeds or cfg.seeds, h)
     if "mechanism" in cfg.phases:
         for tname in cfg.mechanism_tasks:
             task = _task(cfg, tname, cfg.mechanism_size)
@@ -294,46 +328,6 @@ def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
                                        lr=_default_lr(task, opt), seed=seed, size=cfg.mechanism_size or cfg.size,
                                        steps=cfg.mechanism_steps))
     return specs
-
-
-def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
-    """Fill target_loss and tokens_to_target of every finished row of a task with a target, from metrics.csv."""
-    import pandas as pd
-
-    from studies.stats import run_tokens_to_target
-
-    out_dir = Path(out_dir)
-
-    def fill(r: dict) -> dict:
-        t = targets.get(r.get("task"))
-        if t is None or not math.isfinite(t) or r.get("status") == "error":
-            return r
-        path = out_dir / "runs" / r["run_id"] / "metrics.csv"
-        if not path.exists():
-            return r
-        try:
-            m = pd.read_csv(path, usecols=["tokens", "val_loss"])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not a readable metrics file ({type(exc).__name__}: {exc}); delete the "
-                             f"folder {path.parent} to rerun that run") from None
-        r["target_loss"] = t
-        r["tokens_to_target"] = run_tokens_to_target(m["tokens"].to_numpy(float), m["val_loss"].to_numpy(float), t)
-        return r
-
-    update_records(out_dir, fill)
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import pandas
-    import torch
-
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-         "pandas": pandas.__version__, "platform": platform.platform()}
-    version = package_version()
-    if version != "unknown":
-        v["lowprec-stosign"] = version
-    return v
 
 
 def _wait_for(specs: list[RunSpec], store: ResultsStore, wait_min: float, poll_s: float = 1.0) -> None:
@@ -389,8 +383,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         tune = plan_tune(cfg)
         study["lr_grid"] = {t: {o: _lr_grid(cfg, _task(cfg, t), o) for o in tuned_optimizers(cfg)}
                             for t in cfg.tasks}
-        tried = {(t, p, o): sorted(set(_lr_grid(cfg, _task(cfg, t), o)))
-                 for t in cfg.tasks for o in tuned_optimizers(cfg) for p in tune_precisions(cfg, t)}
+        tried = tune_grids(cfg)
         counts["tune"] = {}
         # round 0 is the grid; round r >= 1 the edge extensions chosen from the finished rounds 0..r-1. Every
         # round is a deterministic function of the finished runs, so shards plan the same round and a rerun
@@ -425,9 +418,11 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
                                for t, pp in chosen.items()}
         study["lr_scores"] = {t: {p: {o: {str(k): s for k, s in v["scores"].items()} for o, v in po.items()}
                                   for p, po in pp.items()} for t, pp in chosen.items()}
-        study["lr_tried"] = {t: {p: {o: v for (t2, p2, o), v in tried.items() if (t2, p2) == (t, p)}
-                                 for p in tune_precisions(cfg, t)} for t in cfg.tasks}
-        study["lr_at_edge"] = {t: {p: {o: at_edge(tried[t, p, o], v["lr"]) for o, v in po.items()}
+        lr_tried: dict = {}
+        for (k, p, o), v in tried.items():
+            lr_tried.setdefault(k, {}).setdefault(p, {})[o] = v
+        study["lr_tried"] = lr_tried
+        study["lr_at_edge"] = {t: {p: {o: at_edge(tried.get((t, p, o), []), v["lr"]) for o, v in po.items()}
                                    for p, po in pp.items()} for t, pp in chosen.items()}
         study["lr_extension_rule"] = (
             f"edge extension: while an optimizer's best LR is the lowest (highest) LR tried, the next LR outward "
@@ -449,6 +444,8 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
         tvals = {t: v["target_loss"] for t, v in targets.items()}
     study["targets"] = targets
     finalize(out, tvals)
+    study["summary"] = summarize(cfg, store.rows(), optimal=study["optimal_loss"],
+                                 lr_at_edge=study.get("lr_at_edge"))
     study["counts"] = counts
     study["status"] = "complete" if not _missing(rest, store) else f"partial ({_missing(rest, store)} runs " \
                                                                     f"missing: other shards)"
@@ -471,6 +468,8 @@ def merge_study(out_dir: str | Path, folders: list[str | Path]) -> dict[str, int
     targets = compute_targets(cfg, rows, chosen)
     finalize(out_dir, {t: v["target_loss"] for t, v in targets.items()})
     study["targets"] = targets
+    study["summary"] = summarize(cfg, ResultsStore(out_dir).rows(), optimal=study.get("optimal_loss"),
+                                 lr_at_edge=study.get("lr_at_edge"))
     write_json_atomic(Path(out_dir) / "study.json", study)
     return counts
 

@@ -9,6 +9,9 @@ Everything here is plain numpy + the standard library (no scipy at runtime):
                         target was not reached.
 - :func:`wilson_ci` / :func:`divergence_fraction` a fraction of seeds with a Wilson score interval.
 
+The horizon-ladder speedup (AdamW's end-of-schedule scaling curve), paired per-seed differences and the
+"insufficient evidence" rule live in :mod:`studies.scaling`.
+
 Conventions: non-finite values (NaN, +-inf) mean "no value" (a diverged run, a target never reached) and are
 dropped where a statistic of values is asked for; every function says what it does with them.
 """
@@ -368,3 +371,4 @@ def speedup_ci(
         lo, hi = (float(v) for v in np.quantile(bm / om, [alpha, 1.0 - alpha]))
     status = STATUS_OK if (o.size == no and b.size == nb) else STATUS_PARTIAL
     return SpeedupResult(ratio, lo, hi, status, fb, fo, nb, no)
+

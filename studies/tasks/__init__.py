@@ -46,6 +46,7 @@ __all__ = ["TASKS", "REGISTRY", "DATA_TASKS", "SIZES", "DATA_SEED", "TRAIN_FRACT
 
 TASKS: dict[str, str] = {
     "convex-l1": "non-smooth convex ‖Ax−b‖₁ (block kinks): deterministic SignSGD provably stalls, optimum 0",
+    "convex-l1-weak": "convex-l1 with kink strength 0.02, below (1-beta)/(1+beta): Signum stalls like SignSGD",
     "mlp": "ReLU MLP on Gaussian inputs labelled by a fixed random teacher network (10 classes)",
     "gpt": "tiny nanoGPT-style char-level transformer on Python's pydoc_data.topics (default LM task)",
     "moe": "tiny mixture-of-experts transformer (softmax router, top-k experts, balancing loss) on the same text",
@@ -53,7 +54,8 @@ TASKS: dict[str, str] = {
 }
 # task name -> recipe function (name, description, size, data) -> Task
 REGISTRY: dict[str, Callable[[str, str, str, "str | None"], Task]] = {
-    "convex-l1": convex_task, "mlp": mlp_task, "gpt": lm_task, "moe": lm_task, "text": lm_task,
+    "convex-l1": convex_task, "convex-l1-weak": convex_task, "mlp": mlp_task, "gpt": lm_task, "moe": lm_task,
+    "text": lm_task,
 }
 DATA_TASKS = ("gpt", "moe", "text")
 

@@ -8,7 +8,11 @@ import torch.nn as nn
 
 from studies.tasks.base import DATA_SEED, Task, TaskRun, check_step, sized_task
 
-__all__ = ["L1Objective", "l1_problem", "ConvexRun", "build_convex", "convex_task", "CONVEX_SIZES", "CONVEX_LRS"]
+__all__ = ["L1Objective", "l1_problem", "ConvexRun", "build_convex", "convex_task", "CONVEX_SIZES", "CONVEX_LRS",
+           "WEAK_EPS"]
+
+WEAK_EPS = 0.02  # convex-l1-weak: below (1 - 0.9)/(1 + 0.9) = 0.053, where Signum's momentum keeps the stall
+
 
 class L1Objective(nn.Module):
     """``f(x) = ‖Ax − b‖₁ / n_blocks`` with ``A`` block diagonal, blocks ``a_i·[[1, −1], [ε, ε]]``, ``b = A x*``.
@@ -105,4 +109,6 @@ CONVEX_LRS = {
 def convex_task(name: str, description: str, size: str, data: str | None) -> Task:
     """The convex-l1 recipe at ``size`` (embedded problem; ``data`` must be None, checked by the registry)."""
     c = CONVEX_SIZES[size]
+    if name == "convex-l1-weak":  # kink strength below Signum's (1 - beta)/(1 + beta) ~ 0.053 threshold
+        c = dict(c, eps=WEAK_EPS)
     return sized_task(name, description, size, c, CONVEX_LRS[size], c["dim"], build_convex)

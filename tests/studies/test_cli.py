@@ -162,6 +162,11 @@ def test_full_protocol_small(tmp_path, capsys):
     toml.write_text('''
         ablation_optimizers = ["stosignsgd", "stosign-nonoise", "stosign-adamw"]
         rounding_optimizers = ["stosignsgd"]
+        failure_precisions = ["state=e4m3"]
+        failure_optimizers = ["adamw"]
+        failure_seeds = [0, 1]
+        mechanism_tasks = ["convex-l1"]
+        mechanism_optimizers = ["signsgd", "signum", "stosignsgd"]
         mechanism_seeds = [0]
         mechanism_steps = 40
         eval_every = 3
@@ -173,10 +178,12 @@ def test_full_protocol_small(tmp_path, capsys):
     res = _read(out / "results.csv")
     study = json.loads((out / "study.json").read_text())
     assert res["run_id"].is_unique and (res["status"] != "error").all()
-    assert set(res["phase"]) == {"tune", "main", "ablation", "rounding", "mechanism"}
+    assert set(res["phase"]) == {"tune", "main", "ablation", "rounding", "failure", "mechanism"}
     tune = res[res["phase"] == "tune"]
-    assert len(tune) == 6 and set(tune["precision"]) == {"fp32"}
-    for opt in ("adamw", "stosignsgd"):  # a 2-point grid's best is at an edge: one LR outward (default limit 1)
+    # every ablation variant is tuned by the same rule as the main optimizers (2-point grid + 1 extension each)
+    assert set(tune["optimizer"]) == {"adamw", "stosignsgd", "stosign-nonoise", "stosign-adamw"}
+    assert len(tune) == 12 and set(tune["precision"]) == {"fp32"}
+    for opt in ("adamw", "stosignsgd", "stosign-nonoise", "stosign-adamw"):  # a 2-point grid's best is at an edge: one LR outward (default limit 1)
         assert sorted(set(tune.loc[tune["optimizer"] == opt, "lr"])) in ([3.3e-4, 1e-3, 3e-3], [1e-3, 3e-3, 9e-3])
     # chosen LR = lowest mean final validation loss over the tune seeds (independent recomputation)
     for opt in ("adamw", "stosignsgd"):
@@ -189,11 +196,17 @@ def test_full_protocol_small(tmp_path, capsys):
     a = tune[tune["optimizer"] == "adamw"]["final_val_loss"].min()
     assert study["targets"]["gpt"]["target_loss"] == pytest.approx(a * 1.02)
     assert res.loc[res["task"] == "gpt", "target_loss"].dropna().nunique() == 1
-    # ablation: every variant at fp8-all with stosignsgd's LR
+    # ablation: every variant at fp8-all with its own tuned LR
     abl = res[res["phase"] == "ablation"]
     assert set(abl["optimizer"]) == {"stosignsgd", "stosign-nonoise", "stosign-adamw"}
     assert set(abl["precision"]) == {"fp8-all"}
-    assert set(abl["lr"]) == {study["chosen_lrs"]["gpt"]["fp32"]["stosignsgd"]}
+    for opt in ("stosignsgd", "stosign-nonoise", "stosign-adamw"):
+        assert set(abl.loc[abl["optimizer"] == opt, "lr"]) == {study["chosen_lrs"]["gpt"]["fp32"][opt]}
+    # failure map: adamw with unscaled E4M3 states at its fp32-tuned LR, 2 seeds, counted with a Wilson interval
+    fail = res[res["phase"] == "failure"]
+    assert len(fail) == 2 and set(fail["lr"]) == {study["chosen_lrs"]["gpt"]["fp32"]["adamw"]}
+    cell = study["summary"]["failure_map"]["gpt"]["state=e4m3"]["adamw"]
+    assert (cell["k"], cell["n"]) == ((fail["diverged"].astype(str) == "True").sum(), 2)
     # rounding: the 4 master x state rounding variants of fp8-all
     rnd = res[res["phase"] == "rounding"]
     assert len(rnd) == 4 and rnd["precision"].str.contains("master=bf16:stochastic").sum() == 2

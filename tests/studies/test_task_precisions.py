@@ -24,8 +24,8 @@ def test_task_precisions_and_phase_tasks_shape_the_plan():
     assert main == {("gpt", "fp32"): 4, ("gpt", "bf16"): 4, ("gpt", "fp8-all"): 4,
                     ("moe", "fp32"): 4, ("moe", "fp8-all-unscaled"): 4}
     assert {s.task for s in specs if s.phase in ("ablation", "rounding")} == {"gpt"}
-    # tuning covers both tasks (once, at fp32)
-    assert Counter(s.task for s in plan_tune(cfg)) == {"gpt": 6, "moe": 6}
+    # tuning covers both tasks (once, at fp32): adamw, stosignsgd and the ablation variant, each its own grid
+    assert Counter(s.task for s in plan_tune(cfg)) == {"gpt": 9, "moe": 9}
 
 
 def test_without_overrides_every_task_gets_every_phase():
@@ -52,12 +52,12 @@ def test_bad_values_name_what_is_valid(values, message):
         apply_overrides(_cfg(), values).validate()
 
 
-def test_default_study_includes_the_moe_at_reduced_precisions():
-    cfg = default_config().validate()
-    assert cfg.tasks == ["gpt", "moe"]
+def test_per_task_precisions_keep_the_moe_at_reduced_precisions():
+    cfg = apply_overrides(default_config(), {"tasks": "gpt,moe", "task_precisions": {"moe": ["fp32", "fp8-all"]},
+                                             "ablation_tasks": ["gpt"], "rounding_tasks": ["gpt"]}).validate()
     specs = plan_after_tune(cfg, chosen={})
-    assert {s.precision for s in specs if s.phase == "main" and s.task == "moe"} == {
-        "fp32", "fp8-all", "fp8-all-unscaled"}
+    assert {s.precision for s in specs if s.phase == "main" and s.task == "moe" and s.steps == 100} == {
+        "fp32", "fp8-all"}
     assert {s.task for s in specs if s.phase in ("ablation", "rounding")} == {"gpt"}
 
 

@@ -1,0 +1,229 @@
+"""The study's answer, computed from its results rows: horizon-ladder speedups, losses vs fp32 with paired
+per-seed intervals, the FP8 failure map, the convex mechanism, and the agree/disagree lines against the paper.
+
+``summarize`` returns a JSON-ready dict (written to study.json as ``summary``); ``verdict_lines`` turns it into
+the verdict-first text the terminal prints. Every verdict follows ``studies.scaling.verdict``: "insufficient
+evidence" when fewer than 3 paired seeds or when the interval spans the null value (1 for speedups, 0 for loss
+differences, the other optimizer's interval for divergence fractions).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from studies import horizon
+from studies.config import StudyConfig
+from studies.scaling import MIN_SEEDS, ladder_speedup, paired_difference, verdict
+from studies.stats import mean_ci, wilson_ci
+
+__all__ = ["PAPER_SPEEDUP", "summarize", "verdict_lines"]
+
+PAPER_SPEEDUP = (1.44, 2.14)  # the paper's claimed StoSignSGD-over-AdamW speedup range
+_SIGN = "stosignsgd"
+
+
+def _f(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _diverged(r: dict) -> bool:
+    return str(r.get("diverged")) == "True"
+
+
+def _loss(r: dict) -> float:
+    """Final validation loss; +inf for a diverged run (worse than any value), nan for a failed one."""
+    if r.get("status") == "error":
+        return math.nan
+    return math.inf if _diverged(r) else _f(r.get("final_val_loss"))
+
+
+def _cells(cfg: StudyConfig, rows: list[dict], phase: str) -> dict[tuple, dict[int, dict]]:
+    """(task, steps, precision, optimizer) -> {seed: row} of the finished rows of ``phase``."""
+    out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        if r.get("phase") == phase and r.get("status") != "error":
+            out[(r["task"], horizon.row_steps(r), r["precision"], r["optimizer"])][int(r["seed"])] = r
+    return out
+
+
+def _ci(values: list[float]) -> dict[str, float]:
+    m, lo, hi = mean_ci(values)
+    return {"mean": m, "lo": lo, "hi": hi, "n": sum(1 for v in values if math.isfinite(v))}
+
+
+def _ladder(cfg: StudyConfig, main: dict) -> dict:
+    """{task: {precision: {optimizer: [one entry per horizon]}}} with the end-of-schedule loss and the speedup
+    read off AdamW's curve at the same precision (paired over the seeds every series shares)."""
+    out: dict = {}
+    base = cfg.target_optimizer
+    for (task, steps, prec, opt), by_seed in sorted(main.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3],
+                                                                                   kv[0][1] or 0)):
+        losses = [_loss(r) for r in by_seed.values()]
+        tokens = max(_f(r.get("tokens")) for r in by_seed.values())
+        entry: dict[str, Any] = {"steps": steps, "tokens": tokens, "loss": _ci(losses),
+                                 "diverged": sum(_diverged(r) for r in by_seed.values()), "n": len(by_seed),
+                                 "tokens_to_target": _ci([_f(r.get("tokens_to_target")) for r in by_seed.values()])}
+        curve = sorted(((s, rs) for (t, s, p, o), rs in main.items() if (t, p, o) == (task, prec, base)
+                        and s is not None), key=lambda x: x[0])
+        if opt != base and len(curve) >= 2:
+            seeds = set(by_seed)
+            for _, rs in curve:
+                seeds &= set(rs)
+            seeds_l = sorted(seeds)
+            ct = [max(_f(r.get("tokens")) for r in rs.values()) for _, rs in curve]
+            if len(seeds_l) >= 1 and all(b > a for a, b in zip(ct, ct[1:])):
+                sp = ladder_speedup(ct, [[_loss(rs[s]) for s in seeds_l] for _, rs in curve], tokens,
+                                    [_loss(by_seed[s]) for s in seeds_l], paired=True)
+                entry["speedup"] = sp.to_dict()
+                entry["speedup"]["verdict"] = verdict(sp.lo, sp.hi, sp.n, 1.0, below="slower than AdamW",
+                                                      above="faster than AdamW")
+        out.setdefault(task, {}).setdefault(prec, {}).setdefault(opt, []).append(entry)
+    return out
+
+
+def _vs_fp32(cfg: StudyConfig, main: dict) -> dict:
+    """Per task, optimizer and precision at the middle horizon: the paired per-seed loss change vs fp32."""
+    out: dict = {}
+    mid = horizon.middle(cfg)
+    for (task, steps, prec, opt), by_seed in main.items():
+        ref = main.get((task, steps, "fp32", opt))
+        if steps != mid or prec == "fp32" or ref is None:
+            continue
+        m, lo, hi, n = paired_difference({s: _loss(r) for s, r in ref.items()},
+                                         {s: _loss(r) for s, r in by_seed.items()})
+        out.setdefault(task, {}).setdefault(prec, {})[opt] = {
+            "delta": m, "lo": lo, "hi": hi, "n": n,
+            "diverged": sum(_diverged(r) for r in by_seed.values()), "runs": len(by_seed),
+            "verdict": verdict(lo, hi, n, 0.0, below="lower loss than fp32", above="higher loss than fp32")}
+    return out
+
+
+def _failure_map(cfg: StudyConfig, rows: list[dict]) -> dict:
+    """{task: {precision: {optimizer: {k, n, p, lo, hi, per_horizon, explanations}}}}: divergences pooled over the
+    failure horizons and seeds, with a Wilson interval and the telemetry explanation of each failed run."""
+    out: dict = {}
+    for (task, steps, prec, opt), by_seed in sorted(_cells(cfg, rows, "failure").items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1] or 0)):
+        cell = out.setdefault(task, {}).setdefault(prec, {}).setdefault(
+            opt, {"k": 0, "n": 0, "per_horizon": {}, "explanations": []})
+        k = sum(_diverged(r) for r in by_seed.values())
+        cell["k"] += k
+        cell["n"] += len(by_seed)
+        cell["per_horizon"][str(steps)] = {"k": k, "n": len(by_seed),
+                                           "loss": _ci([_loss(r) for r in by_seed.values()])}
+        cell["explanations"] += [f"seed {s}, {steps} steps: {r.get('explanation', '')}".strip()
+                                 for s, r in sorted(by_seed.items()) if _diverged(r)]
+    for per_prec in out.values():
+        for per_opt in per_prec.values():
+            for cell in per_opt.values():
+                cell["p"], cell["lo"], cell["hi"] = wilson_ci(cell["k"], cell["n"])
+    return out
+
+
+def _mechanism(rows: list[dict], optimal: dict[str, float]) -> dict:
+    """{task: {optimizer: final loss - optimum (mean, t interval, n)}}; at the optimum 0 every remaining unit of
+    loss is what the optimizer failed to remove."""
+    out: dict = {}
+    groups: dict = defaultdict(list)
+    for r in rows:
+        if r.get("phase") == "mechanism" and r.get("status") != "error":
+            groups[(r["task"], r["optimizer"])].append(_loss(r) - optimal.get(r["task"], 0.0))
+    for (task, opt), vals in sorted(groups.items()):
+        out.setdefault(task, {})[opt] = _ci(vals)
+    return out
+
+
+def _claims(cfg: StudyConfig, ladder: dict, fmap: dict, vs: dict) -> list[str]:
+    """The agree/disagree lines against the paper's two claims (FP8 robustness, 1.44x-2.14x speedup)."""
+    lines = []
+    base = cfg.target_optimizer
+    for task, per_prec in fmap.items():
+        for prec, per_opt in per_prec.items():
+            a, s = per_opt.get(base), per_opt.get(_SIGN)
+            if not a or not s:
+                continue
+            if a["n"] < MIN_SEEDS or s["n"] < MIN_SEEDS:
+                word = "insufficient evidence (n < 3)"
+            elif a["k"] == 0:
+                word = f"disagree: {base} never diverged"
+            elif a["lo"] > s["hi"]:
+                word = f"agree: {base} diverges more often (Wilson intervals apart)"
+            else:
+                word = "insufficient evidence (Wilson intervals overlap)"
+            lines.append(f"claim 'AdamW fails in FP8, StoSignSGD does not' [{task}, {prec}]: {base} diverged "
+                         f"{a['k']}/{a['n']} vs {_SIGN} {s['k']}/{s['n']}: {word}")
+    lo_p, hi_p = PAPER_SPEEDUP
+    for task, per_prec in ladder.items():
+        for prec, per_opt in per_prec.items():
+            entries = [e for e in per_opt.get(_SIGN, []) if "speedup" in e]
+            if not entries:
+                continue
+            e = entries[-1]  # the longest horizon
+            sp = e["speedup"]
+            if sp["n"] < MIN_SEEDS or math.isnan(sp["lo"]):
+                word = "insufficient evidence"
+            elif sp["hi"] < lo_p:
+                word = f"disagree: interval below {lo_p}x"
+            elif sp["lo"] > hi_p:
+                word = f"disagree: interval above {hi_p}x"
+            elif sp["lo"] >= 1.0:
+                word = "agree: faster than AdamW, interval overlaps the paper's range"
+            else:
+                word = "insufficient evidence (interval spans 1)"
+            lines.append(f"claim '{lo_p}x-{hi_p}x faster than AdamW' [{task}, {prec}, {e['steps']} steps]: "
+                         f"{_fmt_x(sp['speedup'])} [{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}] ({sp['status']}): {word}")
+    return lines
+
+
+def _fmt_x(v: float) -> str:
+    return "nan" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.2f}x")
+
+
+def summarize(cfg: StudyConfig, rows: list[dict], *, optimal: dict[str, float] | None = None,
+              lr_at_edge: dict | None = None) -> dict:
+    """The study's answer from its rows (see the module docstring); ``lr_at_edge`` (study.json's) lists the
+    tuned cells whose chosen LR is not interior."""
+    main = _cells(cfg, rows, "main")
+    ladder = _ladder(cfg, main)
+    fmap = _failure_map(cfg, rows)
+    vs = _vs_fp32(cfg, main)
+    edges = [f"{t} {p} {o}" for t, pp in (lr_at_edge or {}).items() for p, po in pp.items()
+             for o, e in po.items() if e]
+    return {"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}),
+            "claims": _claims(cfg, ladder, fmap, vs), "lr_not_interior": edges,
+            "rule": "verdicts: 'insufficient evidence' when n < 3 paired seeds or the 95% interval spans the null "
+                    "(1 for speedups, 0 for loss changes); speedup = AdamW tokens on its end-of-schedule curve "
+                    "(log-tokens interpolation) / optimizer tokens, paired seed bootstrap"}
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The verdict-first text: the claims, then per task and precision the loss change vs fp32 and the speedup
+    at each horizon, the failure map, the mechanism, and the cells whose LR is not interior."""
+    out = list(summary.get("claims", []))
+    for task, per_prec in summary.get("vs_fp32", {}).items():
+        for prec, per_opt in per_prec.items():
+            for opt, v in per_opt.items():
+                out.append(f"{task} {prec} {opt}: loss vs fp32 {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] "
+                           f"(n={v['n']}, diverged {v['diverged']}/{v['runs']}): {v['verdict']}")
+    for task, per_prec in summary.get("ladder", {}).items():
+        for prec, per_opt in per_prec.items():
+            for opt, entries in per_opt.items():
+                for e in entries:
+                    if "speedup" in e:
+                        sp = e["speedup"]
+                        out.append(f"{task} {prec} {opt} @{e['steps']} steps: speedup {_fmt_x(sp['speedup'])} "
+                                   f"[{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}] {sp['status']}: {sp['verdict']}")
+    for task, per_prec in summary.get("failure_map", {}).items():
+        for prec, per_opt in per_prec.items():
+            cells = ", ".join(f"{o} {c['k']}/{c['n']} [{c['lo']:.2f}, {c['hi']:.2f}]" for o, c in per_opt.items())
+            out.append(f"failure map {task} {prec}: diverged {cells}")
+    for task, per_opt in summary.get("mechanism", {}).items():
+        cells = ", ".join(f"{o} {v['mean']:.4g} [{v['lo']:.3g}, {v['hi']:.3g}]" for o, v in per_opt.items())
+        out.append(f"mechanism {task} (loss above optimum): {cells}")
+    if summary.get("lr_not_interior"):
+        out.append("LR at an edge of the tried grid (optimum may lie outside): " + "; ".join(summary["lr_not_interior"]))
+    return out
