@@ -188,7 +188,9 @@ def _scaling_text(spec: QuantSpec) -> str:
     if sc.mode == "delayed":
         return (f"delayed {sc.history_len}" + (f", margin {sc.margin}" if sc.margin else "")
                 + ("" if sc.algo == "max" else f", {sc.algo}"))
-    return f"block {sc.block_size} ({sc.scale_format})"
+    size = sc.block_size if sc.block_rows == 1 else f"{sc.block_rows}x{sc.block_size}"
+    rnd = "" if sc.scale_rounding == "floor" else f", scale_round={sc.scale_rounding}"
+    return f"block {size} ({sc.scale_format}{rnd})"
 
 
 def _spec_row(role: str, spec: QuantSpec | None, note: str) -> tuple:
