@@ -292,3 +292,50 @@ def test_coat_expansion_constant_group_and_errors():
     with pytest.raises(ValueError, match="state_expand"):
         PrecisionPolicy.parse("state=e4m3:tensor,state_expand=16")
     assert str(PrecisionPolicy.preset("coat-states")) == "state=e4m3:block128,state_expand=16"
+
+
+# ------------------------------------------------------------------- presets in use, seen from the outside
+def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    return 20 * math.log10(ref.norm() / (ref - x).norm())
+
+
+@pytest.mark.parametrize("preset,out_db,grad_db", [("fp8-blockwise", (22, 40), (20, 40)),
+                                                   ("nvfp4-recipe", (10, 20), (8, 18))])
+def test_gemm_presets_quantize_every_gemm_within_their_sqnr(preset, out_db, grad_db):
+    """Outputs and weight gradients differ from fp32 and sit in the format's SQNR range (E4M3 with fine scales:
+    ~25 dB; E2M1: ~13 dB, below any 8-bit format)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 128))
+    x = torch.randn(64, 256)
+    ref = copy.deepcopy(m)
+    y = ref(x)
+    y.square().mean().backward()
+    q = convert(copy.deepcopy(m), preset)
+    yq = q(x)
+    yq.square().mean().backward()
+    assert out_db[0] <= _sqnr(y.detach(), yq.detach()) <= out_db[1]
+    for a, b in zip(ref.parameters(), q.parameters()):
+        if a.dim() == 2:
+            assert grad_db[0] <= _sqnr(a.grad, b.grad) <= grad_db[1]
+
+
+def _packed(opt, p, name):
+    return opt.state[p][name]["lowprec_packed"]
+
+
+@pytest.mark.parametrize("preset,m_spec,v_spec", [("fp8-lm-o2", "e4m3:tensor", "fp16"),
+                                                  ("fp8-states-e4m3-e5m2", "e4m3:tensor", "e5m2:tensor"),
+                                                  ("coat-states", "e4m3:block128", "e4m3:block128")])
+def test_state_presets_store_the_published_formats(preset, m_spec, v_spec):
+    from lowprec.optim import wrap
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64)
+    opt = wrap(torch.optim.AdamW(lin.parameters(), lr=1e-3), preset)
+    for _ in range(2):
+        opt.zero_grad()
+        lin(torch.randn(8, 128)).square().mean().backward()
+        opt.step()
+    assert _packed(opt, lin.weight, "exp_avg")["spec"] == m_spec
+    assert _packed(opt, lin.weight, "exp_avg_sq")["spec"] == v_spec
+    if preset == "fp8-lm-o2":      # fp16 master weights with a per-tensor scale
+        assert str(PrecisionPolicy.preset(preset).master) == "fp16:tensor"
