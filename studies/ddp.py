@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="torch threads per process (default cores / local ranks)")
     p.add_argument("--out", metavar="DIR", default="precision-sweep-results", help="output folder")
     p.add_argument("--save-model", action="store_true", help="rank 0 saves the final state_dict to model.pt")
+    p.add_argument("--timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="how long a collective waits for a stopped or slow rank before every rank fails "
+                        "(default 600, gloo's and nccl's usual 10 minutes)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -311,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, local_world)))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=args.timeout))
     try:
         row = run_ddp(spec, args.out, device=device, save_model=args.save_model)
         if row is not None:

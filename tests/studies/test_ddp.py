@@ -162,3 +162,33 @@ def test_command_line_errors(monkeypatch, capsys):
         main(["--comm", "int8"])
     assert e.value.code == 2
     assert "sign-majority" in capsys.readouterr().err
+
+
+def test_timeout_reaches_the_process_group(monkeypatch):
+    """--timeout SECONDS is the collectives' timeout (was a fixed 10 minutes); bad values are exit-2 errors."""
+    import datetime
+
+    import studies.ddp as ddp
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(backend, timeout):
+        seen["backend"], seen["timeout"] = backend, timeout
+        raise Stop
+
+    monkeypatch.setattr(ddp.dist, "init_process_group", fake_init)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(Stop):
+        ddp.main(["--device", "cpu", "--threads", "1", "--timeout", "42.5"])
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=42.5)}
+    with pytest.raises(Stop):
+        ddp.main(["--device", "cpu", "--threads", "1"])
+    assert seen["timeout"] == datetime.timedelta(minutes=10)
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            ddp.main(["--timeout", bad])
+        assert e.value.code == 2
