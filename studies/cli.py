@@ -237,7 +237,7 @@ def _dry_run(cfg, threads: int, calibrate: bool = True) -> str:
         if ph in per_phase:
             lines.append(f"  {ph:10s} {per_phase[ph]} runs")
     if tune and cfg.tune_max_extensions:
-        groups = len({(s.task, s.optimizer, s.precision) for s in tune})
+        groups = len({(s.task, s.optimizer, s.precision, s.steps) for s in tune})
         lines.append(f"  tune LR extensions: up to {cfg.tune_max_extensions * groups * len(cfg.tune_seeds)} more runs "
                      f"({cfg.tune_max_extensions} round(s) x {groups} grids x {len(cfg.tune_seeds)} seed(s))")
     if not calibrate or not specs:
@@ -300,6 +300,12 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     skipped = sum(c.get("skipped", 0) for c in counts.values())
     reused = sum(c.get("reused", 0) for c in counts.values())
     errors = sum(c.get("errors", 0) for c in counts.values())
+    from studies.summary import verdict_lines
+
+    lines = verdict_lines(study.get("summary", {}))
+    if lines:  # the answer first
+        print("\n".join(["verdicts (95% intervals; 'insufficient evidence' when n < 3 or the interval spans the "
+                          "null):", *(f"  {line}" for line in lines)]))
     print(f"{n} runs in {elapsed:.0f} s ({skipped} already done, {reused} reused, {errors} failed); "
           f"results in {Path(cfg.out) / 'results.csv'}")
     if cfg.report:

@@ -445,7 +445,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     study["targets"] = targets
     finalize(out, tvals)
     study["summary"] = summarize(cfg, store.rows(), optimal=study["optimal_loss"],
-                                 lr_at_edge=study.get("lr_at_edge"))
+                                 lr_at_edge=study.get("lr_at_edge"), out_dir=out)
     study["counts"] = counts
     study["status"] = "complete" if not _missing(rest, store) else f"partial ({_missing(rest, store)} runs " \
                                                                     f"missing: other shards)"
@@ -469,7 +469,7 @@ def merge_study(out_dir: str | Path, folders: list[str | Path]) -> dict[str, int
     finalize(out_dir, {t: v["target_loss"] for t, v in targets.items()})
     study["targets"] = targets
     study["summary"] = summarize(cfg, ResultsStore(out_dir).rows(), optimal=study.get("optimal_loss"),
-                                 lr_at_edge=study.get("lr_at_edge"))
+                                 lr_at_edge=study.get("lr_at_edge"), out_dir=out_dir)
     write_json_atomic(Path(out_dir) / "study.json", study)
     return counts
 

@@ -8,8 +8,10 @@ differences, the other optimizer's interval for divergence fractions).
 """
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from studies import horizon
@@ -124,16 +126,41 @@ def _failure_map(cfg: StudyConfig, rows: list[dict]) -> dict:
     return out
 
 
-def _mechanism(rows: list[dict], optimal: dict[str, float]) -> dict:
-    """{task: {optimizer: final loss - optimum (mean, t interval, n)}}; at the optimum 0 every remaining unit of
-    loss is what the optimizer failed to remove."""
+def _parts(out_dir: Path | None, run_id: str) -> dict[str, float]:
+    path = out_dir / "runs" / run_id / "loss_parts.json" if out_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return {k: float(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _mechanism(rows: list[dict], optimal: dict[str, float], out_dir: Path | None) -> dict:
+    """{task: {optimizer: {"gap", "stalled", "reducible"}}}: final loss - optimum, and its split by kink (the
+    stalled term, which deterministic SignSGD cannot reduce, and the reducible one; from the run's
+    loss_parts.json), each as mean with a t interval over seeds."""
     out: dict = {}
     groups: dict = defaultdict(list)
     for r in rows:
         if r.get("phase") == "mechanism" and r.get("status") != "error":
-            groups[(r["task"], r["optimizer"])].append(_loss(r) - optimal.get(r["task"], 0.0))
-    for (task, opt), vals in sorted(groups.items()):
-        out.setdefault(task, {})[opt] = _ci(vals)
+            groups[(r["task"], r["optimizer"])].append(r)
+    stalled: dict = {}
+    for (task, opt), rs in sorted(groups.items()):
+        parts = {int(r["seed"]): _parts(out_dir, r["run_id"]) for r in rs}
+        stalled[(task, opt)] = {s: p.get("stalled", math.nan) for s, p in parts.items()}
+        out.setdefault(task, {})[opt] = {
+            "gap": _ci([_loss(r) - optimal.get(task, 0.0) for r in rs]),
+            "stalled": _ci([p.get("stalled", math.nan) for p in parts.values()]),
+            "reducible": _ci([p.get("reducible", math.nan) for p in parts.values()])}
+    for (task, opt), by_seed in stalled.items():  # the discriminating comparison: StoSignSGD vs each sign method
+        if opt == _SIGN:
+            continue
+        if (task, _SIGN) in stalled:
+            m, lo, hi, n = paired_difference(by_seed, stalled[(task, _SIGN)])
+            out[task][opt]["stosignsgd_minus_this_stalled"] = {
+                "delta": m, "lo": lo, "hi": hi, "n": n,
+                "verdict": verdict(lo, hi, n, 0.0, below=f"{_SIGN} stalls less", above=f"{_SIGN} stalls more")}
     return out
 
 
@@ -184,16 +211,17 @@ def _fmt_x(v: float) -> str:
 
 
 def summarize(cfg: StudyConfig, rows: list[dict], *, optimal: dict[str, float] | None = None,
-              lr_at_edge: dict | None = None) -> dict:
+              lr_at_edge: dict | None = None, out_dir: str | Path | None = None) -> dict:
     """The study's answer from its rows (see the module docstring); ``lr_at_edge`` (study.json's) lists the
-    tuned cells whose chosen LR is not interior."""
+    tuned cells whose chosen LR is not interior; ``out_dir`` (the results folder) supplies the convex runs'
+    loss_parts.json."""
     main = _cells(cfg, rows, "main")
     ladder = _ladder(cfg, main)
     fmap = _failure_map(cfg, rows)
     vs = _vs_fp32(cfg, main)
     edges = [f"{t} {p} {o}" for t, pp in (lr_at_edge or {}).items() for p, po in pp.items()
              for o, e in po.items() if e]
-    return {"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}),
+    return {"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}, Path(out_dir) if out_dir else None),
             "claims": _claims(cfg, ladder, fmap, vs), "lr_not_interior": edges,
             "rule": "verdicts: 'insufficient evidence' when n < 3 paired seeds or the 95% interval spans the null "
                     "(1 for speedups, 0 for loss changes); speedup = AdamW tokens on its end-of-schedule curve "
@@ -222,8 +250,16 @@ def verdict_lines(summary: dict) -> list[str]:
             cells = ", ".join(f"{o} {c['k']}/{c['n']} [{c['lo']:.2f}, {c['hi']:.2f}]" for o, c in per_opt.items())
             out.append(f"failure map {task} {prec}: diverged {cells}")
     for task, per_opt in summary.get("mechanism", {}).items():
-        cells = ", ".join(f"{o} {v['mean']:.4g} [{v['lo']:.3g}, {v['hi']:.3g}]" for o, v in per_opt.items())
-        out.append(f"mechanism {task} (loss above optimum): {cells}")
+        cells = ", ".join(f"{o} stalled {v['stalled']['mean']:.4g} [{v['stalled']['lo']:.3g}, "
+                          f"{v['stalled']['hi']:.3g}] + reducible {v['reducible']['mean']:.4g}"
+                          for o, v in per_opt.items())
+        out.append(f"mechanism {task} (final loss by kink, n={max(v['gap']['n'] for v in per_opt.values())}): "
+                   f"{cells}")
+        for o, v in per_opt.items():
+            d = v.get("stosignsgd_minus_this_stalled")
+            if d:
+                out.append(f"mechanism {task}: stalled term {_SIGN} - {o} {d['delta']:+.4g} [{d['lo']:+.3g}, "
+                           f"{d['hi']:+.3g}] (paired, n={d['n']}): {d['verdict']}")
     if summary.get("lr_not_interior"):
         out.append("LR at an edge of the tried grid (optimum may lie outside): " + "; ".join(summary["lr_not_interior"]))
     return out

@@ -26,6 +26,7 @@ norm stays on the device until the run ends; parameters are cloned (for ``update
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 import time
@@ -317,6 +318,8 @@ def finish(run: Run, run_dir: Path, target_loss: float | None, reason: str, dive
     write_csv_atomic(mdf, run_dir / "metrics.csv")
     frame = run.tel.frame()
     write_csv_atomic(frame, run_dir / "telemetry.csv")
+    if hasattr(run.trun, "loss_parts"):  # the convex task's final loss split by kink (studies.summary reads it)
+        write_atomic(run_dir / "loss_parts.json", json.dumps(run.trun.loss_parts()))
     diverged = bool(reason)
     site, sentence = explain(frame, run.metrics, run.spec, diverged, diverged_step, reason,
                              run.tel.first_nonfinite())

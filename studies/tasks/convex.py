@@ -84,6 +84,16 @@ class ConvexRun(TaskRun):
     def val_loss(self) -> float:
         return float(self.model())
 
+    @torch.no_grad()
+    def loss_parts(self) -> dict[str, float]:
+        """``f(x)`` split by kink: ``reducible`` = ``Σ a_i |(u − v) − c_i| / n_blocks`` (the steep kink, which
+        every sign method reduces) and ``stalled`` = ``Σ a_i ε |(u + v) − s_i| / n_blocks`` (the gentle kink,
+        which deterministic SignSGD never moves); they sum to ``val_loss()``."""
+        m = self.model
+        r = (m.A @ m.x - m.b).abs()
+        n = m.x.numel() // 2
+        return {"reducible": float(r[0::2].sum()) / n, "stalled": float(r[1::2].sum()) / n}
+
 
 def build_convex(*, seed: int, device: torch.device, dim: int, eps: float, init_std: float) -> ConvexRun:
     A, b, x_star = l1_problem(dim, eps)
