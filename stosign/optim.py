@@ -23,7 +23,9 @@ dtype and 2 bytes of random numbers per element, reused every step) is a workspa
 
 ``foreach``: True uses torch._foreach_* ops, False a per-tensor loop; None (default) picks foreach when every
 parameter is on a GPU and the loop on CPU (there, torch's foreach ops are loops that allocate and are slower). Both
-paths draw the same random numbers and compute bit-identical results.
+paths draw the same random numbers and compute bit-identical results. ``fused`` (default None: where torch.compile
+works): float32 CPU parameters of >= 65,536 elements take one compiled pass per tensor (stosign.fused), also
+bit-identical; on 16.8M parameters it makes the step 0.58x AdamW(foreach) instead of 1.03x (CPU time, one thread).
 
 For bf16/fp16 parameters the state and the arithmetic are in the parameter's dtype (the torch convention), which
 coarsens the probability resolution to that dtype's precision.
@@ -63,6 +65,9 @@ class StoSignSGD(SignOptimizer):
         weight_decay: decoupled decay λ, applied as −lr·λ·θ outside the sign.
         generator: torch.Generator for the noise; None creates one per device seeded with torch.initial_seed().
         foreach: see module doc.
+        fused: the compiled one-pass CPU step of stosign.fused for float32 CPU parameters of >= 65,536 elements
+            (noise on, buffer "max"/"decayed_max"; bit-identical to the eager step): None (default) uses it where
+            torch.compile works (else, with one warning, the eager step), True requires it, False never uses it.
         maximize: ascend instead of descend.
         noise: False gives the deterministic sign(m) (Signum).
         buffer: "max" (paper) | "decayed_max" | "instant" | "tensor_max".
@@ -72,11 +77,14 @@ class StoSignSGD(SignOptimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, *, generator: torch.Generator | None = None,
                  foreach: bool | None = None, maximize: bool = False, noise: bool = True, buffer: str = "max",
-                 buffer_decay: float = 0.999) -> None:
+                 buffer_decay: float = 0.999, fused: bool | None = None) -> None:
         check_hparams(lr, momentum, weight_decay, buffer, buffer_decay)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=foreach, maximize=bool(maximize),
                         noise=bool(noise), buffer=buffer, buffer_decay=buffer_decay)
         super().__init__(params, defaults, generator)
+        self._fused = fused
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

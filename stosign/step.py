@@ -2,6 +2,9 @@
 Lion): hyperparameter checks, the single-tensor and foreach sign kernels, and :class:`SignOptimizer`, the base class
 holding one random generator per device (saved in ``state_dict()["rng"]``) and a reusable scratch workspace.
 
+StoSignSGD's float32 CPU parameters of >= 65,536 elements may instead take the compiled one-pass kernel of
+:mod:`stosign.fused` (``fused`` argument), bit-identical to these.
+
 The kernels update ``params`` in place: θ ← θ·(1 − lr·λ) − lr·s, with s = sign(d + G⊙n) when noise is given
 (G the bound buffer updated per ``buffer``, n = noise·2**-15) and s = sign(d) otherwise.
 """
@@ -13,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .fused import fusable, fused_kernel
 from .sign import NOISE_SCALE, random_int16
 
 __all__ = ["BUFFERS", "check_hparams", "check_sign_hparams", "device_key", "carve", "sign_step_single",
@@ -138,6 +142,7 @@ class SignOptimizer(Optimizer):
         self._user_generator = generator
         self._generators: dict[str, torch.Generator] = {}
         self._workspace: dict[tuple, Tensor] = {}
+        self._fused: bool | None = False  # StoSignSGD sets its ``fused`` argument (see stosign.fused)
         super().__init__(params, defaults)
 
     # --- random numbers ----------------------------------------------------------------------------------------
@@ -185,6 +190,17 @@ class SignOptimizer(Optimizer):
     def release_workspace(self) -> None:
         """Free the scratch buffers (they are reallocated at the next step)."""
         self._workspace.clear()
+
+    # --- pickling / deepcopy: torch's Optimizer keeps only defaults/state/param_groups ----------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_user_generator=self._user_generator, _generators=self._generators, _fused=self._fused)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = {"_user_generator": None, "_generators": {}, "_fused": False} | dict(state)
+        state["_workspace"] = {}  # scratch only: reallocated at the next step
+        super().__setstate__(state)
 
     # --- state_dict with the generator state ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -278,11 +294,46 @@ class SignOptimizer(Optimizer):
                 continue
             self._count_step(params)
             foreach = self._use_foreach(group["foreach"], params)
+            noises = self._noise(params) if noisy else None  # one draw per group, the same on every path
+            scratch = self._views("scratch", params)
+            if noisy and buffer in ("max", "decayed_max") and self._fused is not False:
+                params, grads, noises, scratch = self._fused_step(group, params, grads, noises, scratch)
+                if not params:
+                    continue
             dirs = self._momentum_dirs(group, params, grads, foreach)
             bounds = self._bounds(buffer, params) if noisy else [None] * len(params)
-            noises = self._noise(params) if noisy else None
-            scratch = self._views("scratch", params)
             kernel = sign_step_foreach if foreach else sign_step_single
             kernel(params, dirs, bounds, noises, scratch, lr=float(group["lr"]),
                    weight_decay=float(group["weight_decay"]), buffer=buffer, buffer_decay=float(buffer_decay))
         return loss
+
+    def _fused_step(self, group: dict, params: list[Tensor], grads: list[Tensor], noises: list[Tensor],
+                    scratch: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Step the parameters :func:`stosign.fused.fusable` accepts with the compiled kernel (bit-identical to the
+        eager step); returns the other parameters' (params, grads, noises, scratch) for the eager path."""
+        take = [i for i, (p, g) in enumerate(zip(params, grads)) if fusable(p, g)]
+        if not take:
+            return params, grads, noises, scratch
+        beta = group["momentum"]
+        kernel = fused_kernel(beta != 0.0, group["maximize"], required=self._fused is True)
+        if kernel is None:
+            return params, grads, noises, scratch
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        decay = float(group["buffer_decay"]) if group["buffer"] == "decayed_max" else 1.0
+        scalars = [torch.tensor(v, dtype=torch.float32) for v in (1.0 - beta, decay, 1.0 - lr * wd, -lr)]
+        ps = [params[i] for i in take]
+        for p in ps:  # the eager path's state order: momentum_buffer, then bound
+            if beta != 0.0 and "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        done = []
+        for i, G in zip(take, self._bounds(group["buffer"], ps)):
+            p, g = params[i], grads[i]
+            m = self.state[p]["momentum_buffer"] if beta != 0.0 else g
+            if not (m.is_contiguous() and G.is_contiguous() and m.dtype == G.dtype == torch.float32):
+                continue  # e.g. a state loaded with other strides: the eager path
+            n = scratch[i].view(-1).copy_(noises[i].view(-1))  # odd int16 -> float32, exact
+            kernel(p.view(-1), g.view(-1), m.view(-1), G.view(-1), n, *scalars)
+            done.append(i)
+        rest = sorted(set(range(len(params))) - set(done))
+        return ([params[i] for i in rest], [grads[i] for i in rest], [noises[i] for i in rest],
+                [scratch[i] for i in rest])
