@@ -15,7 +15,9 @@ that *shares* the base optimizer's ``param_groups``, ``state`` and ``defaults`` 
 5. **states out**: each floating-point state tensor shaped like its parameter (``exp_avg``, ``exp_avg_sq``,
    ``momentum_buffer``, ...; never ``step``) whose spec (``policy.state_spec(name)``) is set is stored *packed*:
    ``state[p][name] = {"lowprec_packed": lowprec.encode(...).to_dict()}`` (uint8 codes, 4-bit formats two per
-   byte, plus scales). Step counters and other non-float or differently shaped entries are left alone.
+   byte, plus scales). Step counters and other non-float or differently shaped entries are left alone. States of
+   parameters with fewer than ``policy.state_min_numel`` elements stay fp32 (torchao's rule: 4,096);
+   ``policy.state_expand`` stores them with COAT's dynamic range expansion (``lowprec.encode(..., expand=n)``).
 
 Steps 1, 2, 4 and 5 touch only parameters that have a gradient (torch optimizers skip the others; their states
 stay packed, untouched). Zero-size parameters take part in the base step but are never quantized (nothing to
@@ -162,6 +164,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self._grad_spec = _active(self.policy.grad)
         self._master_spec = _active(self.policy.master)
         self._state_specs: dict[str, QuantSpec | None] = {}
+        self._expand = self.policy.state_expand   # COAT dynamic range expansion of packed states (0: none)
         self._sharing = False
         # torch's own setup (hook dicts, step profiling, group checks) on copies of the base's groups ...
         super().__init__([dict(g) for g in optimizer.param_groups], optimizer.defaults)
@@ -182,9 +185,12 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             g = self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return g
 
-    def _state_spec(self, name: str) -> QuantSpec | None:
+    def _state_spec(self, name: str, p: torch.Tensor | None = None) -> QuantSpec | None:
+        """The spec of state ``name`` (of parameter ``p``: None below the policy's ``state_min_numel``)."""
         if name not in self._state_specs:
             self._state_specs[name] = _active(self.policy.state_spec(name))
+        if p is not None and p.numel() < self.policy.state_min_numel:
+            return None
         return self._state_specs[name]
 
     def _round_to_master(self, params: list[torch.Tensor]) -> None:
@@ -244,7 +250,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         out = []
         for p in self._params():
             for name, value in (self.state.get(p) or {}).items():
-                spec = self._state_spec(name) if _is_state_tensor(name, value, p) else None
+                spec = self._state_spec(name, p) if _is_state_tensor(name, value, p) else None
                 if spec is not None and p.numel() and not bool(torch.isfinite(value).all()):
                     out.append((p, name))
         return out
@@ -322,7 +328,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     continue
                 enc = Encoded.from_dict(value[PACKED_KEY])
                 if (self.fused and p.numel() <= BATCH_MAX_NUMEL and batchable(enc.spec) and not enc.packed
-                        and enc.global_scale is None and enc.codes.device == p.device):
+                        and enc.global_scale is None and enc.expand_k is None
+                        and enc.codes.device == p.device):
                     groups.setdefault((enc.spec, enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
                 else:
                     st[name] = decode(enc).to(p.device).reshape(p.shape)
@@ -343,7 +350,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             for name, value in list(st.items()):
                 if not _is_state_tensor(name, value, p):
                     continue
-                spec = self._state_spec(name)
+                spec = self._state_spec(name, p)
                 if spec is None:
                     if tel is not None and name in tel.zero_states:
                         todo.append(["zeros", name, value, None, None])
@@ -356,10 +363,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 item = ["state", name, value, spec, None]
                 todo.append(item)
                 gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
-                if self.fused and x.numel() <= BATCH_MAX_NUMEL and batchable(spec):
+                if self.fused and x.numel() <= BATCH_MAX_NUMEL and batchable(spec) and not self._expand:
                     groups.setdefault(group_key(x, spec), []).append((st, name, x, item))
                 else:
-                    item[4] = encode(x, spec, generator=gen)
+                    item[4] = encode(x, spec, generator=gen, expand=self._expand)
                     st[name] = {PACKED_KEY: item[4].to_dict()}
         for (spec, *_), entries in groups.items():
             encs = encode_rows([e[2] for e in entries], spec)
@@ -406,7 +413,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         q = decode(enc)
         value = value.reshape(q.shape)
         scale = None
-        if spec.scaling is not None:   # the scale per element, for the saturation count: the encoding's own
+        if spec.scaling is not None and enc.expand_k is None:   # the scale per element, for the saturation
+            # count: the encoding's own (expanded states: their scales apply to sign(x)|x/c|^k, not to x)
             scale = element_scale(enc, q)  # (what quantize_with_scale(value, spec) computes again)
         tel.record(f"optim:{name}", "state", value, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
 

@@ -32,7 +32,8 @@ def batchable(spec: QuantSpec) -> bool:
     f, sc = spec.format, spec.scaling
     if getattr(spec.rounding, "value", spec.rounding) != "nearest" or f.bits <= 4 or not f.has_nan:
         return False
-    return sc is None or (sc.mode == "block" and sc.axis == -1 and sc.scale_format in ("fp32", "e8m0"))
+    return sc is None or (sc.mode == "block" and sc.axis == -1 and sc.block_rows == 1
+                          and sc.scale_format in ("fp32", "e8m0"))
 
 
 def group_key(t: torch.Tensor, spec: QuantSpec) -> tuple:
