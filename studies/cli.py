@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_pos_int, default=1,
                    help="torch threads per run (default 1): fixed per run and recorded, so --workers never changes "
                         "a number")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where runs train (default auto: cuda when torch sees a GPU, else cpu); on cuda the "
+                        "quantized GEMMs use the native FP8 path (torch._scaled_mm) where the hardware has it")
     r.add_argument("--executor", choices=("local", "submitit"), default="local",
                    help="local: this machine (process pool, the default); submitit: Slurm jobs (job arrays), or "
                         "submitit's local executor with --cluster local")
@@ -276,6 +279,8 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     cfg = config_from_args(args)
     check_limits(cfg, executor=args.executor, threads=args.threads)
+    from studies.training import resolve_device
+    device = resolve_device(args.device)
     if not 0 <= args.wait <= 7 * 24 * 60:  # also refuses nan
         raise ValueError(f"--wait must be between 0 and {7 * 24 * 60} minutes, got {args.wait:g}")
     if args.dry_run:
@@ -290,7 +295,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         study = run_study(cfg, command=command, shard_kn=args.shard, debug=args.debug, threads=args.threads,
                           executor=args.executor, executor_options=options, append=args.append,
-                          wait_min=args.wait)
+                          wait_min=args.wait, device=device)
     except PhaseIncomplete as e:
         print(f"precision-sweep: {e}", file=sys.stderr)
         return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from studies.config import RunSpec
-from studies.training import execute_run
+from studies.training import OnDevice, execute_run
 
 __all__ = ["Job", "run_job", "error_row", "SerialExecutor", "PoolExecutor", "SubmititExecutor", "EXECUTORS",
            "make_executor", "kill_children"]
@@ -38,13 +38,15 @@ OnDone = Callable[["Job", dict], None]
 
 @dataclass(frozen=True)
 class Job:
-    """One run to execute: its spec, the study folder, the target loss (or None), and the torch threads."""
+    """One run to execute: its spec, the study folder, the target loss (or None), the torch threads and the
+    device (``"cpu"``, ``"cuda"``: ``studies.training.OnDevice``)."""
 
     spec: RunSpec
     out_dir: str
     target_loss: float | None = None
     debug: bool = False
     threads: int = 1
+    device: str = "cpu"
 
 
 def _set_threads(threads: int) -> None:
@@ -64,7 +66,8 @@ def run_job(job: Job) -> dict[str, Any]:
     prev = torch.get_num_threads()
     _set_threads(job.threads)
     try:
-        row = execute_run(job.spec, job.out_dir, target_loss=job.target_loss, debug=job.debug)
+        par = None if job.device == "cpu" else OnDevice(job.device)
+        row = execute_run(job.spec, job.out_dir, target_loss=job.target_loss, debug=job.debug, parallel=par)
     finally:
         torch.set_num_threads(prev)
     write_record(job.out_dir, row, threads=job.threads)

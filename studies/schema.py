@@ -108,7 +108,7 @@ _ALL_TYPES = {**RESULT_TYPES, **EXTRA_RESULT_TYPES}
 STUDY_KEYS = (
     "command", "date", "finished", "versions", "config", "thresholds", "shard", "tasks", "protocol", "status",
     "size", "optimal_loss", "targets", "counts", "lr_grid", "chosen_lrs", "lr_scores", "lr_tried", "lr_at_edge",
-    "lr_extension_rule", "fingerprint", "horizons",
+    "lr_extension_rule", "fingerprint", "horizons", "device",
 )
 
 

@@ -45,8 +45,9 @@ from studies.optimizers import make_optimizer
 from studies.schema import METRIC_COLUMNS as _SCHEMA_METRIC_COLUMNS
 from studies.store import RESULT_COLUMNS, write_atomic, write_csv_atomic
 
-__all__ = ["METRIC_COLUMNS", "RESULT_COLUMNS", "RUN_FAILURES", "CHECKPOINT_NAME", "Parallel", "Run", "lr_at",
-           "setup", "evaluate", "train_step", "save_checkpoint", "load_checkpoint", "finish", "train", "execute_run"]
+__all__ = ["METRIC_COLUMNS", "RESULT_COLUMNS", "RUN_FAILURES", "CHECKPOINT_NAME", "Parallel", "OnDevice", "DEVICES",
+           "resolve_device", "Run", "lr_at", "setup", "evaluate", "train_step", "save_checkpoint", "load_checkpoint",
+           "finish", "train", "execute_run"]
 
 METRIC_COLUMNS = list(_SCHEMA_METRIC_COLUMNS)
 # the exceptions that make a run an "error" row instead of stopping the sweep (anything else is a bug)
@@ -93,6 +94,30 @@ class Parallel:
 
     def agree(self, reason: str) -> str:
         return reason
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str) -> str:
+    """``"cpu"`` or ``"cuda"`` for a ``--device`` choice: ``auto`` is cuda where torch sees a GPU, else cpu;
+    ``cuda`` without one is a ValueError naming what is valid here."""
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; valid: {', '.join(DEVICES)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA GPU here; valid here: auto, cpu")
+    return name
+
+
+class OnDevice(Parallel):
+    """A single process whose model, data and optimizer generator live on ``device`` (e.g. ``"cuda"``). On a
+    device other than the CPU the converted layers use ``backend="auto"``: the native FP8 GEMM
+    (``torch._scaled_mm``) wherever the hardware and the spec allow it, emulation elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        self.device = str(torch.device(device))
 
 
 @dataclass
