@@ -33,7 +33,7 @@ __all__ = ["FUSED_MIN_NUMEL", "fused_kernel", "fusable"]
 FUSED_MIN_NUMEL = 1 << 16
 """Parameters with fewer elements take the eager path."""
 
-_KERNELS: dict[tuple[bool, bool], Callable[..., None]] = {}
+_KERNELS: dict[tuple[bool, bool], Callable[..., bool]] = {}
 _BROKEN: list[str] = []  # the reason torch.compile failed, once it has
 
 
@@ -60,30 +60,67 @@ def fusable(p: Tensor, grad: Tensor) -> bool:
             and p.numel() >= FUSED_MIN_NUMEL and p.is_contiguous() and grad.is_contiguous())
 
 
-def fused_kernel(momentum: bool, maximize: bool, required: bool = False) -> Callable[..., None] | None:
-    """The compiled kernel ``k(p, g, m, G, n, w, decay, c, neg_lr)`` (flat float32 tensors, 0-dim float32 scalars;
-    m ignored without momentum), compiled and tried on a small input on first use; None when torch.compile does not
-    work here (``required=True`` raises RuntimeError instead)."""
+# One top-level function per (momentum, maximize): dynamo keeps a separate cache for each, so one compiled graph
+# each (dynamic sizes, no_grad) never meets the recompile limit.
+def _step_00(*a: Tensor) -> None:
+    _step(*a, False, False)
+
+
+def _step_01(*a: Tensor) -> None:
+    _step(*a, False, True)
+
+
+def _step_10(*a: Tensor) -> None:
+    _step(*a, True, False)
+
+
+def _step_11(*a: Tensor) -> None:
+    _step(*a, True, True)
+
+
+_VARIANTS = {(False, False): _step_00, (False, True): _step_01, (True, False): _step_10, (True, True): _step_11}
+
+
+def _broken(exc: BaseException) -> None:
+    _BROKEN.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+    warnings.warn(f"stosign: torch.compile failed, StoSignSGD uses its eager step ({_BROKEN[0]})", RuntimeWarning,
+                  stacklevel=4)
+
+
+def fused_kernel(momentum: bool, maximize: bool, required: bool = False) -> Callable[..., bool] | None:
+    """The compiled kernel ``k(p, g, m, G, n, w, decay, c, neg_lr) -> bool`` (flat contiguous float32 tensors, 0-dim
+    float32 scalars; m is g without momentum), compiled and tried on a small input on first use; None when
+    torch.compile does not work here (``required=True`` raises RuntimeError instead).
+
+    The kernel runs the compiled graph or nothing: if dynamo would have to recompile (a guard failed), it returns
+    False without touching its arguments and the caller runs the eager step (dynamo's silent fallback to eager
+    execution of this function would not be bit-identical: the eager ``prims.fma`` is not fused)."""
     key = (bool(momentum), bool(maximize))
     k = _KERNELS.get(key)
     if k is not None:
         return k
     if not _BROKEN:
-        compiled = torch.compile(_step, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_VARIANTS[key], dynamic=True, fullgraph=True)
 
         def kernel(p: Tensor, g: Tensor, m: Tensor, G: Tensor, n: Tensor, w: Tensor, decay: Tensor, c: Tensor,
-                   neg_lr: Tensor) -> None:
-            compiled(p, g, m, G, n, w, decay, c, neg_lr, key[0], key[1])
+                   neg_lr: Tensor) -> bool:
+            try:
+                with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+                    compiled(p, g, m, G, n, w, decay, c, neg_lr)
+            except RuntimeError as exc:  # torch._dynamo.exc.RecompileError: a guard failed, nothing ran
+                if "recompil" not in str(exc).lower():
+                    raise
+                return False
+            return True
 
         probe = [torch.zeros(64) for _ in range(5)]
         scalars = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 1.0, 1.0, -1e-3)]
         try:
-            kernel(*probe, *scalars)
+            with torch.no_grad():
+                compiled(*probe, *scalars)
         except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:
             # dynamo/inductor errors are RuntimeErrors; a missing or failing C++ compiler OSError/subprocess
-            _BROKEN.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-            warnings.warn(f"stosign: torch.compile failed, StoSignSGD uses its eager step ({_BROKEN[0]})",
-                          RuntimeWarning, stacklevel=3)
+            _broken(exc)
         else:
             _KERNELS[key] = kernel
             return kernel

@@ -332,8 +332,8 @@ class SignOptimizer(Optimizer):
             if not (m.is_contiguous() and G.is_contiguous() and m.dtype == G.dtype == torch.float32):
                 continue  # e.g. a state loaded with other strides: the eager path
             n = scratch[i].view(-1).copy_(noises[i].view(-1))  # odd int16 -> float32, exact
-            kernel(p.view(-1), g.view(-1), m.view(-1), G.view(-1), n, *scalars)
-            done.append(i)
+            if kernel(p.view(-1), g.view(-1), m.view(-1), G.view(-1), n, *scalars):
+                done.append(i)  # else dynamo would have recompiled: nothing ran, the eager step does it
         rest = sorted(set(range(len(params))) - set(done))
         return ([params[i] for i in rest], [grads[i] for i in rest], [noises[i] for i in rest],
                 [scratch[i] for i in rest])

@@ -68,7 +68,7 @@ def test_kernel_sign_is_exact_where_a_separate_rounding_would_differ():
     g = m.clone()  # momentum off: the direction is the gradient
     p = torch.zeros(n_el)
     G0 = G.clone()
-    kernel(p, g, torch.empty(0), G, k, *[torch.tensor(v) for v in (1.0, 1.0, 1.0, -1.0)])
+    assert kernel(p, g, g, G, k, *[torch.tensor(v) for v in (1.0, 1.0, 1.0, -1.0)])
     bound = torch.maximum(G0.double(), g.double().abs())
     exact = torch.sign(g.double() + bound * k.double() * NOISE_SCALE).nan_to_num(0.0)
     assert exact[0] == -1.0 and exact[1] == 0.0  # the oracle's own check of the construction
@@ -90,8 +90,23 @@ def test_lerp_matches_aten_lerp_both_branches():
         m, g = torch.randn(BIG, generator=gen), torch.randn(BIG, generator=gen)
         want = torch.lerp(m, g, w)
         G, p, n = torch.zeros(BIG), torch.zeros(BIG), torch.ones(BIG)
-        kernel(p, g, m, G, n, *[torch.tensor(v) for v in (w, 1.0, 1.0, -1.0)])
+        assert kernel(p, g, m, G, n, *[torch.tensor(v) for v in (w, 1.0, 1.0, -1.0)])
         assert torch.equal(m, want)
+
+
+def test_kernel_never_falls_back_silently():
+    """A call that would need a recompile (float64 tensors, many calls in other grad modes) returns False and leaves
+    its arguments untouched instead of running dynamo's eager fallback (whose prims.fma is not fused)."""
+    kernel = fused_kernel(True, True, required=True)
+    args = [torch.randn(BIG, dtype=torch.float64) for _ in range(5)]
+    before = [a.clone() for a in args]
+    scalars = [torch.tensor(v) for v in (0.1, 1.0, 1.0, -1.0)]
+    assert not kernel(*args, *scalars)
+    assert all(torch.equal(a, b) for a, b in zip(args, before))
+    f32 = [a.float() for a in args]
+    for grad_mode in (True, False, True):
+        with torch.set_grad_enabled(grad_mode):
+            assert kernel(*f32, *scalars)
 
 
 def test_small_and_other_dtypes_take_the_eager_path():
