@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--steps", type=_pos_int, help="training steps per run (default: the task's)")
     steps.add_argument("--tokens", type=_pos_int, help="training tokens per run (steps = tokens / tokens-per-step)")
     r.add_argument("--horizons", type=_config_arg("parse_steps", "horizons"), metavar="N,N,...",
-                   help="horizon ladder: steps per horizon (LR tuned at each; default study: 50,100,200); "
+                   help="horizon ladder: steps per horizon (LR tuned at each; default study: 75,150,300); "
                         "--steps/--tokens without --horizons mean one horizon")
     r.add_argument("--workers", type=_pos_int,
                    help="parallel worker processes (default 2; at most the CPU cores), or with --executor "
@@ -307,7 +307,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     errors = sum(c.get("errors", 0) for c in counts.values())
     from studies.summary import verdict_lines
 
-    lines = verdict_lines(study.get("summary", {}))
+    lines = verdict_lines(study.get("summary", {})) if not cfg.report else []  # else: the report's summary
     if lines:  # the answer first
         print("\n".join(["verdicts (95% intervals; 'insufficient evidence' when n < 3 or the interval spans the "
                           "null):", *(f"  {line}" for line in lines)]))

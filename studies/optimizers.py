@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["WEIGHT_DECAY", "MOMENTUM", "ADAMW_BETAS", "ADAMW_EPS", "OptimizerEntry", "OPTIMIZERS",
+__all__ = ["WEIGHT_DECAY", "MOMENTUM", "ADAMW_BETAS", "ADAMW_EPS", "LION_BETAS", "OptimizerEntry", "OPTIMIZERS",
            "ABLATION_VARIANTS", "check_optimizer", "make_optimizer", "base_optimizer", "default_lr"]
 
 WEIGHT_DECAY = 0.0
@@ -55,6 +55,15 @@ def _signum(params, lr, gen):
     return stosign.SignSGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
+LION_BETAS = (0.9, 0.99)  # the Lion paper's defaults (Chen et al. 2023)
+
+
+def _lion(params, lr, gen):
+    import stosign
+
+    return stosign.Lion(params, lr=lr, betas=LION_BETAS, weight_decay=WEIGHT_DECAY)
+
+
 def _stosign(**kw):
     def build(params, lr, gen):
         import stosign
@@ -78,6 +87,7 @@ _ENTRIES = [
     OptimizerEntry("sgd", "torch SGD with momentum 0.9", _sgd, "sgd"),
     OptimizerEntry("signsgd", "SignSGD: -lr*sign(g), no momentum", _signsgd, "signsgd"),
     OptimizerEntry("signum", "Signum: -lr*sign(m), momentum 0.9", _signum, "signum"),
+    OptimizerEntry("lion", "Lion: -lr*sign(0.9 m + 0.1 g), m <- 0.99 m + 0.01 g", _lion, "lion"),
     OptimizerEntry("stosignsgd", "StoSignSGD (paper Alg. 3): -lr*sign(m + G*n), G = running max |m|",
                    _stosign(), "stosignsgd"),
     OptimizerEntry("stosign-nonoise", "ablation: StoSignSGD without noise (= Signum)",

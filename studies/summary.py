@@ -206,8 +206,25 @@ def _claims(cfg: StudyConfig, ladder: dict, fmap: dict, vs: dict) -> list[str]:
     return lines
 
 
-def _fmt_x(v: float) -> str:
+def _fmt_x(v: float | None) -> str:
+    v = _f(v)
     return "nan" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.2f}x")
+
+
+def _g(v: float | None, fmt: str) -> str:
+    """``v`` formatted with ``fmt``; a value read back from JSON as null is nan."""
+    return format(_f(v), fmt)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Infinities as the strings "inf" / "-inf" (JSON has none; NaN is written as null): ``_f`` reads both back."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and math.isinf(obj):
+        return "inf" if obj > 0 else "-inf"
+    return obj
 
 
 def summarize(cfg: StudyConfig, rows: list[dict], *, optimal: dict[str, float] | None = None,
@@ -221,11 +238,12 @@ def summarize(cfg: StudyConfig, rows: list[dict], *, optimal: dict[str, float] |
     vs = _vs_fp32(cfg, main)
     edges = [f"{t} {p} {o}" for t, pp in (lr_at_edge or {}).items() for p, po in pp.items()
              for o, e in po.items() if e]
-    return {"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}, Path(out_dir) if out_dir else None),
+    return _json_safe({"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}, Path(out_dir) if out_dir else None),
             "claims": _claims(cfg, ladder, fmap, vs), "lr_not_interior": edges,
             "rule": "verdicts: 'insufficient evidence' when n < 3 paired seeds or the 95% interval spans the null "
                     "(1 for speedups, 0 for loss changes); speedup = AdamW tokens on its end-of-schedule curve "
-                    "(log-tokens interpolation) / optimizer tokens, paired seed bootstrap"}
+                    "(log-tokens interpolation) / optimizer tokens, paired seed bootstrap; a bound of 0 (inf) means that "
+                    "resample's loss was worse (better) than AdamW's whole curve"})
 
 
 def verdict_lines(summary: dict) -> list[str]:
@@ -235,7 +253,7 @@ def verdict_lines(summary: dict) -> list[str]:
     for task, per_prec in summary.get("vs_fp32", {}).items():
         for prec, per_opt in per_prec.items():
             for opt, v in per_opt.items():
-                out.append(f"{task} {prec} {opt}: loss vs fp32 {v['delta']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] "
+                out.append(f"{task} {prec} {opt}: loss vs fp32 {_g(v['delta'], '+.4f')} [{_g(v['lo'], '+.4f')}, {_g(v['hi'], '+.4f')}] "
                            f"(n={v['n']}, diverged {v['diverged']}/{v['runs']}): {v['verdict']}")
     for task, per_prec in summary.get("ladder", {}).items():
         for prec, per_opt in per_prec.items():
@@ -247,19 +265,19 @@ def verdict_lines(summary: dict) -> list[str]:
                                    f"[{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}] {sp['status']}: {sp['verdict']}")
     for task, per_prec in summary.get("failure_map", {}).items():
         for prec, per_opt in per_prec.items():
-            cells = ", ".join(f"{o} {c['k']}/{c['n']} [{c['lo']:.2f}, {c['hi']:.2f}]" for o, c in per_opt.items())
+            cells = ", ".join(f"{o} {c['k']}/{c['n']} [{_g(c['lo'], '.2f')}, {_g(c['hi'], '.2f')}]" for o, c in per_opt.items())
             out.append(f"failure map {task} {prec}: diverged {cells}")
     for task, per_opt in summary.get("mechanism", {}).items():
-        cells = ", ".join(f"{o} stalled {v['stalled']['mean']:.4g} [{v['stalled']['lo']:.3g}, "
-                          f"{v['stalled']['hi']:.3g}] + reducible {v['reducible']['mean']:.4g}"
+        cells = ", ".join(f"{o} stalled {_g(v['stalled']['mean'], '.4g')} [{_g(v['stalled']['lo'], '.3g')}, "
+                          f"{_g(v['stalled']['hi'], '.3g')}] + reducible {_g(v['reducible']['mean'], '.4g')}"
                           for o, v in per_opt.items())
         out.append(f"mechanism {task} (final loss by kink, n={max(v['gap']['n'] for v in per_opt.values())}): "
                    f"{cells}")
         for o, v in per_opt.items():
             d = v.get("stosignsgd_minus_this_stalled")
             if d:
-                out.append(f"mechanism {task}: stalled term {_SIGN} - {o} {d['delta']:+.4g} [{d['lo']:+.3g}, "
-                           f"{d['hi']:+.3g}] (paired, n={d['n']}): {d['verdict']}")
+                out.append(f"mechanism {task}: stalled term {_SIGN} - {o} {_g(d['delta'], '+.4g')} [{_g(d['lo'], '+.3g')}, "
+                           f"{_g(d['hi'], '+.3g')}] (paired, n={d['n']}): {d['verdict']}")
     if summary.get("lr_not_interior"):
         out.append("LR at an edge of the tried grid (optimum may lie outside): " + "; ".join(summary["lr_not_interior"]))
     return out

@@ -18,6 +18,7 @@ from studies.report.sections import (curves_section, divergence_section, mechani
                                          telemetry_sites_section, variant_section)
 from studies.report.style import OPTIMIZER_ORDER, PRECISION_ORDER, fmt_int, ordered, palette
 from studies.report.summary import summarize
+from studies.report.verdicts import verdict_section
 from studies.report.tables import cells_display, run_table
 
 __all__ = ["render_report", "render_with_summary", "write_report"]
@@ -52,7 +53,7 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
     gen = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     doc.p(f"Results folder: {out_dir.resolve()} · rendered {gen} · {len(results)} runs, "
           f"{int(results['diverged'].sum())} diverged.")
-    study_section(doc, data)
+    verdict_section(doc, study)
     problems_section(doc, data.problems)
     main_precs = ordered(main["precision"], PRECISION_ORDER)
     main_opts = ordered(main["optimizer"], OPTIMIZER_ORDER)
@@ -84,9 +85,10 @@ def write_report(out_dir: Path, data: ReportData) -> dict[str, Path]:
         doc.p("Final loss: mean over the seeds that did not diverge with a 95% t interval; tokens to target: mean "
               "over the seeds that reached it with a 95% t interval.")
         doc.table(cells_display(cells))
-    doc.h(1, "All runs")
+    doc.h(1, "Appendix: all runs")
     runs = run_table(results)
     doc.table(runs)
+    study_section(doc, data)  # the study definition and study.json dump: appendix
 
     tables_dir = out_dir / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)

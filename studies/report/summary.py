@@ -17,7 +17,12 @@ def summarize(out_dir: Path, data: ReportData) -> str:
     """The terminal summary of prepared data: run counts, the diverged k/n grid per task, the speedups, the paper
     check, the rows left out, and the report's path when it exists."""
     results, targets, main, speed, failed = data.results, data.targets, data.main, data.speed, data.failed
-    lines = [f"{len(results)} runs in {out_dir} ({int(results['diverged'].sum())} diverged"
+    from studies.summary import verdict_lines
+
+    answer = verdict_lines(data.study.get("summary") or {})
+    lines = (["verdicts (95% intervals; 'insufficient evidence' when n < 3 or the interval spans the null):"]
+             + [f"  {v}" for v in answer]) if answer else []
+    lines += [f"{len(results)} runs in {out_dir} ({int(results['diverged'].sum())} diverged"
              + (f", {len(failed)} failed" if len(failed) else "") + ")"]
     if main.empty:
         lines.append("no main-phase runs")

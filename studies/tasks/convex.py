@@ -110,9 +110,9 @@ CONVEX_SIZES = {
 }
 # fp32 starting points per optimizer (measured as described in studies.tasks; convex "quick" = default)
 CONVEX_LRS = {
-    "quick": {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "stosignsgd": 1e-2},
-    "default": {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "stosignsgd": 1e-2},
-    "paper": {"adamw": 3e-3, "sgd": 3e-2, "signsgd": 3e-3, "signum": 3e-3, "stosignsgd": 3e-3},
+    "quick": {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "lion": 1e-2, "stosignsgd": 1e-2},
+    "default": {"adamw": 1e-2, "sgd": 1e-1, "signsgd": 1e-2, "signum": 1e-2, "lion": 1e-2, "stosignsgd": 1e-2},
+    "paper": {"adamw": 3e-3, "sgd": 3e-2, "signsgd": 3e-3, "signum": 3e-3, "lion": 3e-3, "stosignsgd": 3e-3},
 }
 
 

@@ -235,9 +235,9 @@ LM_SIZES = {
 MOE_SIZES = {"quick": dict(n_experts=4, top_k=2), "default": dict(n_experts=4, top_k=2),
              "paper": dict(n_experts=8, top_k=2)}
 LM_LRS = {
-    "quick": {"adamw": 1e-2, "sgd": 3e-1, "signsgd": 1e-2, "signum": 3e-3, "stosignsgd": 1e-2},
-    "default": {"adamw": 3e-3, "sgd": 1e-1, "signsgd": 3e-3, "signum": 1e-3, "stosignsgd": 3e-3},
-    "paper": {"adamw": 1e-3, "sgd": 3e-2, "signsgd": 1e-3, "signum": 3e-4, "stosignsgd": 1e-3},
+    "quick": {"adamw": 1e-2, "sgd": 3e-1, "signsgd": 1e-2, "signum": 3e-3, "lion": 3e-3, "stosignsgd": 1e-2},
+    "default": {"adamw": 3e-3, "sgd": 1e-1, "signsgd": 3e-3, "signum": 1e-3, "lion": 1e-3, "stosignsgd": 3e-3},
+    "paper": {"adamw": 1e-3, "sgd": 3e-2, "signsgd": 1e-3, "signum": 3e-4, "lion": 3e-4, "stosignsgd": 1e-3},
 }
 
 

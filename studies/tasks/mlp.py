@@ -80,9 +80,9 @@ MLP_SIZES = {
     "paper": dict(hidden=512, depth=4, batch=256, n_train=65536, steps=5000, eval_every=250),
 }
 MLP_LRS = {
-    "quick": {"adamw": 1e-2, "sgd": 3e-1, "signsgd": 1e-2, "signum": 1e-2, "stosignsgd": 1e-2},
-    "default": {"adamw": 3e-3, "sgd": 1e-1, "signsgd": 3e-3, "signum": 3e-3, "stosignsgd": 3e-3},
-    "paper": {"adamw": 1e-3, "sgd": 3e-2, "signsgd": 1e-3, "signum": 1e-3, "stosignsgd": 1e-3},
+    "quick": {"adamw": 1e-2, "sgd": 3e-1, "signsgd": 1e-2, "signum": 1e-2, "lion": 1e-2, "stosignsgd": 1e-2},
+    "default": {"adamw": 3e-3, "sgd": 1e-1, "signsgd": 3e-3, "signum": 3e-3, "lion": 3e-3, "stosignsgd": 3e-3},
+    "paper": {"adamw": 1e-3, "sgd": 3e-2, "signsgd": 1e-3, "signum": 1e-3, "lion": 1e-3, "stosignsgd": 1e-3},
 }
 
 

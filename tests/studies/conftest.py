@@ -22,6 +22,8 @@ PHASES_TOML = """\
 ablation_optimizers = ["stosignsgd", "stosign-nonoise"]
 rounding_optimizers = ["stosignsgd"]
 mechanism_optimizers = ["signsgd", "stosignsgd"]
+mechanism_tasks = ["convex-l1"]
+phases = ["tune", "main", "ablation", "rounding", "mechanism"]
 mechanism_seeds = [0, 1]
 mechanism_steps = 100
 """

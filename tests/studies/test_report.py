@@ -86,8 +86,12 @@ def test_html_self_contained_and_every_section_present(rendered):
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
     for heading in ("Study definition", "Stability", "Loss curves", "Tokens to target", "Compared with the paper",
                     "Telemetry over training", "Most affected sites", "Why runs diverged", "Ablation",
-                    "Nearest vs stochastic rounding", "Mechanism", "Final loss per cell", "All runs"):
+                    "Nearest vs stochastic rounding", "Mechanism", "Final loss per cell", "Appendix: all runs",
+                    "Verdict"):
         assert f">{heading}" in text, heading
+    # the answer first, the study definition in the appendix
+    assert text.index(">Verdict") < text.index(">Stability") < text.index(">Appendix: all runs") < text.index(
+        ">Study definition")
     for absent in ("ablation", "rounding", "mechanism"):
         assert f"No {absent}-phase runs in this study" in text
     assert "Data problems" not in text  # a clean folder has none
