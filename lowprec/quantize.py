@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from . import scaling as _sc
+from .fast import fast_round
 from .formats import Format, torch_dtype
 from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, round_native,
                        round_to_format, saturation_limit, widen_native)
@@ -59,6 +60,14 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _round(y: torch.Tensor, s: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """``round_to_format`` of float32 ``y`` per ``s``: by the compiled fast path where it applies (large CPU
+    tensors; bit-identical, :mod:`lowprec.fast`), else the eager reference."""
+    kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
+    q = fast_round(y, s.format, s.rounding, **kw)
+    return round_to_format(y, s.format, s.rounding, **kw) if q is None else q
+
+
 def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None = None, *,
                     scale: torch.Tensor | None = None, native: bool = False) -> Rounded:
     """Scale ``x`` (a checked float tensor) and round it onto ``s``'s element grid: the shared first half of
@@ -67,10 +76,9 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     check_tensor(x)
     x32 = x.detach().float()
     fmt = s.format
-    kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
     fast = native and native_codes_ok(s)
     if s.scaling is None:
-        el = round_native(x32, fmt, s.saturate) if fast else round_to_format(x32, fmt, s.rounding, **kw)
+        el = round_native(x32, fmt, s.saturate) if fast else _round(x32, s, generator)
         return Rounded(el, None, _identity)
     view, undo = _sc.to_scaling_view(x32, s.scaling)
     if scale is not None:
@@ -81,7 +89,7 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     y = view / _sc.nonzero(info.scale)
     if fast:
         return Rounded(round_native(y, fmt, s.saturate), info, undo)
-    el = round_to_format(y, fmt, s.rounding, **kw)
+    el = _round(y, s, generator)
     if scale is not None or s.scaling.scale_format == "e4m3":  # the scales that can be 0 zero their group
         el = el.mul_(info.scale != 0)  # (in place: a where() would cost a fifth of an nvfp4 quantize)
     return Rounded(el, info, undo)

@@ -35,7 +35,8 @@ from .formats import FLOAT_DTYPES, Format, get_format, torch_dtype
 from .spec import QuantSpec, Rounding, spec
 
 __all__ = ["round_to_format", "functional_round", "compiled_quantizer", "round_native", "widen_native",
-           "e4m3_to_float32", "random_bits", "check_tensor", "overflow_value", "saturation_limit"]
+           "e4m3_to_float32", "random_bits", "check_tensor", "overflow_value", "saturation_limit",
+           "rounding_limit", "inf_needs_mask"]
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -231,7 +232,7 @@ def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.
             q.clamp_(-fmt.max, fmt.max)
     else:
         a = x.abs()
-        a.clamp_(max=_limit(fmt, rounding, saturate))
+        a.clamp_(max=rounding_limit(fmt, rounding, saturate))
         if rounding == Rounding.NEAREST:
             q = _nearest_float(a, fmt)
         elif rounding == Rounding.TOWARD_ZERO:
@@ -240,7 +241,7 @@ def round_to_format(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.
             q = _stochastic_float(a, fmt, rand_bits, generator)
         if not saturate:
             over = q > fmt.max
-            if _inf_needs_mask(fmt, rounding):
+            if inf_needs_mask(fmt, rounding):
                 over |= torch.isinf(x)
             q = q.masked_fill_(over, overflow_value(fmt))
         q = torch.copysign(q, x, out=q)
@@ -268,7 +269,7 @@ def saturation_limit(fmt: Format, dtype: torch.dtype) -> float | None:
     return float(t)
 
 
-def _limit(fmt: Format, rounding: Rounding, saturate: bool) -> float:
+def rounding_limit(fmt: Format, rounding: Rounding, saturate: bool) -> float:
     """Magnitudes are clamped to this before rounding: ±max when saturating and for toward_zero (IEEE: a finite
     value truncates to ±max, never overflows), else 2**(emax+1), where every rounding overflows."""
     if saturate or rounding == Rounding.TOWARD_ZERO:
@@ -276,8 +277,8 @@ def _limit(fmt: Format, rounding: Rounding, saturate: bool) -> float:
     return min(2.0 ** (fmt.emax + 1), _F32_MAX)
 
 
-def _inf_needs_mask(fmt: Format, rounding: Rounding) -> bool:
-    """Without saturation, ±inf must be put back explicitly where the clamp to :func:`_limit` does not overflow."""
+def inf_needs_mask(fmt: Format, rounding: Rounding) -> bool:
+    """Without saturation, ±inf must be put back explicitly where the clamp to :func:`rounding_limit` does not overflow."""
     return rounding == Rounding.TOWARD_ZERO or fmt.emax + 1 > 127
 
 
@@ -338,7 +339,7 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
         raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits (and, for nearest, "
                          f"emax <= 103 + man_bits), got {fmt.name} with {rounding.value}")
     m, drop = fmt.man_bits, 23 - fmt.man_bits
-    a = x.abs().clamp(max=_limit(fmt, rounding, saturate))
+    a = x.abs().clamp(max=rounding_limit(fmt, rounding, saturate))
     if rounding == Rounding.NEAREST:
         c = ((a.view(torch.int32) & 0x7F800000).clamp(min=(fmt.emin + 127) << 23) + ((23 - m) << 23))
         c = c.view(torch.float32)
@@ -360,7 +361,7 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
             q = torch.where(torch.isnan(a), a, q)
     if not saturate:
         over = q > fmt.max
-        if _inf_needs_mask(fmt, rounding):
+        if inf_needs_mask(fmt, rounding):
             over = over | torch.isinf(x)
         q = torch.where(over, torch.full_like(q, overflow_value(fmt)), q)
     q = torch.copysign(q, x)
