@@ -278,7 +278,8 @@ def rounding_limit(fmt: Format, rounding: Rounding, saturate: bool) -> float:
 
 
 def inf_needs_mask(fmt: Format, rounding: Rounding) -> bool:
-    """Without saturation, ±inf must be put back explicitly where the clamp to :func:`rounding_limit` does not overflow."""
+    """Without saturation, ±inf must be put back explicitly where the clamp to :func:`rounding_limit` does not
+    overflow."""
     return rounding == Rounding.TOWARD_ZERO or fmt.emax + 1 > 127
 
 
