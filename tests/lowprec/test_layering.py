@@ -11,7 +11,7 @@ import lowprec
 
 ROOT = pathlib.Path(lowprec.__file__).parent
 # bottom up; a module may import only modules listed before it
-LAYERS = ["formats", "spec", "rounding", "scaling", "quantize", "codecs", "delayed"]
+LAYERS = ["formats", "spec", "rounding", "fast", "scaling", "quantize", "codecs", "delayed"]
 
 
 def lowprec_imports(name: str) -> list[tuple[str, list[str]]]:
