@@ -182,12 +182,14 @@ def setup(spec: RunSpec, par: Parallel) -> Run:
 
 
 def _optimizer(spec: RunSpec, params: list[torch.Tensor], tel, device: str) -> torch.optim.Optimizer:
-    """The registry optimizer over ``params`` (its generator seeded by the run's seed), wrapped under the policy."""
+    """The registry optimizer over ``params`` (its generator seeded by the run's seed), wrapped under the policy
+    with its state / master-weight rounding stream seeded from the run's seed too (``rounding_seed``)."""
     import lowprec.optim
+    from studies.tasks.base import rounding_seed
 
     gen = torch.Generator(device=device).manual_seed(1_000_003 * spec.seed + 12_345)
     return lowprec.optim.wrap(make_optimizer(spec.optimizer, params, spec.lr, generator=gen), spec.policy,
-                              telemetry=tel)
+                              telemetry=tel, seed=rounding_seed(spec.seed))
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["SIZES", "DATA_SEED", "TRAIN_FRACTION", "Task", "TaskRun", "step_seed", "check_seed", "check_step",
-           "lr_grid", "sized_task"]
+           "lr_grid", "sized_task", "ROUNDING_STREAM", "rounding_seed"]
 
 SIZES = ("quick", "default", "paper")
 DATA_SEED = 1234          # fixes every task's problem data (teacher, convex instance, validation windows)
@@ -21,6 +21,16 @@ TRAIN_FRACTION = 0.9      # contiguous split: first 90% of the tokens train, las
 def step_seed(seed: int, step: int) -> int:
     """A well-mixed 64-bit seed for (run seed, step) — batch ``step`` is independent of earlier batches."""
     return int(np.random.SeedSequence([int(seed), 0x5EED, int(step)]).generate_state(1, np.uint64)[0])
+
+
+ROUNDING_STREAM = 0x5A0D  # the optimizer's stochastic-rounding stream (states, master weights) of a run seed
+
+
+def rounding_seed(seed: int) -> int:
+    """A well-mixed 63-bit seed for the stochastic rounding of a run's optimizer states and master weights
+    (``lowprec.optim.wrap``): it differs per run seed and from the seed of torch's default generator (which
+    ``torch.manual_seed(seed)`` gives the layers' and gradients' rounding), so no two streams coincide."""
+    return int(np.random.SeedSequence([int(seed), ROUNDING_STREAM]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def check_seed(seed: int) -> int:
