@@ -37,12 +37,12 @@ _KERNELS: dict[tuple[bool, bool], Callable[..., bool]] = {}
 _BROKEN: list[str] = []  # the reason torch.compile failed, once it has
 
 
-def _step(p: Tensor, g: Tensor, m: Tensor, G: Tensor, n: Tensor, w: Tensor, decay: Tensor, c: Tensor,
-          neg_lr: Tensor, momentum: bool, maximize: bool) -> None:
+def _step(p: Tensor, g: Tensor, m: Tensor | None, G: Tensor, n: Tensor, w: Tensor, decay: Tensor, c: Tensor,
+          neg_lr: Tensor, maximize: bool) -> None:
     fma = torch.ops.prims.fma
     if maximize:
         g = -g
-    if momentum:
+    if m is not None:
         small = w.abs() < 0.5
         d = fma(torch.where(small, w, w - 1), g - m, torch.where(small, m, g))  # ATen's lerp(m, g, w)
         m.copy_(d)
@@ -62,20 +62,20 @@ def fusable(p: Tensor, grad: Tensor) -> bool:
 
 # One top-level function per (momentum, maximize): dynamo keeps a separate cache for each, so one compiled graph
 # each (dynamic sizes, no_grad) never meets the recompile limit.
-def _step_00(*a: Tensor) -> None:
-    _step(*a, False, False)
+def _step_00(p: Tensor, g: Tensor, G: Tensor, *a: Tensor) -> None:
+    _step(p, g, None, G, *a, False)
 
 
-def _step_01(*a: Tensor) -> None:
-    _step(*a, False, True)
+def _step_01(p: Tensor, g: Tensor, G: Tensor, *a: Tensor) -> None:
+    _step(p, g, None, G, *a, True)
 
 
 def _step_10(*a: Tensor) -> None:
-    _step(*a, True, False)
+    _step(*a, False)
 
 
 def _step_11(*a: Tensor) -> None:
-    _step(*a, True, True)
+    _step(*a, True)
 
 
 _VARIANTS = {(False, False): _step_00, (False, True): _step_01, (True, False): _step_10, (True, True): _step_11}
@@ -88,8 +88,8 @@ def _broken(exc: BaseException) -> None:
 
 
 def fused_kernel(momentum: bool, maximize: bool, required: bool = False) -> Callable[..., bool] | None:
-    """The compiled kernel ``k(p, g, m, G, n, w, decay, c, neg_lr) -> bool`` (flat contiguous float32 tensors, 0-dim
-    float32 scalars; m is g without momentum), compiled and tried on a small input on first use; None when
+    """The compiled kernel ``k(p, g, m, G, n, w, decay, c, neg_lr) -> bool`` (flat contiguous float32 tensors that do
+    not overlap, 0-dim float32 scalars; m is ignored without momentum), compiled and tried on a small input on first use; None when
     torch.compile does not work here (``required=True`` raises RuntimeError instead).
 
     The kernel runs the compiled graph or nothing: if dynamo would have to recompile (a guard failed), it returns
@@ -104,16 +104,18 @@ def fused_kernel(momentum: bool, maximize: bool, required: bool = False) -> Call
 
         def kernel(p: Tensor, g: Tensor, m: Tensor, G: Tensor, n: Tensor, w: Tensor, decay: Tensor, c: Tensor,
                    neg_lr: Tensor) -> bool:
+            # detached: no autograd view of a Parameter reaches dynamo's guards
+            ts = [t.detach() for t in ((p, g, m, G, n) if key[0] else (p, g, G, n))]
             try:
                 with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
-                    compiled(p, g, m, G, n, w, decay, c, neg_lr)
+                    compiled(*ts, w, decay, c, neg_lr)
             except RuntimeError as exc:  # torch._dynamo.exc.RecompileError: a guard failed, nothing ran
                 if "recompil" not in str(exc).lower():
                     raise
                 return False
             return True
 
-        probe = [torch.zeros(64) for _ in range(5)]
+        probe = [torch.zeros(64) for _ in range(5 if key[0] else 4)]
         scalars = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 1.0, 1.0, -1e-3)]
         try:
             with torch.no_grad():

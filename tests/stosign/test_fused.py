@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+import stosign.step
 from stosign import StoSignSGD
 from stosign.fused import FUSED_MIN_NUMEL, fusable, fused_kernel
 from stosign.sign import NOISE_SCALE
@@ -26,9 +27,17 @@ def _params(seed):
     dict(buffer="decayed_max", buffer_decay=0.9),
     dict(maximize=True, weight_decay=0.05),
 ], ids=str)
-def test_fused_trajectory_equals_eager_bitwise(kw):
+def test_fused_trajectory_equals_eager_bitwise(kw, monkeypatch):
     """8 steps from the same seed, gradients with zeros and a few huge/tiny values: parameters, momentum and G equal
-    bit for bit (torch.equal plus the raw bits, so -0 vs +0 would show)."""
+    bit for bit (torch.equal plus the raw bits, so -0 vs +0 would show). The compiled kernel must really have run
+    on both large tensors at every step (a spy records its calls)."""
+    ran = []
+
+    def spying(*args, **kwargs):
+        k = fused_kernel(*args, **kwargs)
+        return lambda *a: ran.append(k(*a)) or ran[-1]
+
+    monkeypatch.setattr(stosign.step, "fused_kernel", spying)
     a, b = _params(0), _params(0)
     assert fusable(a[0], a[0]) and fusable(a[1], a[1]) and not fusable(a[2], a[2])
     oa = StoSignSGD(a, lr=0.01, fused=False, generator=torch.Generator().manual_seed(1), **kw)
@@ -43,6 +52,7 @@ def test_fused_trajectory_equals_eager_bitwise(kw):
             pa.grad, pb.grad = g, g.clone()
         oa.step()
         ob.step()
+    assert ran == [True] * 16
     for pa, pb in zip(a, b):
         assert torch.equal(pa.view(torch.int32), pb.view(torch.int32))
         assert list(oa.state[pa]) == list(ob.state[pb])
