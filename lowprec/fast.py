@@ -5,7 +5,8 @@ stochastic results from the same generator).
 
 :func:`fast_round` returns None where it does not apply (the caller then runs the eager reference):
 
-* float32 CPU tensors of at least :data:`MIN_NUMEL` elements (below that, eager costs less than a compiled call);
+* float32 CPU tensors of at least :data:`MIN_NUMEL` elements (:data:`MIN_NUMEL_STOCHASTIC` for stochastic
+  rounding; below that, eager costs no more than a compiled call);
 * float formats whose grid lies within float32's normal range and whose nearest rounding is the eager magic-number
   one (``emin - man_bits - 1 >= -126``, ``emax + 24 - man_bits <= 127``, at most 22 mantissa bits): every
   8-bit-or-smaller float format and fp16; bf16 for stochastic rounding (the master rounding of ``fp8-all``);
@@ -33,22 +34,37 @@ from .formats import Format, get_format
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
 from .spec import Rounding
 
-__all__ = ["fast_round", "fast_round_ok", "set_fast_path", "fast_path_enabled", "MIN_NUMEL"]
+__all__ = ["fast_round", "fast_round_ok", "set_fast_path", "fast_path_enabled", "fast_path_settings",
+           "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
 
-MIN_NUMEL = 1 << 17  # below this a compiled call (~60 us on this CPU) costs more than eager
+# below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
+# paths) leave no gain over eager (measured on 2 shared cores, 1 thread)
+MIN_NUMEL = 1 << 18
+MIN_NUMEL_STOCHASTIC = 1 << 20
 _INT_MIN = -(1 << 31)
 _CANONICAL_NAN = 0x7FC00000
-_state = {"enabled": os.environ.get("LOWPREC_FAST", "1") != "0", "min_numel": MIN_NUMEL}
+_state = {"enabled": os.environ.get("LOWPREC_FAST", "1") != "0", "min_numel": MIN_NUMEL,
+          "min_numel_stochastic": MIN_NUMEL_STOCHASTIC}
 _cache: dict[tuple, Callable[..., torch.Tensor]] = {}
 
 
-def set_fast_path(enabled: bool, min_numel: int | None = None) -> None:
-    """Turn the compiled fast path on or off for this process; ``min_numel``: the smallest tensor it takes."""
-    if min_numel is not None and (not isinstance(min_numel, int) or min_numel < 2):
-        raise ValueError(f"min_numel must be an integer >= 2, got {min_numel!r}")
+def set_fast_path(enabled: bool, min_numel: int | None = None, min_numel_stochastic: int | None = None) -> None:
+    """Turn the compiled fast path on or off for this process. ``min_numel``: the smallest tensor it takes (for
+    stochastic rounding too unless ``min_numel_stochastic`` is given); None keeps the current sizes (defaults
+    :data:`MIN_NUMEL`, :data:`MIN_NUMEL_STOCHASTIC`)."""
+    for v in (min_numel, min_numel_stochastic):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+            raise ValueError(f"min_numel must be an integer >= 2, got {v!r}")
     _state["enabled"] = bool(enabled)
     if min_numel is not None:
-        _state["min_numel"] = min_numel
+        _state["min_numel"] = _state["min_numel_stochastic"] = min_numel
+    if min_numel_stochastic is not None:
+        _state["min_numel_stochastic"] = min_numel_stochastic
+
+
+def fast_path_settings() -> tuple[bool, int, int]:
+    """(enabled, min_numel, min_numel_stochastic): what :func:`set_fast_path` set (restore it with that call)."""
+    return _state["enabled"], _state["min_numel"], _state["min_numel_stochastic"]
 
 
 def fast_path_enabled() -> bool:
@@ -162,7 +178,8 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
     does not apply (module docstring); ``x`` is float32."""
     fmt, rounding = get_format(fmt), Rounding.parse(rounding)
     if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu"
-            or x.numel() < _state["min_numel"] or not fast_round_ok(fmt, rounding)):
+            or x.numel() < _state["min_numel_stochastic" if rounding == Rounding.STOCHASTIC else "min_numel"]
+            or not fast_round_ok(fmt, rounding)):
         return None
     key = (fmt, rounding, bool(saturate), bool(flush_subnormals), rand_bits if rounding == Rounding.STOCHASTIC
            else None)
