@@ -1,4 +1,4 @@
-"""Time one optimizer step of StoSignSGD, Signum, SignSGD and torch.optim.AdamW(foreach=True), side by side.
+"""Time one optimizer step of StoSignSGD, Signum, SignSGD, Lion and torch.optim.AdamW(foreach=True), side by side.
 
     python benchmarks/bench_optimizers.py                 # 4 tensors of 4M = 16M parameters, 1 thread
     python benchmarks/bench_optimizers.py --tensors 4 --numel 4194304 --threads 2 --repeats 10
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from stosign import SignSGD, StoSignSGD
+from stosign import Lion, SignSGD, StoSignSGD
 
 _clock = time.perf_counter
 
@@ -66,6 +66,7 @@ def main() -> None:
         "StoSignSGD(foreach=True)": lambda: StoSignSGD(params, lr=1e-3, weight_decay=wd, foreach=True, fused=False),
         "Signum": lambda: SignSGD(params, lr=1e-3, momentum=0.9, weight_decay=wd),
         "SignSGD": lambda: SignSGD(params, lr=1e-3, weight_decay=wd),
+        "Lion": lambda: Lion(params, lr=1e-4, weight_decay=wd),
     }
     rows = []
     for name, make in makers.items():
