@@ -4,8 +4,8 @@ Phases (each optional, run in this order):
 
 - ``tune``: every optimizer gets the same budget — its LR grid (the task's ``lr_grid`` or ``--lrs``) at
   ``tune_precision`` (fp32) with ``tune_seeds``, at every horizon of the ladder (``horizons``; the middle one
-  for ablation variants, each tuned by this same rule; ``studies.horizon``). The best LR per optimizer has the lowest mean final validation
-  loss over the tune seeds; a diverged or failed run counts as +inf (worst). An optimizer not tuned itself uses
+  for ablation variants, each tuned by this same rule; ``studies.horizon``). The best LR per optimizer has the
+  lowest mean final validation loss over the tune seeds; a diverged or failed run counts as +inf (worst). An optimizer not tuned itself uses
   its base optimizer's LR. With ``tune_per_precision`` the grid runs at every precision.
   Edge extension (the same rule for every optimizer): while the best LR is the lowest (highest) LR tried, the
   next LR outward is run — the lowest (highest) tried LR divided (multiplied) by the ratio of the grid's two

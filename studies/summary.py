@@ -238,12 +238,14 @@ def summarize(cfg: StudyConfig, rows: list[dict], *, optimal: dict[str, float] |
     vs = _vs_fp32(cfg, main)
     edges = [f"{t} {p} {o}" for t, pp in (lr_at_edge or {}).items() for p, po in pp.items()
              for o, e in po.items() if e]
-    return _json_safe({"ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": _mechanism(rows, optimal or {}, Path(out_dir) if out_dir else None),
-            "claims": _claims(cfg, ladder, fmap, vs), "lr_not_interior": edges,
-            "rule": "verdicts: 'insufficient evidence' when n < 3 paired seeds or the 95% interval spans the null "
-                    "(1 for speedups, 0 for loss changes); speedup = AdamW tokens on its end-of-schedule curve "
-                    "(log-tokens interpolation) / optimizer tokens, paired seed bootstrap; a bound of 0 (inf) means that "
-                    "resample's loss was worse (better) than AdamW's whole curve"})
+    mech = _mechanism(rows, optimal or {}, Path(out_dir) if out_dir else None)
+    return _json_safe({
+        "ladder": ladder, "vs_fp32": vs, "failure_map": fmap, "mechanism": mech,
+        "claims": _claims(cfg, ladder, fmap, vs), "lr_not_interior": edges,
+        "rule": "verdicts: 'insufficient evidence' when n < 3 paired seeds or the 95% interval spans the null (1 for "
+                "speedups, 0 for loss changes); speedup = AdamW tokens on its end-of-schedule curve (log-tokens "
+                "interpolation) / optimizer tokens, paired seed bootstrap; a bound of 0 (inf) means that resample's "
+                "loss was worse (better) than AdamW's whole curve"})
 
 
 def verdict_lines(summary: dict) -> list[str]:
@@ -253,7 +255,8 @@ def verdict_lines(summary: dict) -> list[str]:
     for task, per_prec in summary.get("vs_fp32", {}).items():
         for prec, per_opt in per_prec.items():
             for opt, v in per_opt.items():
-                out.append(f"{task} {prec} {opt}: loss vs fp32 {_g(v['delta'], '+.4f')} [{_g(v['lo'], '+.4f')}, {_g(v['hi'], '+.4f')}] "
+                out.append(f"{task} {prec} {opt}: loss vs fp32 {_g(v['delta'], '+.4f')} "
+                           f"[{_g(v['lo'], '+.4f')}, {_g(v['hi'], '+.4f')}] "
                            f"(n={v['n']}, diverged {v['diverged']}/{v['runs']}): {v['verdict']}")
     for task, per_prec in summary.get("ladder", {}).items():
         for prec, per_opt in per_prec.items():
@@ -265,7 +268,8 @@ def verdict_lines(summary: dict) -> list[str]:
                                    f"[{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}] {sp['status']}: {sp['verdict']}")
     for task, per_prec in summary.get("failure_map", {}).items():
         for prec, per_opt in per_prec.items():
-            cells = ", ".join(f"{o} {c['k']}/{c['n']} [{_g(c['lo'], '.2f')}, {_g(c['hi'], '.2f')}]" for o, c in per_opt.items())
+            cells = ", ".join(f"{o} {c['k']}/{c['n']} [{_g(c['lo'], '.2f')}, {_g(c['hi'], '.2f')}]"
+                              for o, c in per_opt.items())
             out.append(f"failure map {task} {prec}: diverged {cells}")
     for task, per_opt in summary.get("mechanism", {}).items():
         cells = ", ".join(f"{o} stalled {_g(v['stalled']['mean'], '.4g')} [{_g(v['stalled']['lo'], '.3g')}, "
@@ -276,8 +280,9 @@ def verdict_lines(summary: dict) -> list[str]:
         for o, v in per_opt.items():
             d = v.get("stosignsgd_minus_this_stalled")
             if d:
-                out.append(f"mechanism {task}: stalled term {_SIGN} - {o} {_g(d['delta'], '+.4g')} [{_g(d['lo'], '+.3g')}, "
-                           f"{_g(d['hi'], '+.3g')}] (paired, n={d['n']}): {d['verdict']}")
+                out.append(f"mechanism {task}: stalled term {_SIGN} - {o} {_g(d['delta'], '+.4g')} "
+                           f"[{_g(d['lo'], '+.3g')}, {_g(d['hi'], '+.3g')}] (paired, n={d['n']}): {d['verdict']}")
     if summary.get("lr_not_interior"):
-        out.append("LR at an edge of the tried grid (optimum may lie outside): " + "; ".join(summary["lr_not_interior"]))
+        out.append("LR at an edge of the tried grid (optimum may lie outside): "
+                   + "; ".join(summary["lr_not_interior"]))
     return out

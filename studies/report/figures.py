@@ -7,6 +7,7 @@ optimizer has the same colour in every figure.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,8 @@ def heatmap(figs: Figures, cells: pd.DataFrame, row: str, col: str, row_order, c
         long = max((len(str(c)) for c in col_order), default=0) > 10
         ax.tick_params(axis="x", rotation=30 if long else 0)
         ax.tick_params(axis="y", rotation=0)
+        if max((len(str(r)) for r in row_order), default=0) > 18:  # long policy strings: wrapped, smaller
+            ax.set_yticklabels([textwrap.fill(str(r).replace(",", ", "), 24) for r in row_order], fontsize=7)
         return figs.save(fig, name)
 
 
@@ -81,7 +84,8 @@ def mean_band(ax, d: pd.DataFrame, x: str, y: str, color, label: str | None, log
     if g.empty:
         return
     xs, m, sd = g.index.to_numpy(float), g["mean"].to_numpy(float), g["std"].to_numpy(float)
-    ax.plot(xs, m, color=color, linewidth=1.6, label=label)
+    # a series of one point is drawn as a marker (a line through one point is invisible)
+    ax.plot(xs, m, color=color, linewidth=1.6, label=label, marker="o" if len(xs) == 1 else None)
     band = (g["count"].to_numpy() >= 2) & np.isfinite(sd)
     if band.any():
         lo = m - np.where(band, sd, 0.0)
@@ -173,8 +177,6 @@ def loss_curves(figs: Figures, metrics: pd.DataFrame, task: str, precisions: lis
 
 def xticks(ax, labels: list[str]) -> None:
     """Categorical x tick labels, wrapped and smaller when long."""
-    import textwrap
-
     ax.set_xticks(range(len(labels)))
     long = max((len(v) for v in labels), default=0) > 12
     shown = [textwrap.fill(v.replace(",", ", "), 18) if long else v for v in labels]
@@ -184,11 +186,13 @@ def xticks(ax, labels: list[str]) -> None:
 def point_ci(figs: Figures, table: pd.DataFrame, x: str, hue: str, x_order, hue_order, y: str, lo: str, hi: str,
               ylabel: str, title: str, name: str, missing: dict | None = None, notes: dict | None = None,
               ref_line: float | None = None, band: tuple[float, float] | None = None, band_label: str = "",
-              hue_colors: dict | None = None) -> Path:
+              hue_colors: dict | None = None, band_x: set | None = None) -> Path:
     """Points with interval bars: one group per x, one colour per hue.
 
-    `missing[(x, hue)]`: text shown with a ▼ at the bottom where the value is nan (e.g. "not reached");
-    `notes[(x, hue)]`: small text next to a plotted point (e.g. "1/2 diverged").
+    `missing[(x, hue)]`: text written vertically at the foot of the panel (in axes coordinates, so it marks no
+    value on the data axis) where the value is nan (e.g. "not reached");
+    `notes[(x, hue)]`: small text next to a plotted point (e.g. "1/2 diverged");
+    `band`: a shaded y range, over the x groups in `band_x` only (every group when None).
     """
     import seaborn as sns
     from matplotlib.lines import Line2D
@@ -207,13 +211,14 @@ def point_ci(figs: Figures, table: pd.DataFrame, x: str, hue: str, x_order, hue_
         if ref_line is not None:
             lo_v, hi_v = min(lo_v, ref_line), max(hi_v, ref_line)
         span = max(hi_v - lo_v, 1e-9)
-        base_y = lo_v - 0.12 * span
         handles = []
         if ref_line is not None:
             ax.axhline(ref_line, color="black", linewidth=1, linestyle="--")
             handles.append(Line2D([], [], color="black", linestyle="--", label=f"{ref_line:g} = baseline"))
-        if band is not None:
-            ax.axhspan(band[0], band[1], color="gold", alpha=0.25)
+        shown = [i for i, xv in enumerate(x_order) if band_x is None or xv in band_x]
+        if band is not None and shown:
+            for i in shown:
+                ax.fill_between([i - 0.45, i + 0.45], band[0], band[1], color="gold", alpha=0.25, linewidth=0)
             handles.append(Patch(color="gold", alpha=0.4, label=band_label))
         any_missing = False
         for k, hv in enumerate(hue_order):
@@ -231,14 +236,10 @@ def point_ci(figs: Figures, table: pd.DataFrame, x: str, hue: str, x_order, hue_
                         ax.annotate(notes[(xv, hv)], (xpos, m), textcoords="offset points", xytext=(5, 3),
                                     fontsize=7, color=colors[hv])
                 else:
-                    any_missing = True
-                    ax.plot([xpos], [base_y], marker="v", color=colors[hv], markersize=7, linestyle="none")
-                    ax.annotate(missing.get((xv, hv), "no value"), (xpos, base_y), textcoords="offset points",
-                                xytext=(0, 7), ha="center", va="bottom", fontsize=7, rotation=90, color=colors[hv])
+                    ax.annotate(missing.get((xv, hv), "no value"), (xpos, 0.03), xycoords=("data", "axes fraction"),
+                                ha="center", va="bottom", fontsize=7, rotation=90, color=colors[hv])
             handles.append(Line2D([], [], marker="o", color=colors[hv], linestyle="none", label=str(hv)))
-        if any_missing:
-            handles.append(Line2D([], [], marker="v", color="grey", linestyle="none", label="no value (see label)"))
-            ax.set_ylim(bottom=base_y - 0.06 * span)
+        ax.set_ylim(lo_v - 0.08 * span, hi_v + 0.08 * span)
         xticks(ax, [str(v) for v in x_order])
         ax.set_xlim(-0.6, len(x_order) - 0.4)
         ax.set_xlabel(x)

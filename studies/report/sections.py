@@ -15,7 +15,7 @@ from studies.report.claims import paper_comparison
 from studies.report.document import Doc
 from studies.report.figures import Figures, heatmap, loss_curves, loss_unit, mechanism_fig, point_ci, telemetry_fig
 from studies.report.style import (MAIN_PHASES, OPTIMIZER_ORDER, PAPER_SPEEDUP, PHASE_ORDER, PRECISION_ORDER, fmt,
-                                      fmt_int, fmt_tokens, ordered, slug)
+                                      fmt_int, fmt_tokens, is_fp8, ordered, slug)
 from studies.report.tables import cells_display, lr_rows, tune_table
 
 __all__ = ["study_section", "problems_section", "stability_section", "main_metrics", "curves_section",
@@ -171,9 +171,11 @@ def speedup_section(doc: Doc, figs: Figures, main: pd.DataFrame, speed: pd.DataF
         p = point_ci(figs, s, "precision", "optimizer", precs, opts, "speedup", "lo", "hi",
                       "speedup vs AdamW (× fewer tokens)", f"{task}: tokens to loss {tgt:.4g} vs AdamW",
                       f"speedup_{slug(task)}", missing=missing, notes=cell_notes, ref_line=1.0, band=PAPER_SPEEDUP,
-                      band_label="paper, FP8 (1.44×–2.14×)", hue_colors=figs.palette)
+                      band_label="paper, FP8 (1.44×–2.14×)", hue_colors=figs.palette,
+                      band_x={q for q in precs if is_fp8(q)})
         doc.fig(p, f"{task}: tokens-to-target speedup over AdamW (target loss {tgt:.4g}: {how}); bars = 95% "
-                   f"bootstrap interval; ▼ = no value (reason annotated).")
+                   f"bootstrap interval; a vertical note at the foot = no value (reason written); the paper's band "
+                   f"only on FP8 precisions.")
         t = pd.DataFrame({
             "precision": s["precision"], "optimizer": s["optimizer"],
             "AdamW tokens": [fmt_tokens(v) for v in s["baseline_tokens"]],

@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = [
     "BASELINE", "PROPOSED", "PAPER_SPEEDUP", "MAIN_PHASES", "DPI", "LEVEL", "OPTIMIZER_ORDER", "PRECISION_ORDER",
-    "PHASE_ORDER", "ordered", "palette", "is_float", "slug", "fmt", "fmt_int", "fmt_tokens", "fmt_ci",
+    "PHASE_ORDER", "ordered", "palette", "is_float", "slug", "fmt", "fmt_int", "fmt_tokens", "fmt_ci", "is_fp8",
 ]
 
 BASELINE = "adamw"
@@ -115,3 +115,9 @@ def fmt_ci(m: float, lo: float, hi: float, fmt_one: Callable[[Any], str] = fmt) 
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{fmt_one(m)}"
     return f"{fmt_one(m)} [{fmt_one(lo)}, {fmt_one(hi)}]"
+
+
+def is_fp8(precision: str) -> bool:
+    """Whether a precision label involves an FP8 format (a preset named fp8-* or mxfp8, or e4m3 / e5m2 in it)."""
+    p = str(precision).lower()
+    return "fp8" in p or "e4m3" in p or "e5m2" in p

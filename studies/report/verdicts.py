@@ -80,6 +80,12 @@ def failure_statement(summary: dict, optimizer: str = "adamw") -> list[str]:
     return out
 
 
+def _paired(d: dict) -> str:
+    if not d:
+        return "–"
+    return f"{_f(d.get('delta')):+.4g} [{_f(d.get('lo')):+.3g}, {_f(d.get('hi')):+.3g}]: {d.get('verdict')}"
+
+
 def mechanism_table(summary: dict) -> pd.DataFrame:
     """One row per convex task and optimizer: the stalled term, the reducible term, and StoSignSGD's paired
     difference in the stalled term against it."""
@@ -89,9 +95,7 @@ def mechanism_table(summary: dict) -> pd.DataFrame:
             d = v.get("stosignsgd_minus_this_stalled") or {}
             rows.append({"task": task, "optimizer": opt, "stalled term [95% CI]": _ci(v.get("stalled", {}), ".4g"),
                          "reducible term": _ci(v.get("reducible", {}), ".4g"),
-                         "stosignsgd − this, stalled (paired)": (f"{_f(d.get('delta')):+.4g} [{_f(d.get('lo')):+.3g}, "
-                                                                 f"{_f(d.get('hi')):+.3g}]: {d.get('verdict')}")
-                         if d else "–"})
+                         "stosignsgd − this, stalled (paired)": _paired(d)})
     return pd.DataFrame(rows)
 
 
