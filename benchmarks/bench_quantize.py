@@ -9,7 +9,9 @@ faster); qtorch's first import JIT-compiles its C++ extension (~20 s, not timed)
 (nearest e4m3, stochastic e4m3, mxfp8, nvfp4; fp32 in, fp32 out) as a fraction of this machine's memory-bandwidth
 floor, the time of a plain ``out.copy_(x)`` of the same tensor (the same read + write bytes), measured in the same
 rounds: median and spread (min-max) over the rounds; the targets are >= 50% nearest and >= 25% stochastic (random
-bits included).
+bits included). Each quantizer runs twice per round, by default (the compiled fast path of ``lowprec.fast`` for these
+sizes) and eager (``set_fast_path(False)``); a ``clone`` row shows the floor of an op that returns a new tensor
+(first-touch page faults of the fresh 64 MiB), and a row the eager random-bit draw alone (torch's CPU generator).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Callable
 import torch
 
 import lowprec
+from lowprec.fast import set_fast_path
+from lowprec.rounding import random_bits
 
 
 def timer(fn: Callable[[], object]) -> float:
@@ -115,13 +119,27 @@ def main() -> None:
 def bandwidth_table(x: torch.Tensor, g: torch.Generator, rounds: int, threads: int) -> None:
     """lowprec.quantize as a fraction of the memory-bandwidth floor (a plain copy of the same bytes), per round."""
     out = torch.empty_like(x)
+
+    def eager(f: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            set_fast_path(False)
+            try:
+                return f()
+            finally:
+                set_fast_path(True)
+        return run
+
     ops: list[tuple[str, Callable[[], object]]] = [
         ("copy (floor)", lambda: out.copy_(x)),
-        ("e4m3 nearest", lambda: lowprec.quantize(x, "e4m3")),
-        ("e4m3 stochastic", lambda: lowprec.quantize(x, "e4m3", rounding="stochastic", generator=g)),
-        ("mxfp8", lambda: lowprec.quantize(x, "mxfp8")),
-        ("nvfp4", lambda: lowprec.quantize(x, "nvfp4")),
+        ("clone (copy into a new tensor, as every quantize result is)", lambda: x.clone()),
+        ("random bits of stochastic rounding (lowprec.rounding.random_bits)",
+         lambda: random_bits(x.shape, x.device, g)),
     ]
+    for name, f in (("e4m3 nearest", lambda: lowprec.quantize(x, "e4m3")),
+                    ("e4m3 stochastic", lambda: lowprec.quantize(x, "e4m3", rounding="stochastic", generator=g)),
+                    ("mxfp8", lambda: lowprec.quantize(x, "mxfp8")),
+                    ("nvfp4", lambda: lowprec.quantize(x, "nvfp4"))):
+        ops += [(name, f), (f"{name} (eager, fast path off)", eager(f))]
     for _, f in ops:  # warm up
         f()
     times: list[list[float]] = [[] for _ in ops]
