@@ -11,7 +11,9 @@ three labelled GEMMs through one autograd function (``lowprec.nn.function``):
     grad-weight  dW = Q_grad(dy)^T    @ Q_act(x)     reduction over the batch/token rows
 
 Block scaling runs along each GEMM's own reduction axis (so W, x and dy are quantized twice, once per GEMM,
-when the spec is block-scaled); channel scaling puts one scale per row of the left operand / column of the right
+when the spec is block-scaled; square 2-D blocks such as ``nvfp4:block16x16`` are the same tiles along either axis,
+so the backward reuses the forward's weight); ``policy.wgrad_rht`` applies NVFP4's random Hadamard transform to
+the grad-weight GEMM's operands (``lowprec.nn.function``); channel scaling puts one scale per row of the left operand / column of the right
 one; tensor scaling is shared. The bias is added in fp32 and its gradient is the fp32 sum of the unquantized
 grad_output (as Transformer Engine does). Embedding tables are quantized per ``policy.weight`` along the
 embedding dimension with a straight-through gradient. Convolutions are the same three GEMMs of the implicit
