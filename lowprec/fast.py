@@ -32,9 +32,9 @@ import torch
 
 from .formats import Format, get_format
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
-from .spec import Rounding
+from .spec import QuantSpec, Rounding
 
-__all__ = ["fast_round", "fast_round_ok", "set_fast_path", "fast_path_enabled", "fast_path_settings",
+__all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled", "fast_path_settings",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
@@ -165,9 +165,9 @@ def _compiled(key: tuple, kernel: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)  # the length is marked dynamic per call: constants stay baked in
 
 
-def _dynamic(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its length marked dynamic (one graph for every length)."""
-    torch._dynamo.mark_dynamic(t, 0)
+def _dynamic(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t`` with its size along ``dim`` marked dynamic (one graph for every length)."""
+    torch._dynamo.mark_dynamic(t, dim)
     return t
 
 
@@ -208,3 +208,67 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
                       f"rounding from now on", RuntimeWarning, stacklevel=2)
         return None
     return out.view(x.shape)
+
+
+def fast_scaled_ok(s: QuantSpec) -> bool:
+    """Whether :func:`fast_scaled` has a fused kernel for ``s``: nearest or toward_zero onto a :func:`fast_round_ok`
+    float format with ``emax`` in [0, 126], under 1-D block scaling with E8M0 scales and the OCP floor rule
+    (mxfp8, mxfp6, mxfp4) or under fp32 tensor scaling."""
+    sc = s.scaling
+    if sc is None or s.rounding == Rounding.STOCHASTIC or not fast_round_ok(s.format, s.rounding):
+        return False
+    if not 0 <= s.format.emax <= 126:
+        return False
+    if sc.mode == "block":
+        return (sc.scale_format == "e8m0" and getattr(sc, "block_rows", 1) == 1
+                and getattr(sc, "scale_rounding", "floor") == "floor")
+    return sc.mode == "tensor" and sc.scale_format == "fp32"
+
+
+def _scaled_kernel(s: QuantSpec) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``v`` (groups x group length, float32) -> (``round(v / scale) * scale``, scale): the eager path's scale
+    (finite amax; E8M0 ``2**clamp(floor(log2 amax) - emax, -127, 127)`` from the amax's exponent field, or fp32
+    ``amax / max``, 1 where that is 0 or not finite), division, rounding on the bit patterns, product."""
+    fmt, e8m0 = s.format, s.scaling.scale_format == "e8m0"
+    round_bits = _int_kernel(fmt, s.rounding, s.saturate, s.flush_subnormals)
+
+    def kernel(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = v.abs()
+        a = torch.where((a != a) | (a == float("inf")), 0.0, a)
+        amax = a.amax(dim=-1, keepdim=True) if e8m0 else a.amax().reshape(1, 1)
+        if e8m0:  # amax >= 0: its exponent field; subnormal or zero amax gives -127 (emax >= 0)
+            exp = torch.clamp((amax.view(torch.int32) >> 23) - (127 + fmt.emax), min=-127, max=127)
+            scale = torch.where(exp == -127, 0x00400000, (exp + 127) << 23).view(torch.float32)
+        else:
+            sc = amax / fmt.max
+            scale = torch.where((sc > 0) & (sc != float("inf")), sc, 1.0)
+        y = v / scale
+        q = round_bits(y.view(torch.int32)).view(torch.float32)
+        return q * scale, scale
+
+    return kernel
+
+
+def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The scale -> round -> unscale of ``quantize`` for ``view`` (``lowprec.scaling.to_scaling_view`` of float32
+    ``x``) in one compiled graph, bit for bit: (the quantized view, its scale broadcastable to the view), or None
+    where it does not apply (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`)."""
+    if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.numel() < _state["min_numel"] or not fast_scaled_ok(s)):
+        return None
+    key = ("scaled", s)
+    fn = _cache.get(key)
+    if fn is None:
+        fn = _cache[key] = _compiled(key, _scaled_kernel(s))
+    group = view.shape[-1] if s.scaling.mode == "block" else view.numel()
+    v2 = view.contiguous().view(-1, group)
+    try:
+        q, scale = fn(_dynamic(v2) if s.scaling.mode == "block" else _dynamic(v2, 1))
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
+        _state["enabled"] = False
+        warnings.warn(f"lowprec: the compiled fast path failed to build ({type(e).__name__}); using the eager "
+                      f"rounding from now on", RuntimeWarning, stacklevel=2)
+        return None
+    if s.scaling.mode == "block":
+        return q.view(view.shape), scale.view(*view.shape[:-1], 1)
+    return q.view(view.shape), scale.view([1] * view.dim())

@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 
 from . import scaling as _sc
-from .fast import fast_round
+from .fast import MIN_NUMEL as MIN_FUSED_NUMEL
+from .fast import fast_round, fast_scaled, fast_scaled_ok
 from .formats import Format, torch_dtype
 from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, round_native,
                        round_to_format, saturation_limit, widen_native)
@@ -95,6 +96,18 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     return Rounded(el, info, undo)
 
 
+def _fused(x: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
+    """The whole scale -> round -> unscale by one compiled graph (:func:`lowprec.fast.fast_scaled`, bit-identical)
+    where it applies: (the quantized view, its scale, undo), else None."""
+    if s.scaling is None or not fast_scaled_ok(s) or x.numel() < MIN_FUSED_NUMEL:
+        return None
+    check_tensor(x)
+    x32 = x.detach().float()
+    view, undo = _sc.to_scaling_view(x32, s.scaling)
+    r = fast_scaled(x32, s, view)
+    return None if r is None else (r[0], r[1], undo)
+
+
 def _unscale(r: Rounded, s: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     """The last step: elements times their scale, in ``x``'s layout and dtype (saturating within the dtype)."""
     el = r.elements if r.elements.dtype == torch.float32 else widen_native(r.elements)
@@ -123,6 +136,9 @@ def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str
     non-power-of-two scale is used). ``generator`` makes stochastic rounding reproducible."""
     s = spec(fmt, rounding=rounding, saturate=saturate, scaling=scaling, flush_subnormals=flush_subnormals,
              rand_bits=rand_bits)
+    f = _fused(x, s)
+    if f is not None:
+        return f[2](f[0]).to(x.dtype)
     return _unscale(scale_and_round(x, s, generator), s, x.dtype)
 
 
@@ -142,6 +158,10 @@ def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
         scale = torch.as_tensor(scale, dtype=torch.float32)
         if scale.numel() != 1:
             raise ValueError(f"a given scale must have one element (per-tensor), got shape {tuple(scale.shape)}")
+    f = _fused(x, s) if scale is None else None
+    if f is not None:
+        q, sc, undo = f
+        return undo(q).to(x.dtype), (undo(sc.expand(q.shape)) if s.scaling.mode == "block" else sc)
     r = scale_and_round(x, s, generator, scale=scale)
     if r.info is None:
         return _unscale(r, s, x.dtype), None

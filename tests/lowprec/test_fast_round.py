@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowprec import FORMATS, float_format, quantize
+from lowprec import FORMATS, float_format, quantize, quantize_with_scale
 from lowprec.fast import MIN_NUMEL_STOCHASTIC, fast_path_settings, fast_round, fast_round_ok, set_fast_path
 from lowprec.rounding import round_to_format
 from lowprec.spec import Rounding
@@ -105,3 +105,27 @@ def test_a_new_length_does_not_compile_again(fast_everywhere):
         x = torch.randn(n)
         assert same(fast_round(x, fmt, "toward_zero"), round_to_format(x, fmt, "toward_zero"))
     assert counters["stats"]["unique_graphs"] - before == 1
+
+
+@pytest.mark.parametrize("spec_", ["mxfp8", "mxfp4", "mxfp6_e3m2", "mxfp8:axis=0", "mxfp4:nosat", "mxfp8:toward_zero",
+                                   "e4m3:tensor", "e5m2:tensor:nosat", "e2m1:tensor:flush"])
+def test_fused_scaled_quantize_equals_eager_bit_for_bit(spec_):
+    from lowprec import spec
+    from lowprec.fast import fast_scaled, fast_scaled_ok
+    from lowprec.scaling import to_scaling_view
+
+    x = torch.randn(512, 1000) * 3  # 1000: a ragged last block of 8 (padded)
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
+    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
+    s = spec(spec_)
+    assert fast_scaled_ok(s) and fast_scaled(x, s, to_scaling_view(x, s.scaling)[0]) is not None
+    was = fast_path_settings()
+    set_fast_path(False)
+    try:
+        ref_q, ref_s = quantize_with_scale(x, s)
+        ref = quantize(x, s)
+    finally:
+        set_fast_path(*was)
+    q, sc = quantize_with_scale(x, s)
+    assert same(ref_q, q) and same(ref_s, sc) and same(ref, quantize(x, s))
+    assert not fast_scaled_ok(spec("nvfp4")) and not fast_scaled_ok(spec("mxfp8:stochastic"))
