@@ -34,7 +34,8 @@ from .formats import Format, get_format
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
 from .spec import QuantSpec, Rounding
 
-__all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled", "fast_path_settings",
+__all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
+           "fast_path_settings",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
