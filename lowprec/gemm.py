@@ -24,13 +24,14 @@ import torch
 from lowprec import hardware
 from lowprec.accumulate import Accumulator
 from lowprec.accumulate import matmul as acc_matmul
-from lowprec.formats import torch_dtype
+from lowprec.formats import TORCH_DTYPES, torch_dtype
 from lowprec.quantize import QuantSpec
+from lowprec.scaling import nonzero
 
 __all__ = ["Operand", "BACKENDS", "native_dtype", "native_reason", "use_native", "matmul", "scaled_mm"]
 
 BACKENDS = ("auto", "native", "emulated")
-_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_FLOAT8 = tuple(TORCH_DTYPES[n] for n in ("e4m3", "e5m2") if n in TORCH_DTYPES)  # what _scaled_mm multiplies
 
 
 def native_dtype(spec: QuantSpec | None) -> torch.dtype | None:
@@ -103,7 +104,7 @@ def _to_fp8(op: Operand) -> tuple[torch.Tensor, torch.Tensor | None]:
     if op.scale is None:
         q = op.q
     else:  # grid values, so the cast below is exact; a zero scale (all-zero tensor) must not give 0/0
-        q = op.q / torch.where(op.scale == 0, torch.ones_like(op.scale), op.scale)
+        q = op.q / nonzero(op.scale)
     return q.to(native_dtype(op.spec)), op.scale
 
 
