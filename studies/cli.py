@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--steps", type=_pos_int, help="training steps per run (default: the task's)")
     steps.add_argument("--tokens", type=_pos_int, help="training tokens per run (steps = tokens / tokens-per-step)")
     r.add_argument("--horizons", type=_config_arg("parse_steps", "horizons"), metavar="N,N,...",
-                   help="horizon ladder: steps per horizon (LR tuned at each; default study: 75,150,300); "
+                   help="horizon ladder: steps per horizon (LR tuned at each; default study: 100,200,400); "
                         "--steps/--tokens without --horizons mean one horizon")
     r.add_argument("--workers", type=_pos_int,
                    help="parallel worker processes (default 2; at most the CPU cores), or with --executor "

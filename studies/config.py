@@ -479,15 +479,15 @@ FAILURE_PRECISIONS = ["state=e4m3", "state=e4m3:tensor", "state=e4m3:block128", 
 
 def default_config() -> StudyConfig:
     """The default study (``precision-sweep run`` with no arguments), sized for ~10 minutes on 2 cores: the tiny
-    GPT at "quick" size on a horizon ladder of 75 / 150 / 300 steps (LR tuned at each), {adamw, signsgd, signum,
-    lion, stosignsgd} x {fp32, fp8-all, nvfp4} at 150 steps and {fp32, fp8-all} at 75 and 300, 3 seeds; ablations
-    (each variant tuned) and rounding at 150 steps; the FP8 failure map (adamw, signum, stosignsgd x
-    FAILURE_PRECISIONS x 3 seeds at 150 and 300 steps); the mechanism on convex-l1 and convex-l1-weak ("default"
+    GPT at "quick" size on a horizon ladder of 100 / 200 / 400 steps (LR tuned at each), {adamw, signsgd, signum,
+    lion, stosignsgd} x {fp32, fp8-all, nvfp4} at 200 steps and {fp32, fp8-all} at 100 and 400, 3 seeds; ablations
+    (each variant tuned) and rounding at 200 steps; the FP8 failure map (adamw, signum, stosignsgd x
+    FAILURE_PRECISIONS x 3 seeds at 200 and 400 steps); the mechanism on convex-l1 and convex-l1-weak ("default"
     size, 2,000 steps, 3 seeds, adamw, lion and the other sign methods). The MoE,
     bf16/fp8-hybrid/fp8-states and the larger sizes are in studies/paper.toml. README "Results" has its time."""
     return StudyConfig(tasks=["gpt"], size="quick",
                        optimizers=["adamw", "signsgd", "signum", "lion", "stosignsgd"],
-                       precisions=["fp32", "fp8-all", "nvfp4"], seeds=[0, 1, 2], horizons=[75, 150, 300],
+                       precisions=["fp32", "fp8-all", "nvfp4"], seeds=[0, 1, 2], horizons=[100, 200, 400],
                        horizon_precisions=["fp32", "fp8-all"], rounding_optimizers=["adamw", "stosignsgd"],
                        failure_precisions=list(FAILURE_PRECISIONS),
                        mechanism_tasks=["convex-l1", "convex-l1-weak"], mechanism_size="default",

@@ -53,7 +53,8 @@ def summarize(out_dir: Path, data: ReportData) -> str:
             else:
                 lines.append(head + r.status)
     if not main.empty:
-        lines += ["paper check: " + x for x in paper_comparison(main, speed, data.baselines)]
+        lines += ["paper check (tokens-to-target within one schedule; secondary to the verdicts above): " + x
+                  for x in paper_comparison(main, speed, data.baselines)]
     if data.problems:
         lines.append(f"{len(data.problems)} problem(s) in the results folder (left out of every number):")
         lines += ["  " + p for p in data.problems[:MAX_PROBLEMS]]

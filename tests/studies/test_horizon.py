@@ -128,3 +128,17 @@ def test_convex_loss_parts_sum_and_signsgd_never_moves_the_stalled_term(name):
     eps = 0.02 if name.endswith("weak") else 0.25
     A = run.model.A
     assert float(A[1, 0] / A[0, 0]) == pytest.approx(eps)
+
+
+def test_cli_horizons_and_steps():
+    from studies.cli import build_parser, config_from_args
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["run", *argv]))
+
+    assert cfg().horizons == [100, 200, 400]                       # the default study's ladder
+    assert cfg("--steps", "40").horizons is None                   # one run length: the one given
+    assert cfg("--horizons", "10,30").horizons == [10, 30]
+    assert cfg("--steps", "40", "--horizons", "10,30").horizons == [10, 30]
+    with pytest.raises(SystemExit):
+        cfg("--horizons", "10,x")

@@ -56,7 +56,7 @@ def test_per_task_precisions_keep_the_moe_at_reduced_precisions():
     cfg = apply_overrides(default_config(), {"tasks": "gpt,moe", "task_precisions": {"moe": ["fp32", "fp8-all"]},
                                              "ablation_tasks": ["gpt"], "rounding_tasks": ["gpt"]}).validate()
     specs = plan_after_tune(cfg, chosen={})
-    assert {s.precision for s in specs if s.phase == "main" and s.task == "moe" and s.steps == 100} == {
+    assert {s.precision for s in specs if s.phase == "main" and s.task == "moe" and s.steps == 200} == {
         "fp32", "fp8-all"}
     assert {s.task for s in specs if s.phase in ("ablation", "rounding")} == {"gpt"}
 

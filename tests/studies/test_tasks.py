@@ -14,8 +14,8 @@ from studies.tasks import (MoE, SIZES, TASKS, TRAIN_FRACTION, Task, TaskRun, get
 
 torch.set_num_threads(1)
 
-BUILTIN = ["convex-l1", "mlp", "gpt", "moe"]
-OPTIMIZERS = ["adamw", "sgd", "signsgd", "signum", "stosignsgd"]
+BUILTIN = ["convex-l1", "convex-l1-weak", "mlp", "gpt", "moe"]
+OPTIMIZERS = ["adamw", "sgd", "signsgd", "signum", "lion", "stosignsgd"]
 
 
 def _params(run: TaskRun) -> dict[str, torch.Tensor]:
