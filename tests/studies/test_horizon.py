@@ -142,3 +142,29 @@ def test_cli_horizons_and_steps():
     assert cfg("--steps", "40", "--horizons", "10,30").horizons == [10, 30]
     with pytest.raises(SystemExit):
         cfg("--horizons", "10,x")
+
+
+def test_summary_reads_the_speedup_off_adamws_curve_and_states_the_claims():
+    # AdamW's end-of-schedule loss follows L(T) = 3 - 0.25 ln T over the ladder; StoSignSGD at every horizon
+    # reaches the loss AdamW reaches with 2x its tokens; seed offsets are shared (paired): speedup exactly 2.
+    cfg = _cfg(phases=["main"], lrs=None, horizon_precisions=["fp32", "fp8-all"])
+    offs = {0: -0.02, 1: 0.0, 2: 0.03}
+    rows = []
+    for s in plan_after_tune(cfg, {}):
+        tokens = s.steps * 256
+        t_eff = tokens * (2.0 if s.optimizer == "stosignsgd" else 1.0)
+        rows.append(_row(s, 3.0 - 0.25 * math.log(t_eff) + offs[s.seed]))
+    summ = summarize(cfg, rows)
+    for prec in ("fp32", "fp8-all"):
+        for e in summ["ladder"]["gpt"][prec]["stosignsgd"]:
+            sp = e["speedup"]
+            if e["steps"] == 40:  # the longest horizon is beyond AdamW's curve (AdamW never got that low)
+                assert sp["status"] == "beyond AdamW's range" and sp["speedup"] == "inf"
+            else:
+                assert sp["speedup"] == pytest.approx(2.0) and (sp["lo"], sp["hi"]) == pytest.approx((2.0, 2.0))
+                assert sp["verdict"] == "faster than AdamW"
+    d = summ["vs_fp32"]["gpt"]["fp8-all"]["adamw"]
+    assert d["n"] == 3 and d["delta"] == pytest.approx(0.0, abs=1e-12)  # identical losses: no change
+    (line,) = [c for c in summ["claims"] if c.startswith("[gpt, fp8-all]")]
+    assert "diverged adamw 0/3 vs stosignsgd 0/3" in line and "disagree: adamw never diverged" in line
+    assert "faster': insufficient evidence (beyond AdamW's range)" in line  # a bound is not a value
