@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --d-model 256        # the larger size
     python benchmarks/bench_step.py --cpu-time           # process CPU time instead of wall time (shared machine)
     python benchmarks/bench_step.py --precisions fp32 fp8-all --repeats 7 --steps 20
+    python benchmarks/bench_step.py --d-model 256 --no-fast  # lowprec.fast off: the eager quantizers (before)
 
 One case per precision: ``studies.training.setup`` builds the lm task (``gpt``, size ``default``; ``--d-model``
 changes only the width) with ``lowprec.nn.convert`` and the wrapped registry AdamW, and a repeat times
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 
 import studies.tasks as tasks_mod
+from lowprec.fast import fast_path_enabled, set_fast_path
 from studies.config import RunSpec
 from studies.training import Parallel, setup, train_step
 
@@ -86,10 +88,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed repeats per case first (compiles, caches)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time instead of wall time")
+    ap.add_argument("--no-fast", action="store_true", help="turn lowprec's compiled fast path off (eager only)")
     args = ap.parse_args()
     if args.repeats < 3 or args.steps < 1:
         ap.error("--repeats must be >= 3 and --steps >= 1")
     torch.set_num_threads(args.threads)
+    if args.no_fast:
+        set_fast_path(False)
     tasks_mod.get_task = _sized_get_task(args.d_model)  # setup() looks get_task up in studies.tasks at call time
     clock = time.process_time if args.cpu_time else time.perf_counter
     lr = 3e-3
@@ -111,7 +116,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in tasks_mod.get_task("gpt").build(0).model.parameters())
     print(f"tiny GPT d_model={d} ({n_params:,} params), {args.threads} thread(s), torch {torch.__version__}, "
           f"{'CPU' if args.cpu_time else 'wall'} time, {args.repeats} repeats x {args.steps} steps "
-          f"(interleaved), warm-up {warm_s:.1f} s")
+          f"(interleaved), warm-up {warm_s:.1f} s, lowprec fast path {'on' if fast_path_enabled() else 'off'}")
     print("| case | ms/step (median) | ms/step (min-max) | ratio to eager (median) | ratio (min-max) | target |")
     print("|---|---:|---:|---:|---:|---:|")
     base = times[0]
