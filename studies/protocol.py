@@ -55,7 +55,8 @@ from studies.sweep import run_specs, shard
 from studies.finalize import data_hash, finalize, versions as _versions
 from studies.summary import summarize
 
-__all__ = ["PhaseIncomplete", "tuned_optimizers", "main_precisions", "tune_precisions", "plan_tune", "next_lr",
+__all__ = ["PhaseIncomplete", "tuned_optimizers", "tune_horizons", "tune_grids", "main_precisions",
+           "tune_precisions", "plan_tune", "next_lr",
            "at_edge", "plan_extension", "choose_lrs", "chosen_lr", "compute_targets", "plan_after_tune", "finalize",
            "run_study", "data_hash", "merge_study"]
 
