@@ -212,64 +212,92 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
 
 
 def fast_scaled_ok(s: QuantSpec) -> bool:
-    """Whether :func:`fast_scaled` has a fused kernel for ``s``: nearest or toward_zero onto a :func:`fast_round_ok`
-    float format with ``emax`` in [0, 126], under 1-D block scaling with E8M0 scales and the OCP floor rule
-    (mxfp8, mxfp6, mxfp4) or under fp32 tensor scaling."""
+    """Whether :func:`fast_scaled` has a fused kernel for ``s``: a :func:`fast_round_ok` float format with ``emax``
+    in [0, 126] under 1-D block scaling with E8M0 scales and the OCP floor rule (mxfp8, mxfp6, mxfp4) or with
+    E4M3 scales (nvfp4), or under fp32 tensor scaling; any rounding (stochastic with the eager random bits)."""
     sc = s.scaling
-    if sc is None or s.rounding == Rounding.STOCHASTIC or not fast_round_ok(s.format, s.rounding):
-        return False
-    if not 0 <= s.format.emax <= 126:
+    if sc is None or not fast_round_ok(s.format, s.rounding) or not 0 <= s.format.emax <= 126:
         return False
     if sc.mode == "block":
-        return (sc.scale_format == "e8m0" and getattr(sc, "block_rows", 1) == 1
-                and getattr(sc, "scale_rounding", "floor") == "floor")
+        return getattr(sc, "block_rows", 1) == 1 and (
+            sc.scale_format == "e4m3" or (sc.scale_format == "e8m0" and getattr(sc, "scale_rounding", "floor")
+                                          == "floor"))
     return sc.mode == "tensor" and sc.scale_format == "fp32"
 
 
-def _scaled_kernel(s: QuantSpec) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """``v`` (groups x group length, float32) -> (``round(v / scale) * scale``, scale): the eager path's scale
-    (finite amax; E8M0 ``2**clamp(floor(log2 amax) - emax, -127, 127)`` from the amax's exponent field, or fp32
-    ``amax / max``, 1 where that is 0 or not finite), division, rounding on the bit patterns, product."""
-    fmt, e8m0 = s.format, s.scaling.scale_format == "e8m0"
-    round_bits = _int_kernel(fmt, s.rounding, s.saturate, s.flush_subnormals)
+def _scaled_kernel(s: QuantSpec) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``v`` (groups x group length, float32; ``r``: random bits shaped like it, stochastic rounding only) ->
+    (``round(v / scale) * scale``, scale): the eager path's scales (finite amax; E8M0 ``2**clamp(floor(log2 amax)
+    - emax, -127, 127)`` from the amax's exponent field; E4M3 block scales times the fp32 tensor scale, whose zero
+    scales zero their block; fp32 ``amax / max``, 1 where that is 0 or not finite), division, rounding, product."""
+    fmt, sf = s.format, s.scaling.scale_format
+    if s.rounding == Rounding.STOCHASTIC:
+        sr = _stochastic_kernel(fmt, s.saturate, s.flush_subnormals, s.rand_bits)
 
-    def kernel(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def round_(y: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+            return sr(y, r)
+    else:
+        int_round = _int_kernel(fmt, s.rounding, s.saturate, s.flush_subnormals)
+
+        def round_(y: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+            return int_round(y.view(torch.int32)).view(torch.float32)
+
+    def kernel(v: torch.Tensor, r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         a = v.abs()
         a = torch.where((a != a) | (a == float("inf")), 0.0, a)
-        amax = a.amax(dim=-1, keepdim=True) if e8m0 else a.amax().reshape(1, 1)
-        if e8m0:  # amax >= 0: its exponent field; subnormal or zero amax gives -127 (emax >= 0)
+        amax = a.amax(dim=-1, keepdim=True) if sf != "fp32" else a.amax().reshape(1, 1)
+        if sf == "e8m0":  # amax >= 0: its exponent field; subnormal or zero amax gives -127 (emax >= 0)
             exp = torch.clamp((amax.view(torch.int32) >> 23) - (127 + fmt.emax), min=-127, max=127)
             scale = torch.where(exp == -127, 0x00400000, (exp + 127) << 23).view(torch.float32)
+        elif sf == "e4m3":
+            g = amax.amax() / (448.0 * fmt.max)
+            g = torch.where((g > 0) & (g != float("inf")), g, 1.0)
+            s_blk = torch.clamp((amax / fmt.max) / g, max=448.0).to(torch.float8_e4m3fn)
+            scale = s_blk.to(torch.float32) * g
         else:
             sc = amax / fmt.max
             scale = torch.where((sc > 0) & (sc != float("inf")), sc, 1.0)
-        y = v / scale
-        q = round_bits(y.view(torch.int32)).view(torch.float32)
-        return q * scale, scale
+        if sf == "e4m3":
+            el = round_(v / torch.where(scale == 0, 1.0, scale), r) * (scale != 0)
+        else:
+            el = round_(v / scale, r)
+        return el * scale, scale
 
     return kernel
 
 
-def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The scale -> round -> unscale of ``quantize`` for ``view`` (``lowprec.scaling.to_scaling_view`` of float32
     ``x``) in one compiled graph, bit for bit: (the quantized view, its scale broadcastable to the view), or None
-    where it does not apply (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`)."""
+    where it does not apply (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`). Stochastic
+    rounding draws the random bits of the view from ``generator`` as the eager path does."""
+    sto = s.rounding == Rounding.STOCHASTIC
     if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32
-            or x.device.type != "cpu" or x.numel() < _state["min_numel"] or not fast_scaled_ok(s)):
+            or x.device.type != "cpu" or x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]
+            or not fast_scaled_ok(s)):
         return None
     key = ("scaled", s)
     fn = _cache.get(key)
-    if fn is None:
+    first = fn is None
+    if first:
         fn = _cache[key] = _compiled(key, _scaled_kernel(s))
-    group = view.shape[-1] if s.scaling.mode == "block" else view.numel()
-    v2 = view.contiguous().view(-1, group)
+    block = s.scaling.mode == "block"
+    v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
+    saved = generator.get_state() if first and sto and generator is not None else None
     try:
-        q, scale = fn(_dynamic(v2) if s.scaling.mode == "block" else _dynamic(v2, 1))
+        if sto:
+            rnd = random_bits(v2.shape, v2.device, generator)
+            q, scale = fn(_dynamic(v2, 0 if block else 1), _dynamic(rnd, 0 if block else 1))
+        else:
+            q, scale = fn(_dynamic(v2, 0 if block else 1))
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
         _state["enabled"] = False
+        if saved is not None:
+            generator.set_state(saved)
         warnings.warn(f"lowprec: the compiled fast path failed to build ({type(e).__name__}); using the eager "
                       f"rounding from now on", RuntimeWarning, stacklevel=2)
         return None
-    if s.scaling.mode == "block":
+    if block:
         return q.view(view.shape), scale.view(*view.shape[:-1], 1)
     return q.view(view.shape), scale.view([1] * view.dim())

@@ -96,7 +96,8 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     return Rounded(el, info, undo)
 
 
-def _fused(x: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
+def _fused(x: torch.Tensor, s: QuantSpec,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
     """The whole scale -> round -> unscale by one compiled graph (:func:`lowprec.fast.fast_scaled`, bit-identical)
     where it applies: (the quantized view, its scale, undo), else None."""
     if s.scaling is None or not fast_scaled_ok(s) or x.numel() < MIN_FUSED_NUMEL:
@@ -104,7 +105,7 @@ def _fused(x: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, C
     check_tensor(x)
     x32 = x.detach().float()
     view, undo = _sc.to_scaling_view(x32, s.scaling)
-    r = fast_scaled(x32, s, view)
+    r = fast_scaled(x32, s, view, generator)
     return None if r is None else (r[0], r[1], undo)
 
 
@@ -136,7 +137,7 @@ def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str
     non-power-of-two scale is used). ``generator`` makes stochastic rounding reproducible."""
     s = spec(fmt, rounding=rounding, saturate=saturate, scaling=scaling, flush_subnormals=flush_subnormals,
              rand_bits=rand_bits)
-    f = _fused(x, s)
+    f = _fused(x, s, generator)
     if f is not None:
         return f[2](f[0]).to(x.dtype)
     return _unscale(scale_and_round(x, s, generator), s, x.dtype)
@@ -158,7 +159,7 @@ def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
         scale = torch.as_tensor(scale, dtype=torch.float32)
         if scale.numel() != 1:
             raise ValueError(f"a given scale must have one element (per-tensor), got shape {tuple(scale.shape)}")
-    f = _fused(x, s) if scale is None else None
+    f = _fused(x, s, generator) if scale is None else None
     if f is not None:
         q, sc, undo = f
         return undo(q).to(x.dtype), (undo(sc.expand(q.shape)) if s.scaling.mode == "block" else sc)

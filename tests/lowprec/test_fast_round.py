@@ -108,24 +108,32 @@ def test_a_new_length_does_not_compile_again(fast_everywhere):
 
 
 @pytest.mark.parametrize("spec_", ["mxfp8", "mxfp4", "mxfp6_e3m2", "mxfp8:axis=0", "mxfp4:nosat", "mxfp8:toward_zero",
-                                   "e4m3:tensor", "e5m2:tensor:nosat", "e2m1:tensor:flush"])
+                                   "e4m3:tensor", "e5m2:tensor:nosat", "e2m1:tensor:flush", "nvfp4",
+                                   "nvfp4:stochastic", "mxfp8:stochastic", "e5m2:tensor:stochastic:randbits=4",
+                                   "nvfp4:axis=0:toward_zero"])
 def test_fused_scaled_quantize_equals_eager_bit_for_bit(spec_):
     from lowprec import spec
     from lowprec.fast import fast_scaled, fast_scaled_ok
     from lowprec.scaling import to_scaling_view
 
-    x = torch.randn(512, 1000) * 3  # 1000: a ragged last block of 8 (padded)
+    x = torch.randn(1050, 1000) * 3  # 1000: a ragged last block of 8 (padded); >= MIN_NUMEL_STOCHASTIC
     x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
     x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
+    x[5] = torch.logspace(-40, 38, 1000)  # E4M3 block scales from 0 (their blocks zeroed) to the largest
     s = spec(spec_)
     assert fast_scaled_ok(s) and fast_scaled(x, s, to_scaling_view(x, s.scaling)[0]) is not None
     was = fast_path_settings()
+
+    def g() -> torch.Generator:
+        return torch.Generator().manual_seed(11)
+    g1, g2 = g(), g()
     set_fast_path(False)
     try:
-        ref_q, ref_s = quantize_with_scale(x, s)
-        ref = quantize(x, s)
+        ref_q, ref_s = quantize_with_scale(x, s, g1)
+        ref = quantize(x, s, generator=g())
     finally:
         set_fast_path(*was)
-    q, sc = quantize_with_scale(x, s)
-    assert same(ref_q, q) and same(ref_s, sc) and same(ref, quantize(x, s))
-    assert not fast_scaled_ok(spec("nvfp4")) and not fast_scaled_ok(spec("mxfp8:stochastic"))
+    q, sc = quantize_with_scale(x, s, g2)
+    assert same(ref_q, q) and same(ref_s, sc) and same(ref, quantize(x, s, generator=g()))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    assert not fast_scaled_ok(spec("mxfp8:scale_round=ceil")) and not fast_scaled_ok(spec("nvfp4:block16x16"))
