@@ -12,6 +12,9 @@ Semantics beyond the rounding rules (:mod:`lowprec.rounding`):
   it; with ``saturate=True`` an unscaled result never overflows the dtype: it saturates to the largest value both
   the format and the dtype hold (``bf16`` in a float16 tensor: 65280).
 * A scale of 0 (only an E4M3 block scale, or a given scale, can be 0) zeroes its group (NaN stays NaN).
+* Large float32 CPU tensors are rounded (and, for MX/NVFP4 block and fp32 tensor scaling, scaled, rounded and
+  unscaled) by the compiled kernels of :mod:`lowprec.fast`, bit-identical to the eager path (``LOWPREC_FAST=0``
+  or ``lowprec.fast.set_fast_path(False)`` turns them off).
 * Quantization is not differentiable: results carry no autograd history (``lowprec.nn`` provides
   straight-through layers). Empty tensors give empty results for every spec.
 """
