@@ -53,7 +53,7 @@ from studies.schema import read_study
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
 from studies.finalize import data_hash, finalize, versions as _versions
-from studies.summary import summarize
+from studies.summary import summarize, summarize_folder
 
 __all__ = ["PhaseIncomplete", "tuned_optimizers", "tune_horizons", "tune_grids", "main_precisions",
            "tune_precisions", "plan_tune", "next_lr",
@@ -470,8 +470,7 @@ def merge_study(out_dir: str | Path, folders: list[str | Path]) -> dict[str, int
     targets = compute_targets(cfg, rows, chosen)
     finalize(out_dir, {t: v["target_loss"] for t, v in targets.items()})
     study["targets"] = targets
-    study["summary"] = summarize(cfg, ResultsStore(out_dir).rows(), optimal=study.get("optimal_loss"),
-                                 lr_at_edge=study.get("lr_at_edge"), out_dir=out_dir)
+    study["summary"] = summarize_folder(out_dir, study, ResultsStore(out_dir).rows())
     write_json_atomic(Path(out_dir) / "study.json", study)
     return counts
 

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from studies import horizon
-from studies.config import StudyConfig
+from studies.config import StudyConfig, apply_overrides
 from studies.scaling import MIN_SEEDS, ladder_speedup, paired_difference, verdict
 from studies.stats import mean_ci, wilson_ci
 
-__all__ = ["PAPER_SPEEDUP", "summarize", "verdict_lines"]
+__all__ = ["PAPER_SPEEDUP", "summarize", "summarize_folder", "verdict_lines"]
 
 PAPER_SPEEDUP = (1.44, 2.14)  # the paper's claimed StoSignSGD-over-AdamW speedup range
 _SIGN = "stosignsgd"
@@ -318,3 +318,14 @@ def verdict_lines(summary: dict) -> list[str]:
         out.append("LR at an edge of the tried grid (optimum may lie outside): "
                    + "; ".join(summary["lr_not_interior"]))
     return out
+
+
+def summarize_folder(out_dir: str | Path, study: dict, rows: list[dict]) -> dict:
+    """The answer recomputed from ``rows`` (the runs a results folder holds now) with the study's own
+    configuration from study.json, so a verdict never outlives the rows it came from (a merged, trimmed or
+    damaged folder); study.json's recorded summary only where it records no configuration."""
+    if "config" not in study:
+        return study.get("summary") or {}
+    cfg = apply_overrides(StudyConfig(), {k: v for k, v in study["config"].items() if k != "out"})
+    return summarize(cfg, rows, optimal=study.get("optimal_loss"), lr_at_edge=study.get("lr_at_edge"),
+                     out_dir=out_dir)

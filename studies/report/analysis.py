@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from studies.report.load import load_metrics, load_results, load_study
+from studies.summary import summarize_folder
 from studies.report.style import BASELINE, LEVEL, MAIN_PHASES, OPTIMIZER_ORDER, PRECISION_ORDER, fmt, ordered
 from studies.stats import divergence_fraction, mean_ci, speedup_ci
 
@@ -241,11 +242,12 @@ def prepare(out_dir: Path | str) -> ReportData:
     """Load the folder and compute the report's tables; runs with status "error" are set aside in ``failed``."""
     out_dir = Path(out_dir)
     results, problems = load_results(out_dir)
+    study = load_study(out_dir)
+    study["summary"] = summarize_folder(out_dir, study, results.to_dict("records"))  # the rows shown, not older ones
     failed = results[results["status"] == "error"]
     results = results[results["status"] != "error"].reset_index(drop=True)
     results, notes = split_setups(results)
     results, lr_notes = split_lrs(results)
-    study = load_study(out_dir)
     metrics = load_metrics(out_dir, results, problems=problems)
     base_targets, tnotes = targets_from_study(study, ordered(results["task_name"], ()))
     results, stale = apply_targets(results, base_targets)

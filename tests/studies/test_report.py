@@ -196,7 +196,8 @@ def test_summary_counts_match_results_csv(rendered, tiny_study):
     _, _, summary = rendered
     rows = raw_rows(tiny_study)
     k = sum(r["diverged"] == "True" for r in rows)
-    assert summary.splitlines()[0].startswith(f"{len(rows)} runs in ") and f"({k} diverged)" in summary
+    counts = [ln for ln in summary.splitlines() if " runs in " in ln]  # after the verdict lines (verdict first)
+    assert len(counts) == 1 and counts[0].startswith(f"{len(rows)} runs in ") and f"({k} diverged)" in counts[0]
     for (prec, lab), runs in cells_of(rows).items():
         assert lab in summary
     line = next(l for l in summary.splitlines() if l.strip().startswith("fp8-all"))
