@@ -296,8 +296,14 @@ def verdict_lines(summary: dict) -> list[str]:
                 for e in entries:
                     if "speedup" in e:
                         sp = e["speedup"]
-                        out.append(f"{task} {prec} {opt} @{e['steps']} steps: speedup {_fmt_x(sp['speedup'])} "
-                                   f"[{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}] {sp['status']}: {sp['verdict']}")
+                        point = _f(sp["speedup"])
+                        where = ("" if sp["status"] == "ok" or not (point == 0 or math.isinf(point)) else
+                                 " (loss worse than AdamW's at its shortest horizon)" if point == 0 else
+                                 " (loss better than AdamW's at its longest horizon)")
+                        value = (sp["status"] + where if where else _fmt_x(point) if sp["status"] == "ok"
+                                 else f"{_fmt_x(point)} ({sp['status']})")
+                        out.append(f"{task} {prec} {opt} @{e['steps']} steps: speedup {value} "
+                                   f"[{_fmt_x(sp['lo'])}, {_fmt_x(sp['hi'])}]: {sp['verdict']}")
     for task, per_prec in summary.get("failure_map", {}).items():
         for prec, per_opt in per_prec.items():
             cells = ", ".join(f"{o} {c['k']}/{c['n']} [{_g(c['lo'], '.2f')}, {_g(c['hi'], '.2f')}]"
