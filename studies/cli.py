@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from studies.arguments import OneLineParser, nonneg_int, positive_int
+
 __all__ = ["MAX_STEPS", "MAX_TOKENS", "MAX_WORKERS", "MAX_THREADS", "build_parser", "config_from_args",
            "check_limits", "main"]
 
@@ -33,14 +35,6 @@ MAX_TOKENS = 10 ** 13         # training tokens per run
 MAX_WORKERS = 10_000          # concurrent submitit jobs
 MAX_THREADS = 1_024           # torch threads per run
 CALIBRATION_STEPS = 3         # steps of the dry run's timing runs
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as ONE line (no usage block) and exits with status 2."""
-
-    def error(self, message: str):  # noqa: D401
-        sys.stderr.write(f"precision-sweep: error: {message}\n")
-        raise SystemExit(2)
 
 
 def _config_arg(parser: str, *extra):
@@ -57,31 +51,15 @@ def _config_arg(parser: str, *extra):
     return parse
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse ``type`` for an integer >= ``minimum`` (``what`` names the range in the error)."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return v
-
-    return parse
-
-
 _seeds_arg = _config_arg("parse_seeds")
 _shard_arg = _config_arg("parse_shard")
 _lrs_arg = _config_arg("parse_floats", "lrs")
-_pos_int = _int_at_least(1, "positive")
-_nonneg_int = _int_at_least(0, "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="precision-sweep", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="precision-sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="command", metavar="{run,report,merge,export,list}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,report,merge,export,list}", parser_class=OneLineParser)
     sub.required = True
 
     r = sub.add_parser("run", help="run a study (no options: the default study)")
@@ -100,15 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_seeds_arg,
                    help="N = seeds 0..N-1, or a list like 0,3,7 (one explicit seed: '7,')")
     steps = r.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=_pos_int, help="training steps per run (default: the task's)")
-    steps.add_argument("--tokens", type=_pos_int, help="training tokens per run (steps = tokens / tokens-per-step)")
+    steps.add_argument("--steps", type=positive_int, help="training steps per run (default: the task's)")
+    steps.add_argument("--tokens", type=positive_int, help="training tokens per run (steps = tokens / tokens-per-step)")
     r.add_argument("--horizons", type=_config_arg("parse_steps", "horizons"), metavar="N,N,...",
                    help="horizon ladder: steps per horizon (LR tuned at each; default study: 100,200,400); "
                         "--steps/--tokens without --horizons mean one horizon")
-    r.add_argument("--workers", type=_pos_int,
+    r.add_argument("--workers", type=positive_int,
                    help="parallel worker processes (default 2; at most the CPU cores), or with --executor "
                         "submitit the most jobs running at once")
-    r.add_argument("--threads", type=_pos_int, default=1,
+    r.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per run (default 1): fixed per run and recorded, so --workers never changes "
                         "a number")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -120,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                    help="with --executor submitit: slurm (default) or local (same code path, no scheduler)")
     r.add_argument("--partition", help="Slurm partition (--executor submitit)")
-    r.add_argument("--time-min", type=_pos_int, default=60, help="Slurm time limit per run, minutes (default 60)")
+    r.add_argument("--time-min", type=positive_int, default=60, help="Slurm time limit per run, minutes (default 60)")
     r.add_argument("--mem-gb", type=float, help="Slurm memory per run, GB")
     r.add_argument("--wait", type=float, default=0.0, metavar="MINUTES",
                    help="with --shard: wait up to MINUTES for the other shards' runs in the same --out, so every "
@@ -137,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--phases", help="comma-separated subset of tune,main,ablation,rounding,failure,mechanism")
     r.add_argument("--tune-per-precision", action="store_true", default=None,
                    help="tune the LR at every precision instead of once at fp32")
-    r.add_argument("--tune-max-extensions", type=_nonneg_int, metavar="N",
+    r.add_argument("--tune-max-extensions", type=nonneg_int, metavar="N",
                    help="when an optimizer's best LR is at an edge of its grid, try up to N more LRs outward "
                         "(same rule for every optimizer; default 1, 0 disables)")
     r.add_argument("--no-report", action="store_true", help="skip rendering the report")

@@ -44,7 +44,7 @@ from typing import Any
 
 from studies import horizon
 from studies.config import StudyConfig
-from studies.optimizers import base_optimizer
+from studies.optimizers import base_optimizer, default_lr
 from studies.config import RunSpec, rounding_variants
 from studies.config import apply_overrides
 from studies.records import check_folder, file_sha256, merge_folders, package_version, study_fingerprint, \
@@ -86,22 +86,11 @@ def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision:
         thresholds=dataclasses.asdict(cfg.thresholds), data_sha256=data_sha256)
 
 
-def _default_lr(task, optimizer: str) -> float:
-    lrs = task.default_lrs
-    if optimizer in lrs:
-        return float(lrs[optimizer])
-    base = base_optimizer(optimizer)
-    if base in lrs:
-        return float(lrs[base])
-    raise ValueError(f"task {task.name!r} has no default learning rate for {optimizer!r} "
-                     f"(known: {', '.join(lrs)}); pass --lrs")
-
-
 def _lr_grid(cfg: StudyConfig, task, optimizer: str) -> list[float]:
     if cfg.lrs:
         return list(cfg.lrs)
     grid = task.lr_grid.get(optimizer) or task.lr_grid.get(base_optimizer(optimizer))
-    return [float(v) for v in grid] if grid else [_default_lr(task, optimizer)]
+    return [float(v) for v in grid] if grid else [default_lr(task, optimizer)]
 
 
 def tuned_optimizers(cfg: StudyConfig) -> list[str]:
@@ -257,7 +246,7 @@ def chosen_lr(cfg: StudyConfig, chosen: dict, task, optimizer: str, precision: s
             for name in (optimizer, base_optimizer(optimizer)):
                 if name in per_task.get(key, {}):
                     return per_task[key][name]["lr"]
-    return _default_lr(task, optimizer)
+    return default_lr(task, optimizer)
 
 
 def compute_targets(cfg: StudyConfig, rows: list[dict], chosen: dict) -> dict[str, dict]:
@@ -326,7 +315,7 @@ def plan_after_tune(cfg: StudyConfig, chosen: dict) -> list[RunSpec]:
             for opt in cfg.mechanism_optimizers:
                 for seed in cfg.mechanism_seeds:
                     specs.append(_spec(cfg, phase="mechanism", task=tname, optimizer=opt, precision="fp32",
-                                       lr=_default_lr(task, opt), seed=seed, size=cfg.mechanism_size or cfg.size,
+                                       lr=default_lr(task, opt), seed=seed, size=cfg.mechanism_size or cfg.size,
                                        steps=cfg.mechanism_steps))
     return specs
 
