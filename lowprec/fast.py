@@ -48,6 +48,21 @@ _state = {"enabled": os.environ.get("LOWPREC_FAST", "1") != "0", "min_numel": MI
           "min_numel_stochastic": MIN_NUMEL_STOCHASTIC}
 _cache: dict[tuple, Callable[..., torch.Tensor]] = {}
 
+def _compile_errors() -> tuple[type[Exception], ...]:
+    """What a failed kernel build raises (looked up only when something was raised: importing dynamo is slow)."""
+    return torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError
+
+
+def _give_up(error: Exception, generator: torch.Generator | None, saved: torch.Tensor | None) -> None:
+    """A kernel failed to build: turn the fast path off for the process, put the generator back where the eager
+    path expects it, and say so once. Returns None (the caller's "not applicable")."""
+    _state["enabled"] = False
+    if saved is not None:
+        generator.set_state(saved)
+    warnings.warn(f"lowprec: the compiled fast path failed to build ({type(error).__name__}); using the eager "
+                  f"rounding from now on", RuntimeWarning, stacklevel=3)
+    return None
+
 
 def set_fast_path(enabled: bool, min_numel: int | None = None, min_numel_stochastic: int | None = None) -> None:
     """Turn the compiled fast path on or off for this process. ``min_numel``: the smallest tensor it takes (for
@@ -201,13 +216,8 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
             out = fn(_dynamic(flat), _dynamic(rnd))
         else:
             out = fn(_dynamic(flat.view(torch.int32))).view(torch.float32)
-    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
-        _state["enabled"] = False
-        if saved is not None:
-            generator.set_state(saved)
-        warnings.warn(f"lowprec: the compiled fast path failed to build ({type(e).__name__}); using the eager "
-                      f"rounding from now on", RuntimeWarning, stacklevel=2)
-        return None
+    except _compile_errors() as e:
+        return _give_up(e, generator, saved)
     return out.view(x.shape)
 
 
@@ -291,13 +301,8 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
             q, scale = fn(_dynamic(v2, 0 if block else 1), _dynamic(rnd, 0 if block else 1))
         else:
             q, scale = fn(_dynamic(v2, 0 if block else 1))
-    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
-        _state["enabled"] = False
-        if saved is not None:
-            generator.set_state(saved)
-        warnings.warn(f"lowprec: the compiled fast path failed to build ({type(e).__name__}); using the eager "
-                      f"rounding from now on", RuntimeWarning, stacklevel=2)
-        return None
+    except _compile_errors() as e:
+        return _give_up(e, generator, saved)
     if block:
         return q.view(view.shape), scale.view(*view.shape[:-1], 1)
     return q.view(view.shape), scale.view([1] * view.dim())

@@ -20,13 +20,7 @@ from studies.config import RunSpec, StudyConfig
 from studies.protocol import run_study
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.studies.clirun import run_cli as _run  # noqa: E402
 
 
 def _convex(out, **kw) -> list[str]:

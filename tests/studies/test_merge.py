@@ -15,13 +15,7 @@ from studies.config import StudyConfig
 from studies.protocol import PhaseIncomplete, merge_study, run_study
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.studies.clirun import run_cli as _run  # noqa: E402
 
 
 def _cfg(out, phases=("main",), **kw) -> StudyConfig:
