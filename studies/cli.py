@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where runs train (default auto: cuda when torch sees a GPU, else cpu); on cuda the "
                         "quantized GEMMs use the native FP8 path (torch._scaled_mm) where the hardware has it")
+    r.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="save each run's whole training state every N steps (runs/<id>/checkpoint.pt); a run killed "
+                        "mid-way resumes from its last checkpoint and ends bit-identical to an uninterrupted one")
     r.add_argument("--executor", choices=("local", "submitit"), default="local",
                    help="local: this machine (process pool, the default); submitit: Slurm jobs (job arrays), or "
                         "submitit's local executor with --cluster local")
@@ -273,7 +276,7 @@ def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         study = run_study(cfg, command=command, shard_kn=args.shard, debug=args.debug, threads=args.threads,
                           executor=args.executor, executor_options=options, append=args.append,
-                          wait_min=args.wait, device=device)
+                          wait_min=args.wait, device=device, checkpoint_every=args.checkpoint_every)
     except PhaseIncomplete as e:
         print(f"precision-sweep: {e}", file=sys.stderr)
         return 0

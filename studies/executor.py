@@ -47,6 +47,7 @@ class Job:
     debug: bool = False
     threads: int = 1
     device: str = "cpu"
+    checkpoint_every: int | None = None  # save the training state every N steps (resume after a kill)
 
 
 def _set_threads(threads: int) -> None:
@@ -67,7 +68,8 @@ def run_job(job: Job) -> dict[str, Any]:
     _set_threads(job.threads)
     try:
         par = None if job.device == "cpu" else OnDevice(job.device)
-        row = execute_run(job.spec, job.out_dir, target_loss=job.target_loss, debug=job.debug, parallel=par)
+        row = execute_run(job.spec, job.out_dir, target_loss=job.target_loss, debug=job.debug, parallel=par,
+                          checkpoint_every=job.checkpoint_every)
     finally:
         torch.set_num_threads(prev)
     write_record(job.out_dir, row, threads=job.threads)

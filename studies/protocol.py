@@ -336,7 +336,7 @@ def _missing(specs: list[RunSpec], store: ResultsStore) -> int:
 def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] | None = None,
               debug: bool = False, progress: bool = True, threads: int = 1, executor: str = "local",
               executor_options: dict[str, Any] | None = None, append: bool = False, wait_min: float = 0.0,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", checkpoint_every: int | None = None) -> dict:
     """Run the study's phases into ``cfg.out``; write study.json; return the study definition (dict).
 
     With ``shard_kn = (K, N)`` only this shard's part of each phase runs; phases after ``tune`` need every tune run
@@ -364,7 +364,8 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     write_json_atomic(out / "study.json", study)
     counts: dict[str, dict] = {}
     study["device"] = device   # where the runs train ("cuda": native FP8 GEMMs where the hardware has them)
-    how = {"threads": threads, "executor": executor, "executor_options": executor_options, "device": device}
+    how = {"threads": threads, "executor": executor, "executor_options": executor_options, "device": device,
+           "checkpoint_every": checkpoint_every}
 
     def part(specs: list[RunSpec]) -> list[RunSpec]:
         return shard(specs, *shard_kn) if shard_kn else specs

@@ -55,7 +55,7 @@ def _reuse_key_of_row(row: dict[str, Any]) -> str | None:
 def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, desc: str = "runs",
               targets: dict[str, float] | None = None, debug: bool = False, progress: bool = True,
               threads: int = 1, executor: str = "local", executor_options: dict[str, Any] | None = None,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", checkpoint_every: int | None = None) -> dict:
     """Run every spec not yet completed in ``out_dir`` (on ``device``: ``studies.training.OnDevice``); return
     counts {"done", "skipped", "reused", "diverged",
     "errors"}.
@@ -123,7 +123,7 @@ def run_specs(specs: list[RunSpec], out_dir: str | Path, *, workers: int = 1, de
         bar.update(1)
         bar.set_postfix(diverged=counts["diverged"], failed=counts["errors"])
 
-    jobs = [Job(s, str(out_dir), targets.get(s.task), debug, threads, device) for s in leaders]
+    jobs = [Job(s, str(out_dir), targets.get(s.task), debug, threads, device, checkpoint_every) for s in leaders]
     options = dict(executor_options or {})
     folder = options.pop("folder", None) or Path(out_dir) / ".submitit"
     runner = make_executor(executor, workers=workers, n_jobs=len(jobs), folder=folder, **options)
