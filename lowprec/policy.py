@@ -454,8 +454,9 @@ PRESET_TABLE: tuple[tuple[str, str, str], ...] = (
      'per-tensor scale (MS-AMP LBAdamW: exp_avg_dtype=uint8, exp_avg_sq_dtype=float16)'),
     ("fp8-all", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3:block128,"
                 "master=bf16:stochastic",
-     "the paper's FP8 setting: fp8-hybrid GEMMs (param gradients E5M2 too), E4M3 optimizer states (blocks "
-     'of 128), bf16 master weights with stochastic rounding'),
+     "everything in FP8 (this project's all-FP8 policy, not a setting sourced from the paper): fp8-hybrid "
+     "GEMMs (param gradients E5M2 too), E4M3 optimizer states (blocks of 128), bf16 master weights with "
+     "stochastic rounding"),
     ("fp8-all-unscaled", "weight=e4m3:tensor,activation=e4m3:tensor,grad=e5m2:tensor,state=e4m3,"
                          "master=bf16:stochastic",
      'fp8-all with optimizer states cast to E4M3 without any scaling (a naive FP8 optimizer): second '
