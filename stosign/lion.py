@@ -79,12 +79,7 @@ class Lion(SignOptimizer):
             if group["maximize"]:
                 grads = torch._foreach_neg(grads) if foreach else [torch.neg(g) for g in grads]
             beta1, beta2 = group["betas"]
-            ms = []
-            for p in params:
-                st = self.state[p]
-                if "exp_avg" not in st:
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ms.append(st["exp_avg"])
+            ms = self._state_zeros("exp_avg", params)
             c = self._views("scratch", params)
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             if foreach:

@@ -229,18 +229,23 @@ class SignOptimizer(Optimizer):
             grads = torch._foreach_neg(grads) if foreach else [torch.neg(g) for g in grads]
         if beta == 0.0:
             return grads
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(st["momentum_buffer"])
+        bufs = self._state_zeros("momentum_buffer", params)
         if foreach:
             torch._foreach_lerp_(bufs, grads, 1.0 - beta)
         else:
             for b, g in zip(bufs, grads):
                 b.lerp_(g, 1.0 - beta)
         return bufs
+
+    def _state_zeros(self, key: str, params: list[Tensor]) -> list[Tensor]:
+        """``self.state[p][key]`` of each parameter, created as zeros shaped like ``p`` the first time."""
+        out = []
+        for p in params:
+            st = self.state[p]
+            if key not in st:
+                st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(st[key])
+        return out
 
     def _bounds(self, buffer: str, params: list[Tensor]) -> list[Tensor | None]:
         """The G buffer of each parameter for this ``buffer`` kind (created, or re-created when the kind changed
@@ -322,9 +327,8 @@ class SignOptimizer(Optimizer):
         decay = float(group["buffer_decay"]) if group["buffer"] == "decayed_max" else 1.0
         scalars = [torch.tensor(v, dtype=torch.float32) for v in (1.0 - beta, decay, 1.0 - lr * wd, -lr)]
         ps = [params[i] for i in take]
-        for p in ps:  # the eager path's state order: momentum_buffer, then bound
-            if beta != 0.0 and "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if beta != 0.0:  # the eager path's state order: momentum_buffer, then bound
+            self._state_zeros("momentum_buffer", ps)
         done = []
         for i, G in zip(take, self._bounds(group["buffer"], ps)):
             p, g = params[i], grads[i]
