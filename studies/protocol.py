@@ -49,7 +49,7 @@ from studies.config import RunSpec, rounding_variants
 from studies.config import apply_overrides
 from studies.records import check_folder, file_sha256, merge_folders, package_version, study_fingerprint, \
     update_records
-from studies.schema import read_study
+from studies.schema import float_or_nan, read_study
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
 from studies.finalize import data_hash, finalize, versions as _versions
@@ -202,18 +202,11 @@ def _score(rows: list[dict]) -> float:
     """Mean final validation loss; +inf when any run diverged, failed or has no finite value."""
     vals = []
     for r in rows:
-        v = _float(r.get("final_val_loss"))
+        v = float_or_nan(r.get("final_val_loss"))
         if str(r.get("diverged")) == "True" or r.get("status") == "error" or not math.isfinite(v):
             return math.inf
         vals.append(v)
     return sum(vals) / len(vals) if vals else math.inf
-
-
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def choose_lrs(cfg: StudyConfig, rows: list[dict], phase: str = "tune") -> dict:

@@ -33,7 +33,7 @@ from lowprec.policy import TENSOR_ROLES
 __all__ = [
     "METRIC_ROLES", "METRIC_COLUMNS", "RESULT_COLUMNS", "RESULT_TYPES", "EXTRA_RESULT_TYPES", "STUDY_KEYS",
     "TELEMETRY_STRING_COLUMNS", "STATUSES", "ResultRow", "format_cell", "parse_cell", "format_row", "parse_row",
-    "typed_row", "results_csv_text", "write_results_csv",
+    "typed_row", "results_csv_text", "write_results_csv", "float_or_nan",
     "read_results_csv", "results_frame", "read_results", "write_metrics_csv", "read_metrics", "read_telemetry",
     "to_strict_json", "dumps_study", "write_study", "read_study",
 ]
@@ -144,6 +144,14 @@ def format_cell(column: str, value: Any) -> str:
         raise ValueError(f"results column {column!r} holds numbers, got {type(value).__name__} {value!r}")
     v = float(value)
     return "nan" if math.isnan(v) else repr(v)
+
+
+def float_or_nan(value: Any) -> float:
+    """``float(value)`` for a cell read back either typed or as text; nan when it is empty, None or not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def parse_cell(column: str, text: str) -> Any:

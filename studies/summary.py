@@ -16,6 +16,7 @@ from typing import Any
 
 from studies import horizon
 from studies.config import StudyConfig, apply_overrides
+from studies.schema import float_or_nan
 from studies.scaling import MIN_SEEDS, ladder_speedup, paired_difference, verdict
 from studies.stats import mean_ci, wilson_ci
 
@@ -23,13 +24,6 @@ __all__ = ["PAPER_SPEEDUP", "summarize", "summarize_folder", "verdict_lines"]
 
 PAPER_SPEEDUP = (1.44, 2.14)  # the paper's claimed StoSignSGD-over-AdamW speedup range
 _SIGN = "stosignsgd"
-
-
-def _f(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _diverged(r: dict) -> bool:
@@ -40,7 +34,7 @@ def _loss(r: dict) -> float:
     """Final validation loss; +inf for a diverged run (worse than any value), nan for a failed one."""
     if r.get("status") == "error":
         return math.nan
-    return math.inf if _diverged(r) else _f(r.get("final_val_loss"))
+    return math.inf if _diverged(r) else float_or_nan(r.get("final_val_loss"))
 
 
 def _cells(cfg: StudyConfig, rows: list[dict], phase: str) -> dict[tuple, dict[int, dict]]:
@@ -65,10 +59,10 @@ def _ladder(cfg: StudyConfig, main: dict) -> dict:
     for (task, steps, prec, opt), by_seed in sorted(main.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3],
                                                                                    kv[0][1] or 0)):
         losses = [_loss(r) for r in by_seed.values()]
-        tokens = max(_f(r.get("tokens")) for r in by_seed.values())
+        tokens = max(float_or_nan(r.get("tokens")) for r in by_seed.values())
         entry: dict[str, Any] = {"steps": steps, "tokens": tokens, "loss": _ci(losses),
                                  "diverged": sum(_diverged(r) for r in by_seed.values()), "n": len(by_seed),
-                                 "tokens_to_target": _ci([_f(r.get("tokens_to_target")) for r in by_seed.values()])}
+                                 "tokens_to_target": _ci([float_or_nan(r.get("tokens_to_target")) for r in by_seed.values()])}
         curve = sorted(((s, rs) for (t, s, p, o), rs in main.items() if (t, p, o) == (task, prec, base)
                         and s is not None), key=lambda x: x[0])
         if opt != base and len(curve) >= 2:
@@ -76,7 +70,7 @@ def _ladder(cfg: StudyConfig, main: dict) -> dict:
             for _, rs in curve:
                 seeds &= set(rs)
             seeds_l = sorted(seeds)
-            ct = [max(_f(r.get("tokens")) for r in rs.values()) for _, rs in curve]
+            ct = [max(float_or_nan(r.get("tokens")) for r in rs.values()) for _, rs in curve]
             if len(seeds_l) >= 1 and all(b > a for a, b in zip(ct, ct[1:])):
                 sp = ladder_speedup(ct, [[_loss(rs[s]) for s in seeds_l] for _, rs in curve], tokens,
                                     [_loss(by_seed[s]) for s in seeds_l], paired=True)
@@ -185,13 +179,13 @@ def _speed_word(sp: dict) -> str:
     lo_p, hi_p = PAPER_SPEEDUP
     if sp.get("status") != "ok":  # beyond AdamW's curve: only a bound, not a value
         return f"insufficient evidence ({sp.get('status')})"
-    if sp["n"] < MIN_SEEDS or math.isnan(_f(sp["lo"])):
+    if sp["n"] < MIN_SEEDS or math.isnan(float_or_nan(sp["lo"])):
         return "insufficient evidence"
-    if _f(sp["hi"]) < lo_p:
+    if float_or_nan(sp["hi"]) < lo_p:
         return f"disagree: interval below {lo_p}x"
-    if _f(sp["lo"]) > hi_p:
+    if float_or_nan(sp["lo"]) > hi_p:
         return f"disagree: interval above {hi_p}x"
-    if _f(sp["lo"]) >= 1.0:
+    if float_or_nan(sp["lo"]) >= 1.0:
         return "agree: faster than AdamW, interval overlaps the paper's range"
     return "insufficient evidence (interval spans 1)"
 
@@ -220,7 +214,7 @@ def _claims(cfg: StudyConfig, ladder: dict, fmap: dict, vs: dict) -> list[str]:
             d = vs.get(task, {}).get(prec, {})
             if d:
                 parts.append("loss vs fp32 " + ", ".join(
-                    f"{o} {_f(d[o]['delta']):+.4f} [{_f(d[o]['lo']):+.4f}, {_f(d[o]['hi']):+.4f}]"
+                    f"{o} {float_or_nan(d[o]['delta']):+.4f} [{float_or_nan(d[o]['lo']):+.4f}, {float_or_nan(d[o]['hi']):+.4f}]"
                     for o in (base, _SIGN) if o in d))
             entries = [e for e in per_opt[_SIGN] if "speedup" in e]
             if entries:
@@ -239,13 +233,13 @@ def _claims(cfg: StudyConfig, ladder: dict, fmap: dict, vs: dict) -> list[str]:
 
 
 def _fmt_x(v: float | None) -> str:
-    v = _f(v)
+    v = float_or_nan(v)
     return "nan" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.2f}x")
 
 
 def _g(v: float | None, fmt: str) -> str:
     """``v`` formatted with ``fmt``; a value read back from JSON as null is nan."""
-    return format(_f(v), fmt)
+    return format(float_or_nan(v), fmt)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -296,7 +290,7 @@ def verdict_lines(summary: dict) -> list[str]:
                 for e in entries:
                     if "speedup" in e:
                         sp = e["speedup"]
-                        point = _f(sp["speedup"])
+                        point = float_or_nan(sp["speedup"])
                         where = ("" if sp["status"] == "ok" or not (point == 0 or math.isinf(point)) else
                                  " (loss worse than AdamW's at its shortest horizon)" if point == 0 else
                                  " (loss better than AdamW's at its longest horizon)")

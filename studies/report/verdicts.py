@@ -9,25 +9,19 @@ from typing import Any
 import pandas as pd
 
 from studies.report.document import Doc
+from studies.schema import float_or_nan
 from studies.summary import verdict_lines
 
 __all__ = ["verdict_section", "ladder_table", "failure_table", "mechanism_table", "failure_statement"]
 
 
-def _f(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _x(v: Any) -> str:
-    v = _f(v)
+    v = float_or_nan(v)
     return "–" if math.isnan(v) else ("∞" if math.isinf(v) else f"{v:.2f}×")
 
 
 def _ci(d: dict, fmt: str = ".4f") -> str:
-    m, lo, hi = _f(d.get("mean")), _f(d.get("lo")), _f(d.get("hi"))
+    m, lo, hi = float_or_nan(d.get("mean")), float_or_nan(d.get("lo")), float_or_nan(d.get("hi"))
     if math.isnan(m):
         return "–"
     return f"{m:{fmt}}" + (f" [{lo:{fmt}}, {hi:{fmt}}]" if not math.isnan(lo) else "")
@@ -61,7 +55,7 @@ def failure_table(summary: dict) -> pd.DataFrame:
             for opt, c in po.items():
                 per_h = ", ".join(f"{h}: {v['k']}/{v['n']}" for h, v in c.get("per_horizon", {}).items())
                 rows.append({"task": task, "storage": prec, "optimizer": opt, "diverged": f"{c['k']}/{c['n']}",
-                             "Wilson 95%": f"[{_f(c.get('lo')):.2f}, {_f(c.get('hi')):.2f}]",
+                             "Wilson 95%": f"[{float_or_nan(c.get('lo')):.2f}, {float_or_nan(c.get('hi')):.2f}]",
                              "per horizon (steps)": per_h,
                              "why (telemetry, first failure)": (c.get("explanations") or [""])[0]})
     return pd.DataFrame(rows)
@@ -83,7 +77,7 @@ def failure_statement(summary: dict, optimizer: str = "adamw") -> list[str]:
 def _paired(d: dict) -> str:
     if not d:
         return "–"
-    return f"{_f(d.get('delta')):+.4g} [{_f(d.get('lo')):+.3g}, {_f(d.get('hi')):+.3g}]: {d.get('verdict')}"
+    return f"{float_or_nan(d.get('delta')):+.4g} [{float_or_nan(d.get('lo')):+.3g}, {float_or_nan(d.get('hi')):+.3g}]: {d.get('verdict')}"
 
 
 def mechanism_table(summary: dict) -> pd.DataFrame:
