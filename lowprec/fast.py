@@ -192,8 +192,10 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
                generator: torch.Generator | None = None) -> torch.Tensor | None:
     """``round_to_format(x, fmt, rounding, ...)`` by a compiled kernel, bit for bit, or None where the fast path
     does not apply (module docstring); ``x`` is float32."""
+    if not _state["enabled"] or x.numel() < min(_state["min_numel"], _state["min_numel_stochastic"]):
+        return None  # the common case on small tensors: out before any parsing (this runs on every quantize)
     fmt, rounding = get_format(fmt), Rounding.parse(rounding)
-    if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu"
+    if (torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu"
             or x.numel() < _state["min_numel_stochastic" if rounding == Rounding.STOCHASTIC else "min_numel"]
             or not fast_round_ok(fmt, rounding)):
         return None
