@@ -231,9 +231,8 @@ def fast_scaled_ok(s: QuantSpec) -> bool:
     if sc is None or not fast_round_ok(s.format, s.rounding) or not 0 <= s.format.emax <= 126:
         return False
     if sc.mode == "block":
-        return getattr(sc, "block_rows", 1) == 1 and (
-            sc.scale_format == "e4m3" or (sc.scale_format == "e8m0" and getattr(sc, "scale_rounding", "floor")
-                                          == "floor"))
+        return sc.block_rows == 1 and (
+            sc.scale_format == "e4m3" or (sc.scale_format == "e8m0" and sc.scale_rounding == "floor"))
     return sc.mode == "tensor" and sc.scale_format == "fp32"
 
 

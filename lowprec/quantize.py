@@ -103,7 +103,7 @@ def _fused(x: torch.Tensor, s: QuantSpec,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
     """The whole scale -> round -> unscale by one compiled graph (:func:`lowprec.fast.fast_scaled`, bit-identical)
     where it applies: (the quantized view, its scale, undo), else None."""
-    if s.scaling is None or not fast_scaled_ok(s) or x.numel() < MIN_FUSED_NUMEL:
+    if s.scaling is None or x.numel() < MIN_FUSED_NUMEL or not fast_scaled_ok(s):
         return None
     check_tensor(x)
     x32 = x.detach().float()
