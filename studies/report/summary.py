@@ -7,6 +7,7 @@ from pathlib import Path
 from studies.report.analysis import ReportData, prepare
 from studies.report.claims import paper_comparison
 from studies.report.style import BASELINE, OPTIMIZER_ORDER, PRECISION_ORDER, ordered
+from studies.summary import verdict_lines
 
 __all__ = ["summarize", "summary_text", "MAX_PROBLEMS"]
 
@@ -17,8 +18,6 @@ def summarize(out_dir: Path, data: ReportData) -> str:
     """The terminal summary of prepared data: run counts, the diverged k/n grid per task, the speedups, the paper
     check, the rows left out, and the report's path when it exists."""
     results, targets, main, speed, failed = data.results, data.targets, data.main, data.speed, data.failed
-    from studies.summary import verdict_lines
-
     answer = verdict_lines(data.study.get("summary") or {})
     lines = (["verdicts (95% intervals; 'insufficient evidence' when n < 3 or the interval spans the null):"]
              + [f"  {v}" for v in answer]) if answer else []
