@@ -52,12 +52,7 @@ def to_result_row(row: ResultRow | Mapping[str, Any]) -> ResultRow:
     if extra or missing:
         raise ValueError(f"a results row must have the columns of studies.schema.RESULT_COLUMNS; unknown: "
                          f"{extra or 'none'}, missing: {missing or 'none'}")
-    values = {}
-    for c in RESULT_COLUMNS:
-        v = row[c]
-        if isinstance(v, str) and RESULT_TYPES[c] != "str":
-            v = schema.parse_cell(c, v)
-        values[c] = v
+    values = schema.typed_row({c: row[c] for c in RESULT_COLUMNS})
     return schema.parse_row(schema.format_row(values), f"run {values['run_id']}")
 
 
