@@ -30,7 +30,8 @@ from . import scaling as _sc
 from .fast import MIN_NUMEL as MIN_FUSED_NUMEL
 from .fast import fast_round, fast_scaled, fast_scaled_ok
 from .formats import Format, torch_dtype
-from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, round_native,
+from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, functional_round_ok,
+                       random_bits, round_native,
                        round_to_format, saturation_limit, widen_native)
 from .spec import SCALED_FORMATS, QuantSpec, Rounding, Scaling, spec
 
@@ -67,6 +68,10 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 def _round(y: torch.Tensor, s: QuantSpec, generator: torch.Generator | None) -> torch.Tensor:
     """``round_to_format`` of float32 ``y`` per ``s``: by the compiled fast path where it applies (large CPU
     tensors; bit-identical, :mod:`lowprec.fast`), else the eager reference."""
+    if torch.compiler.is_compiling() and functional_round_ok(s.format, s.rounding):
+        rnd = random_bits(y.shape, y.device, generator) if s.rounding == Rounding.STOCHASTIC else None
+        return functional_round(y, s.format, s.rounding, saturate=s.saturate, flush_subnormals=s.flush_subnormals,
+                                rand_bits=s.rand_bits, random=rnd)
     kw = dict(saturate=s.saturate, flush_subnormals=s.flush_subnormals, rand_bits=s.rand_bits, generator=generator)
     q = fast_round(y, s.format, s.rounding, **kw)
     return round_to_format(y, s.format, s.rounding, **kw) if q is None else q

@@ -34,7 +34,7 @@ import torch
 from .formats import FLOAT_DTYPES, Format, get_format, torch_dtype
 from .spec import QuantSpec, Rounding, spec
 
-__all__ = ["round_to_format", "functional_round", "compiled_quantizer", "round_native", "widen_native",
+__all__ = ["round_to_format", "functional_round", "functional_round_ok", "compiled_quantizer", "round_native", "widen_native",
            "e4m3_to_float32", "random_bits", "check_tensor", "overflow_value", "saturation_limit",
            "rounding_limit", "inf_needs_mask"]
 
@@ -325,6 +325,13 @@ def widen_native(f8: torch.Tensor) -> torch.Tensor:
     return e4m3_to_float32(f8) if f8.dtype == torch.float8_e4m3fn else f8.to(torch.float32)
 
 
+def functional_round_ok(fmt: Format, rounding: Rounding) -> bool:
+    """Whether :func:`functional_round` handles ``fmt`` with ``rounding`` (float formats, <= 22 mantissa bits;
+    for nearest, ``emax <= 103 + man_bits``)."""
+    return fmt.kind == "float" and fmt.man_bits <= 22 and not (
+        rounding == Rounding.NEAREST and fmt.emax + 24 - fmt.man_bits > 127)
+
+
 def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding.NEAREST, *, saturate: bool = True,
                      flush_subnormals: bool = False, rand_bits: int | None = None,
                      random: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,8 +342,7 @@ def functional_round(x: torch.Tensor, fmt: Format, rounding: Rounding = Rounding
     when None, ``torch.randint`` from torch's global RNG. Float formats with at most 22 mantissa bits only."""
     fmt = get_format(fmt)
     rounding = Rounding.parse(rounding)
-    if fmt.kind != "float" or fmt.man_bits > 22 or (
-            rounding == Rounding.NEAREST and fmt.emax + 24 - fmt.man_bits > 127):
+    if not functional_round_ok(fmt, rounding):
         raise ValueError(f"functional_round supports float formats with <= 22 mantissa bits (and, for nearest, "
                          f"emax <= 103 + man_bits), got {fmt.name} with {rounding.value}")
     m, drop = fmt.man_bits, 23 - fmt.man_bits

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowprec.nn.linear import linear
-from lowprec.nn.site import QUANTIZED, QuantModule, Site, axis_free
+from lowprec.nn.site import quantized_region, QuantModule, Site, axis_free
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
 
@@ -45,7 +45,7 @@ class QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, site: Site, name: str) -> torch.Tensor:
-        with QUANTIZED:
+        with quantized_region():
             qa = site.quant(a, "activation", -1, record=True, channel_axis=-2)
             qb = site.quant(b, "activation", -2, record=True, channel_axis=-1)
             ctx.site = site
@@ -102,7 +102,7 @@ class AttentionSite:
         if enable_gqa and key.shape[-3] != query.shape[-3]:   # grouped-query attention: repeat the kv heads
             rep = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
-        with QUANTIZED:
+        with quantized_region():
             return self._sdpa(query, key, value, attn_mask, is_causal, scale)
 
     def _sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,

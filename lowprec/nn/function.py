@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from lowprec.gemm import Operand
-from lowprec.nn.site import QUANTIZED, Site, axis_free
+from lowprec.nn.site import quantized_region, Site, axis_free
 
 __all__ = ["Axes", "GemmTable", "QuantGemm", "hadamard", "random_hadamard_rows"]
 
@@ -93,7 +93,7 @@ class QuantGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: Site,
                 table: GemmTable, args: tuple) -> torch.Tensor:
-        with QUANTIZED:
+        with quantized_region():
             qx = site.quant(x, "activation", table.x_fwd.reduce, record=True, channel_axis=table.x_fwd.channel)
             qw = site.quant(weight, "weight", table.w_fwd.reduce, record=True, channel_axis=table.w_fwd.channel)
             y = table.forward(site, qx, qw, bias, args)

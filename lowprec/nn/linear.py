@@ -27,7 +27,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sit
     if site.noop:
         return F.linear(x, weight, bias)
     site.update_history = training
-    out_dtype = torch.result_type(x, weight)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
     x2 = x.reshape(-1, x.shape[-1]).float()
     y = QuantGemm.apply(x2, weight.float(), None if bias is None else bias.float(), site, LINEAR, ())
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)

@@ -19,6 +19,7 @@ Transformer Engine reduces amaxes over its ``fp8_group``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +33,7 @@ from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
 from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
-__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED",
+__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED", "quantized_region",
            "WORLD", "DELAYED_FIELDS"]
 
 GEMM_ROLES = ("weight", "activation", "grad")
@@ -73,7 +74,8 @@ def is_delayed(spec: QuantSpec | None) -> bool:
 
 class QuantizedRegion:
     """``with QUANTIZED:`` marks lowprec's own quantized computation (``depth > 0`` inside), so that
-    ``lowprec.nn.trace`` does not count its matmuls as full-precision ones."""
+    ``lowprec.nn.trace`` does not count its matmuls as full-precision ones. Code that ``torch.compile`` may
+    trace enters :func:`quantized_region` instead (a no-op while compiling: tracing counts eager calls only)."""
 
     depth = 0
 
@@ -85,6 +87,11 @@ class QuantizedRegion:
 
 
 QUANTIZED = QuantizedRegion()
+
+
+def quantized_region() -> QuantizedRegion | contextlib.nullcontext:
+    """``QUANTIZED`` in eager mode; a null context while ``torch.compile`` traces."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else QUANTIZED
 
 
 class Site:
@@ -153,7 +160,7 @@ class Site:
         else:
             q, scale = quantize_with_scale(t, spec)
         tel = self.telemetry
-        if record and tel is not None and tel.wants():
+        if record and tel is not None and not torch.compiler.is_compiling() and tel.wants():
             tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
         return Operand(q, scale, spec)
 
