@@ -61,9 +61,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, decode, element_scale, encode
-from lowprec.optim_batch import BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key, quantize_rows
+from lowprec.optim_batch import (BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key, quantize_segments,
+                                 segments_ok)
 from lowprec.policy import PrecisionPolicy, is_identity
-from lowprec.quantize import QuantSpec, quantize, quantize_with_scale
+from lowprec.quantize import QuantSpec, Rounding, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
 
 __all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes", "PACKED_KEY"]
@@ -282,42 +283,99 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             tel.next_step()
         return loss
 
+    def _batches(self, tensors: list[torch.Tensor], spec: QuantSpec) -> list[list[int]]:
+        """Indices of ``tensors`` (at least 1-dim, non-empty) in the groups to quantize together, in processing
+        order (``fused``: :func:`lowprec.optim_batch.quantize_segments`; one-element groups per tensor).
+        Stochastic rounding draws from the device's generator in tensor order, so its groups are runs of
+        consecutive tensors (a tensor kept per tensor ends a run); nearest rounding draws nothing, so like
+        tensors form one group whatever their order."""
+        if not self.fused or not segments_ok(spec):
+            return [[i] for i in range(len(tensors))]
+        sto = spec.rounding == Rounding.STOCHASTIC
+        out: list[list[int]] = []
+        groups: dict[tuple, list[int]] = {}
+        run: list[int] | None = None
+        run_key = None
+        for i, t in enumerate(tensors):
+            key = (t.device, t.dtype)
+            if t.numel() > BATCH_MAX_NUMEL or (sto and t.device.type != "cpu"):
+                out.append([i])
+                run = None
+            elif sto:
+                if run is None or run_key != key:
+                    run, run_key = [i], key
+                    out.append(run)
+                else:
+                    run.append(i)
+            else:
+                grp = groups.get(key)
+                if grp is None:
+                    grp = groups[key] = []
+                    out.append(grp)
+                grp.append(i)
+        return out
+
+    def _quantize_all(self, xs: list[torch.Tensor], spec: QuantSpec, gens: list[torch.Generator],
+                      scales_too: bool = True) -> tuple[list[torch.Tensor], list[Any]]:
+        """``quantize_with_scale(xs[i], spec, gens[i])`` for every i, in order (batched where ``fused``;
+        bit-identical): the values, and per tensor its scale or a ``(Segments, j)`` pair that yields it
+        (``scales_too=False``: ``quantize``, no scales, for tensors quantized alone)."""
+        qs: list[Any] = [None] * len(xs)
+        scales: list[Any] = [None] * len(xs)
+        for idx in self._batches(xs, spec):
+            if len(idx) > 1:
+                seg = quantize_segments([xs[i] for i in idx], spec, gens[idx[0]])
+                if seg is not None:
+                    for j, i in enumerate(idx):
+                        qs[i], scales[i] = seg.q[j], (seg, j)
+                    continue
+            for i in idx:
+                if scales_too:
+                    qs[i], scales[i] = quantize_with_scale(xs[i], spec, generator=gens[i])
+                else:
+                    qs[i] = quantize(xs[i], spec, generator=gens[i])
+        return qs, scales
+
+    @staticmethod
+    def _scale(s: Any) -> torch.Tensor | None:
+        return s[0].scale(s[1]) if isinstance(s, tuple) else s
+
     def _quantize_grads(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
         spec = self._grad_spec
-        record = tel is not None and tel.wants()
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
-        done: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if self.fused and batchable(spec):
-            groups: dict[tuple, list[torch.Tensor]] = {}
-            for p in params:
-                g = _atleast_1d(p.grad)
-                if g.numel() <= BATCH_MAX_NUMEL:
-                    groups.setdefault(group_key(g, spec), []).append(p)
-            for members in groups.values():
-                if len(members) > 1:
-                    out = quantize_rows([_atleast_1d(p.grad) for p in members], spec)
-                    if out is not None:
-                        done.update(zip(map(id, members), out))
-        for p in params:  # in parameter order (telemetry sums in that order), batched or one by one
-            g = _atleast_1d(p.grad)
-            gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
-            q, scale = done.get(id(p)) or quantize_with_scale(g, spec, generator=gen)
-            if record:
-                tel.record("optim:grad", "grad", g, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+        grads = [_atleast_1d(p.grad) for p in params]
+        gens = [self._gen(p.device) for p in params]  # created even when unused, so state_dict lists it
+        qs, scales = self._quantize_all(grads, spec, gens)
+        if tel is not None and tel.wants():
+            todo = range(len(params))
+            if not tel.sampling and not tel.deferred:
+                # record() would only check q.sum() for NaN/inf: the same sums, read with one host transfer;
+                # the tensors whose sum is not finite are recorded (a full row), as record() would
+                finite = _finite_flags([q.sum() for q in qs])
+                todo = [i for i in todo if not finite[i]]
+            for i in todo:  # in parameter order (telemetry sums in that order)
+                tel.record("optim:grad", "grad", grads[i], qs[i], scale=self._scale(scales[i]),
+                           fmt_max=spec.format.max, fmt=str(spec))
+        for p, q in zip(params, qs):
             p.grad.copy_(q.reshape(p.grad.shape))
 
     def _round_master(self, params: list[torch.Tensor], tel: Telemetry | None,
                       olds: list[torch.Tensor] | None) -> None:
         spec = self._master_spec
         sampling = olds is not None
+        xs = [_atleast_1d(p.detach()) for p in params]
+        gens = [self._gen(p.device) for p in params]
+        # sampled steps keep the unrounded values for telemetry (the quantized values are new tensors, so the
+        # parameters themselves still hold them until copied)
+        qs, _ = self._quantize_all(xs, spec, gens, scales_too=False)
+        unrounded = [p.detach().clone() for p in params] if sampling else None
         for i, p in enumerate(params):
-            unrounded = p.detach().clone() if sampling else None
-            p.copy_(quantize(_atleast_1d(p), spec, generator=self._gen(p.device)).reshape(p.shape))
+            p.copy_(qs[i].reshape(p.shape))
             if sampling:
-                tel.record_update("optim:master", olds[i], unrounded, p, fmt=str(spec))
-                tel.record("optim:master", "master", unrounded, p, fmt_max=spec.format.max, fmt=str(spec))
+                tel.record_update("optim:master", olds[i], unrounded[i], p, fmt=str(spec))
+                tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=str(spec))
 
     def _decode_states(self, params: list[torch.Tensor]) -> None:
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, Encoded]]] = {}

@@ -15,12 +15,16 @@ NaN keep the per-tensor path and its non-finite guard).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from lowprec import scaling as _sc
 from lowprec.codecs import Encoded, decode, encode
-from lowprec.quantize import QuantSpec, quantize_with_scale
+from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
-__all__ = ["batchable", "encode_rows", "decode_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL"]
+__all__ = ["batchable", "encode_rows", "decode_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
+           "segments_ok", "quantize_segments", "Segments"]
 
 # Only tensors up to this size are batched: for larger ones the launches are a small part of the time and the
 # concatenation would add a pass over the data.
@@ -99,3 +103,180 @@ def decode_rows(encs: list[Encoded]) -> list[torch.Tensor]:
         out.append(values[r:r + k].reshape(e.shape))
         r += k
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Segmented quantization: ``[quantize_with_scale(x, spec, generator) for x in xs]`` (in that order) in one pass.
+#
+# Used by ``lowprec.optim`` for the gradients and the master weights of a step. Unlike ``quantize_rows`` it also
+# takes tensor/delayed scaling (one scale per tensor: a segment amax), E4M3 block scales with their per-tensor
+# global scale (NVFP4) and stochastic rounding. Why it is bit-identical to the per-tensor calls:
+#
+# * every step of the reference is elementwise once the scales are known (division by the scale, rounding,
+#   zero-scale mask, product, final cast), and the scales are elementwise functions of amaxes; a maximum is exact
+#   in any order, so a tensor's (or block's) amax taken over the batch equals the one taken alone;
+# * stochastic rounding draws ``ceil(n / 2)`` int64 words per call (``lowprec.rounding.random_bits`` /
+#   ``_stochastic_float``: one ``random_`` of a CPU generator, which fills its tensor serially, one word per
+#   element) and uses the first ``n`` int32 halves. A tensor of odd size is given one padding element in the batch,
+#   so that each tensor's draws start at the word where its own call would start: the batch consumes the same words
+#   in the same order. (CUDA generators advance by launch geometry, not per word: stochastic batches are CPU only.)
+# ---------------------------------------------------------------------------------------------------------------
+
+_STOCHASTIC = "stochastic"
+
+
+def segments_ok(spec: QuantSpec) -> bool:
+    """True when :func:`quantize_segments` handles ``spec``: unscaled, tensor or delayed scaling (no history:
+    the current amax), or 1-D blocks along any axis (any scale format); any element format and rounding."""
+    sc = spec.scaling
+    return sc is None or sc.mode in ("tensor", "delayed") or (sc.mode == "block" and sc.block_rows == 1)
+
+
+def _scales_from_amax(amax: torch.Tensor, t_amax: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """``lowprec.scaling.compute_scale(...).scale`` from the groups' (float32, finite, >= 0) amaxes ``amax`` and,
+    for E4M3 scales, each group's tensor amax ``t_amax`` (same shape): the same elementwise operations."""
+    sc, fmt = spec.scaling, spec.format
+    if sc.scale_format == "e8m0":
+        return _sc.pow2(_sc.e8m0_exponent(amax, fmt, sc.scale_rounding))
+    if sc.scale_format == "e4m3":
+        g = t_amax / (448.0 * fmt.max)
+        g = torch.where((g > 0) & torch.isfinite(g), g, torch.ones_like(g)).to(torch.float32)
+        s_blk = ((amax / fmt.max) / g).clamp_(max=448.0).to(torch.float8_e4m3fn)
+        return s_blk.to(torch.float32) * g
+    s = amax / fmt.max
+    if sc.mode == "delayed":
+        s = s * 2.0 ** sc.margin
+    if fmt.emax >= 127:
+        s = s.clamp_(min=2.0**-126)
+        s = torch.where(amax / s > fmt.max, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+    return torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
+
+
+_SEG_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _segment_ids(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 segment index of every element of a batch of segments of ``lengths`` (cached per layout)."""
+    key = (lengths, str(device))
+    ids = _SEG_CACHE.get(key)
+    if ids is None:
+        if len(_SEG_CACHE) > 256:
+            _SEG_CACHE.clear()
+        ids = _SEG_CACHE[key] = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    return ids
+
+
+class Segments:
+    """The result of :func:`quantize_segments`: ``q[i]`` (shape and dtype of ``xs[i]``) and ``scale(i)``, the
+    float32 scale broadcastable to ``xs[i]`` as ``quantize_with_scale`` returns it (None when unscaled; block
+    scales expanded to the tensor's shape; computed on demand, only telemetry reads it)."""
+
+    def __init__(self, q: list[torch.Tensor], scale_fn) -> None:
+        self.q = q
+        self._scale_fn = scale_fn
+
+    def scale(self, i: int) -> torch.Tensor | None:
+        return None if self._scale_fn is None else self._scale_fn(i)
+
+
+def quantize_segments(xs: list[torch.Tensor], spec: QuantSpec,
+                      generator: torch.Generator | None = None) -> Segments | None:
+    """``[quantize_with_scale(x, spec, generator) for x in xs]``, called in this order, in one pass (bit for bit,
+    the generator left in the same state; see above). ``xs``: at least 1-dim, non-empty, one dtype and device;
+    ``spec``: :func:`segments_ok`. None (and no random bits drawn) when the batch cannot reproduce the per-tensor
+    draws (stochastic rounding off the CPU, or blocks of odd length)."""
+    sto = getattr(spec.rounding, "value", spec.rounding) == _STOCHASTIC
+    dev, dtype = xs[0].device, xs[0].dtype
+    if sto and dev.type != "cpu":
+        return None
+    sc = spec.scaling
+    if sc is None:
+        return _unscaled(xs, spec, generator, sto)
+    if sc.mode != "block":
+        return _per_tensor_scaled(xs, spec, generator, sto)
+    return _blocks(xs, spec, generator, sto)
+
+
+def _flat(xs: list[torch.Tensor], pad_odd: bool, dtype: torch.dtype | None = None):
+    """One flat buffer of ``xs`` (a zero after each odd-sized tensor but the last when ``pad_odd``): (buffer,
+    offsets, slot lengths)."""
+    parts, offs, lens, o = [], [], [], 0
+    last = len(xs) - 1
+    for i, x in enumerate(xs):
+        n = x.numel()
+        parts.append(x.reshape(-1) if dtype is None else x.reshape(-1).to(dtype))
+        offs.append(o)
+        k = n + 1 if (pad_odd and n % 2 and i < last) else n
+        if k != n:
+            parts.append(parts[-1].new_zeros(1))
+        lens.append(k)
+        o += k
+    return (torch.cat(parts) if len(parts) > 1 else parts[0]), offs, lens
+
+
+def _unscaled(xs, spec, generator, sto) -> Segments:
+    # in the tensors' own dtype: quantize_with_scale then applies the same dtype saturation limit and final cast
+    buf, offs, _ = _flat(xs, sto)
+    q, _ = quantize_with_scale(buf, spec, generator)
+    return Segments([q[o:o + x.numel()].view(x.shape) for x, o in zip(xs, offs)], None)
+
+
+def _round_elements(y: torch.Tensor, spec: QuantSpec, generator) -> torch.Tensor:
+    """The rounding of ``lowprec.quantize.scale_and_round`` for already scaled float32 ``y`` (float32 result)."""
+    el = scale_and_round(y, _unscaled_spec(spec), generator).elements
+    return el
+
+
+def _unscaled_spec(spec: QuantSpec) -> QuantSpec:
+    return dataclasses.replace(spec, scaling=None)
+
+
+def _per_tensor_scaled(xs, spec, generator, sto) -> Segments:
+    buf, offs, lens = _flat(xs, sto, torch.float32)
+    ids = _segment_ids(tuple(lens), buf.device)
+    a = buf.abs().nan_to_num_(nan=0.0, posinf=0.0)
+    amax = torch.zeros(len(xs), dtype=torch.float32, device=buf.device).scatter_reduce_(0, ids, a, "amax")
+    scale = _scales_from_amax(amax, amax, spec)          # tensor mode: the tensor amax is the group amax
+    per_el = scale.index_select(0, ids)
+    el = _round_elements(buf / _sc.nonzero(per_el), spec, generator)
+    if spec.scaling.scale_format == "e4m3":
+        el = el.mul_(per_el != 0)
+    q = el.mul_(per_el)
+    out = [q[o:o + x.numel()].view(x.shape).to(x.dtype) for x, o in zip(xs, offs)]
+    return Segments(out, lambda i: scale[i:i + 1].reshape([1] * xs[i].dim()))
+
+
+def _blocks(xs, spec, generator, sto) -> Segments | None:
+    sc = spec.scaling
+    views = [_sc.to_scaling_view(x.detach().float(), sc) for x in xs]
+    if sto and any(v.numel() % 2 for v, _ in views[:-1]):
+        return None
+    bs = views[0][0].shape[-1]
+    rows = [v.reshape(-1, bs) for v, _ in views]
+    big = torch.cat(rows) if len(rows) > 1 else rows[0]
+    amax = _sc.finite_amax(big, dim=-1, keepdim=True).to(torch.float32)
+    t_amax = None
+    if sc.scale_format == "e4m3":
+        ids = _segment_ids(tuple(r.shape[0] for r in rows), big.device)
+        tmax = torch.zeros(len(xs), dtype=torch.float32, device=big.device).scatter_reduce_(
+            0, ids, amax.view(-1), "amax")
+        t_amax = tmax.index_select(0, ids).view(-1, 1)
+    scale = _scales_from_amax(amax, t_amax, spec)         # (rows, 1)
+    el = _round_elements(big / _sc.nonzero(scale), spec, generator)
+    if sc.scale_format == "e4m3":
+        el = el.mul_(scale != 0)
+    q = el.mul_(scale)
+    starts, r = [], 0
+    for rw in rows:
+        starts.append(r)
+        r += rw.shape[0]
+    out = []
+    for x, (v, undo), rw, s0 in zip(xs, views, rows, starts):
+        out.append(undo(q[s0:s0 + rw.shape[0]].view(v.shape)).to(x.dtype).view(x.shape))
+
+    def scale_of(i: int) -> torch.Tensor:
+        v, undo = views[i]
+        s0, k = starts[i], rows[i].shape[0]
+        return undo(scale[s0:s0 + k].view(*v.shape[:-1], 1).expand(v.shape))
+    return Segments(out, scale_of)

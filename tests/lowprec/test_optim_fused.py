@@ -107,13 +107,13 @@ def test_fused_codes_do_not_share_storage():
 @pytest.mark.parametrize("policy", ["mxfp8", "bf16"])
 def test_batchable_grads_take_the_batched_path(policy, monkeypatch):
     calls = {"n": 0}
-    orig = ob.quantize_rows
+    orig = ob.quantize_segments
 
-    def counted(xs, spec):
-        out = orig(xs, spec)
+    def counted(xs, spec, generator=None):
+        out = orig(xs, spec, generator)
         calls["n"] += out is not None
         return out
-    monkeypatch.setattr("lowprec.optim.quantize_rows", counted)
+    monkeypatch.setattr("lowprec.optim.quantize_segments", counted)
     monkeypatch.setattr(sys.modules[__name__], "SHAPES", SHAPES[:-1])  # all small: every grad batched
     ref, ref_opt, ref_tel = _run(policy, "adamw", fused=False)
     got, got_opt, got_tel = _run(policy, "adamw", fused=True)
