@@ -14,6 +14,7 @@ AdamW step -> master rounding -> state encode) on the same parameters and on a t
 ``Telemetry`` on unsampled steps, exact and deferred NaN checks (``--wrapped ''`` skips this part).
 """
 import argparse
+import math
 import statistics
 import time
 
@@ -22,6 +23,11 @@ import torch
 from stosign import Lion, SignSGD, StoSignSGD
 
 _clock = time.perf_counter
+
+# parameter shapes of the study's tiny GPT (studies task "gpt": vocab 103, context 32, d_model 64, 2 layers; 29 tensors,
+# 115k parameters), in its parameter order
+GPT_SHAPES = [(103, 64), (32, 64)] + [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64),
+                                      (256,), (64, 256), (64,)] * 2 + [(64,), (64,), (103, 64)]
 
 # parameter shapes of the default tiny GPT (d_model 64, 2 layers, vocab 256, context 64): many small tensors
 SMALL_SHAPES = [(256, 64), (64, 64)] + [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,),
@@ -48,10 +54,18 @@ def main() -> None:
                     help="time with this process's CPU time instead of wall time (steadier on a shared machine)")
     ap.add_argument("--wrapped", default="fp8-states,fp8-all",
                     help="comma-separated lowprec policies to time wrapped around AdamW ('' to skip)")
+    ap.add_argument("--wrapped-only", action="store_true",
+                    help="only the wrapped step on the study's tiny-GPT shapes against plain torch AdamW (the "
+                         "study's AdamW: foreach=None, torch's per-tensor loop on CPU), fused and fused=False, "
+                         "with the study's Telemetry(every=10); median and spread of --repeats repeats")
+    ap.add_argument("--steps", type=int, default=20, help="--wrapped-only: steps per repeat")
     args = ap.parse_args()
     global _clock
     _clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.wrapped_only:
+        wrapped_gpt([p for p in args.wrapped.split(",") if p], max(args.repeats, 3), args.steps)
+        return
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(args.numel)) for _ in range(args.tensors)]
     grads = [torch.randn(args.numel) for _ in range(args.tensors)]
@@ -136,6 +150,62 @@ def wrapped_rows(params: list[torch.nn.Parameter], policies: list[str], repeats:
     print(f"{'optimizer':<36}{'median ms':>10}{'vs AdamW':>10}")
     for name, med in rows:
         print(f"{name:<36}{med:>10.2f}{med / rows[0][1]:>9.2f}x")
+
+
+def wrapped_gpt(policies: list[str], repeats: int, steps: int) -> None:
+    """Per-step ms of ``wrap(AdamW(...), policy, telemetry=Telemetry(every=10))`` on the study's tiny-GPT shapes
+    (fresh gradients of mixed magnitudes each step, lr 3e-3, betas (0.9, 0.95) as the study uses), fused and
+    ``fused=False``, against plain ``torch.optim.AdamW`` (no wrapper) measured in the same run. Each repeat times
+    ``steps`` consecutive steps (sampled and unsampled ones in the study's 1:9 mix) after warm-up steps; the
+    table gives the median over repeats and the spread (min-max over repeats)."""
+    import lowprec.optim
+    from lowprec.telemetry import Telemetry
+
+    torch.manual_seed(0)
+    init = [torch.randn(s) * 0.02 for s in GPT_SHAPES]
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=g) * 10.0 ** (i % 3 - 4) for i, s in enumerate(GPT_SHAPES)]
+             for _ in range(steps)]
+
+    def make(policy: str | None, fused: bool, check) -> torch.optim.Optimizer:
+        params = [torch.nn.Parameter(v.clone()) for v in init]
+        opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        if policy is not None:
+            opt = lowprec.optim.wrap(opt, policy, fused=fused,
+                                     telemetry=Telemetry(every=10, check_nonfinite=check))
+        return opt
+
+    def run(opt: torch.optim.Optimizer, n: int) -> float:
+        params = [p for grp in opt.param_groups for p in grp["params"]]
+        total = 0.0
+        for k in range(n):
+            for p, gr in zip(params, grads[k % steps]):
+                p.grad = gr.clone()
+            t0 = _clock()
+            opt.step()
+            total += _clock() - t0
+        return total / n * 1e3
+
+    cases = [("torch AdamW (plain)", None, True, True)]
+    for policy in policies:
+        cases += [(f"wrap({policy})", policy, True, True), (f"wrap({policy}) deferred", policy, True, "deferred"),
+                  (f"wrap({policy}) fused=False", policy, False, True)]
+    opts = [make(pol, fused, check) for _, pol, fused, check in cases]
+    for opt in opts:
+        run(opt, 3)                                  # warm-up (first states, caches)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):                         # interleaved: every case sees the same machine load
+        for i, opt in enumerate(opts):
+            times[i].append(run(opt, steps))
+    base = statistics.median(times[0])
+    print(f"wrapped AdamW step, study tiny-GPT shapes ({len(GPT_SHAPES)} tensors, "
+          f"{sum(math.prod(s) for s in GPT_SHAPES) / 1e3:.0f}k parameters), Telemetry(every=10), {steps} steps x "
+          f"{repeats} repeats, {torch.get_num_threads()} thread(s), "
+          f"{'process CPU' if _clock is time.process_time else 'wall'} time")
+    print(f"{'optimizer':<40}{'median ms':>10}{'min-max ms':>16}{'vs AdamW':>10}")
+    for (name, *_), ts in zip(cases, times):
+        med = statistics.median(ts)
+        print(f"{name:<40}{med:>10.2f}{f'{min(ts):.2f}-{max(ts):.2f}':>16}{med / base:>9.2f}x")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,18 @@ def _finite_flags(sums: list[torch.Tensor]) -> list[bool]:
     return out
 
 
+def _same_codes(kept: list[tuple], encs: list[Encoded]) -> bool:
+    """True when ``encs`` hold exactly the (unmodified) codes and scales tensors recorded in ``kept``."""
+    if len(kept) != len(encs):
+        return False
+    for (codes, cv, scale, sv), e in zip(kept, encs):
+        if e.codes is not codes or e.codes._version != cv or e.scale is not scale:
+            return False
+        if scale is not None and scale._version != sv:
+            return False
+    return True
+
+
 def state_bytes(state_dict: dict) -> int:
     """Bytes of all tensors in an optimizer ``state_dict()['state']`` (packed codes and scales included)."""
     def walk(v: Any) -> int:
@@ -165,6 +177,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self._grad_spec = _active(self.policy.grad)
         self._master_spec = _active(self.policy.master)
         self._state_specs: dict[str, QuantSpec | None] = {}
+        self._spec_texts: dict[str, str] = {}
+        # fused: batches of the last encode (codes/scales; reused by the next decode while the states still hold
+        # the codes split from them) and of this step's decode (the fp32 buffer the states are views of)
+        self._encoded: dict[tuple, tuple] = {}
+        self._decoded: dict[tuple, tuple] = {}
         self._expand = self.policy.state_expand   # COAT dynamic range expansion of packed states (0: none)
         self._sharing = False
         # torch's own setup (hook dicts, step profiling, group checks) on copies of the base's groups ...
@@ -189,7 +206,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def _state_spec(self, name: str, p: torch.Tensor | None = None) -> QuantSpec | None:
         """The spec of state ``name`` (of parameter ``p``: None below the policy's ``state_min_numel``)."""
         if name not in self._state_specs:
-            self._state_specs[name] = _active(self.policy.state_spec(name))
+            self._state_specs[name] = spec = _active(self.policy.state_spec(name))
+            self._spec_texts[name] = str(spec)
         if p is not None and p.numel() < self.policy.state_min_numel:
             return None
         return self._state_specs[name]
@@ -207,7 +225,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups: here they live in the base optimizer
-        return dict(self.__dict__)
+        # (the batch caches are left out: a copy starts without them, as after load_state_dict)
+        return {**self.__dict__, "_encoded": {}, "_decoded": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -378,22 +397,39 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=str(spec))
 
     def _decode_states(self, params: list[torch.Tensor]) -> None:
+        # the batches encoded at the previous step (their codes were split from them; reused when the states still
+        # hold exactly those codes, unmodified) and, for this step's encode, the buffers decoded now
+        cache, self._encoded = self._encoded, {}
+        self._decoded = {}
+        fused = self.fused
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, Encoded]]] = {}
         for p in params:
             st = self.state.get(p)
-            for name, value in list((st or {}).items()):
+            if not st:
+                continue
+            for name, value in list(st.items()):
                 if not _is_packed(value):
                     continue
-                enc = Encoded.from_dict(value[PACKED_KEY])
-                if (self.fused and p.numel() <= BATCH_MAX_NUMEL and batchable(enc.spec) and not enc.packed
-                        and enc.global_scale is None and enc.expand_k is None
-                        and enc.codes.device == p.device):
-                    groups.setdefault((enc.spec, enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
+                d = value[PACKED_KEY]
+                enc = Encoded.from_dict(d)
+                if (fused and p.numel() <= BATCH_MAX_NUMEL and not enc.packed and enc.global_scale is None
+                        and enc.expand_k is None and batchable(enc.spec) and enc.codes.device == p.device):
+                    groups.setdefault((d["spec"], enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
                 else:
                     st[name] = decode(enc).to(p.device).reshape(p.shape)
-        for entries in groups.values():
-            for (st, name, p, _), v in zip(entries, decode_rows([e[3] for e in entries])):
-                st[name] = v.reshape(p.shape)
+        for key, entries in groups.items():
+            encs = [e[3] for e in entries]
+            kept = cache.get(key)
+            if kept is not None and not _same_codes(kept[2], encs):
+                kept = None
+            out: dict[str, torch.Tensor] = {}
+            values = decode_rows(encs, codes=kept and kept[0], scale=kept and kept[1], keep=out)
+            views = []
+            for (st, name, p, _), v in zip(entries, values):
+                v = v if v.shape == p.shape else v.reshape(p.shape)
+                st[name] = v
+                views.append(v)
+            self._decoded[key] = (out["values"], views)
 
     def _encode_states(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
         """Encode the states of ``params`` (batched where ``fused``), then record telemetry in state order."""
@@ -401,6 +437,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         checking = tel is not None and not sampling and tel.check_nonfinite
         todo: list[list[Any]] = []        # [kind, name, value, spec, enc] in state order, for telemetry
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, list[Any]]]] = {}
+        zero_states = tel.zero_states if tel is not None else ()
+        batch = self.fused and not self._expand
         for p in params:
             st = self.state.get(p)
             if not st:
@@ -410,7 +448,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     continue
                 spec = self._state_spec(name, p)
                 if spec is None:
-                    if tel is not None and name in tel.zero_states:
+                    if name in zero_states:
                         todo.append(["zeros", name, value, None, None])
                     continue
                 if not spec.format.has_nan and not bool(torch.isfinite(value).all()):
@@ -421,15 +459,27 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 item = ["state", name, value, spec, None]
                 todo.append(item)
                 gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
-                if self.fused and x.numel() <= BATCH_MAX_NUMEL and batchable(spec) and not self._expand:
-                    groups.setdefault(group_key(x, spec), []).append((st, name, x, item))
+                if batch and x.numel() <= BATCH_MAX_NUMEL and batchable(spec):
+                    groups.setdefault((self._spec_texts[name], x.dtype, x.device, x.shape[-1]), []).append(
+                        (st, name, x, item))
                 else:
                     item[4] = encode(x, spec, generator=gen, expand=self._expand)
                     st[name] = {PACKED_KEY: item[4].to_dict()}
-        for (spec, *_), entries in groups.items():
-            encs = encode_rows([e[2] for e in entries], spec)
+        decoded, self._decoded = self._decoded, {}
+        for key, entries in groups.items():
+            spec = entries[0][3][3]
+            xs = [e[2] for e in entries]
+            dec = decoded.get(key)
+            big = None
+            if dec is not None and len(dec[1]) == len(xs) and all(a is b for a, b in zip(xs, dec[1])):
+                big = dec[0]          # the states still are the views of this step's decoded buffer, in order
+            kept: dict[str, torch.Tensor] = {}
+            encs = encode_rows(xs, spec, big=big, keep=kept)
             if encs is None:  # unexpected layout: per tensor (nearest rounding: no generator is consumed)
-                encs = [encode(e[2], spec) for e in entries]
+                encs = [encode(x, spec) for x in xs]
+            else:
+                self._encoded[key] = (kept["codes"], kept["scale"], [(e.codes, e.codes._version, e.scale,
+                                      None if e.scale is None else e.scale._version) for e in encs])
             for (st, name, _, item), enc in zip(entries, encs):
                 item[4] = enc
                 st[name] = {PACKED_KEY: enc.to_dict()}

@@ -45,28 +45,71 @@ def group_key(t: torch.Tensor, spec: QuantSpec) -> tuple:
     return (spec, t.dtype, t.device, t.shape[-1])
 
 
-def encode_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[Encoded] | None:
+def _row_spec(spec: QuantSpec, n: int) -> QuantSpec:
+    """The spec to encode rows of length ``n`` with: ``spec`` itself, or, for blocks longer than the row (one
+    block per row, padded with zeros in the per-tensor path), blocks of exactly ``n``: the same block amax, scale,
+    elements and codes (a block's scale depends on its amax only; nearest rounding is elementwise) without the
+    padding pass."""
+    sc = spec.scaling
+    if sc is None or sc.mode != "block" or n >= sc.block_size:
+        return spec
+    key = (spec, n)
+    out = _ROW_SPECS.get(key)
+    if out is None:
+        out = _ROW_SPECS[key] = dataclasses.replace(spec, scaling=dataclasses.replace(sc, block_size=n))
+    return out
+
+
+_ROW_SPECS: dict[tuple, QuantSpec] = {}
+
+
+def _strides(shape: torch.Size) -> tuple[int, ...]:
+    out, k = [], 1
+    for d in reversed(shape):
+        out.append(k)
+        k *= d
+    return tuple(reversed(out))
+
+
+def _pieces(buf: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """Views of contiguous ``buf`` as contiguous tensors of ``shapes``, one after the other (one view op each)."""
+    out, off = [], 0
+    for shape in shapes:
+        out.append(buf.as_strided(shape, _strides(shape), buf.storage_offset() + off))
+        k = 1
+        for d in shape:
+            k *= d
+        off += k
+    return out
+
+
+def encode_rows(xs: list[torch.Tensor], spec: QuantSpec, *, big: torch.Tensor | None = None,
+                keep: dict | None = None) -> list[Encoded] | None:
     """``[encode(x, spec) for x in xs]`` in one call (``xs``: at least 1-dim, one ``group_key``; ``spec``
     batchable). None when the encoding does not have the expected row layout (the caller then encodes per
-    tensor)."""
+    tensor). ``big``: the rows of ``xs`` already concatenated (a ``decode_rows`` buffer the states still live in);
+    ``keep``: receives the batch's ``codes`` and ``scale`` (for ``decode_rows`` of the next step)."""
     n = xs[0].shape[-1]
-    rows = [x.reshape(-1, n) for x in xs]
-    big = torch.cat(rows) if len(rows) > 1 else rows[0]
-    enc = encode(big, spec)
+    if big is None:
+        rows = [x.reshape(-1, n) for x in xs]
+        big = torch.cat(rows) if len(rows) > 1 else rows[0]
+    enc = encode(big, _row_spec(spec, n))
     scale = enc.scale
     if (enc.packed or enc.global_scale is not None or enc.codes.shape != big.shape
             or (scale is not None and (scale.dim() != 2 or scale.shape[0] != big.shape[0]))):
         return None
-    out, r = [], 0
-    for x, rw in zip(xs, rows):
-        # copies, not views: a state kept between steps must not pin the whole batch's buffer (a parameter that
-        # stops getting gradients would keep every other tensor's codes of that step alive)
-        k = rw.shape[0]
-        sc = None if scale is None else scale[r:r + k].reshape(*x.shape[:-1], scale.shape[1]).clone()
-        codes = enc.codes[r:r + k].reshape(x.shape).clone()
-        out.append(Encoded(codes, sc, enc.spec, x.shape, x.dtype, None, False))
-        r += k
-    return out
+    if keep is not None:
+        keep["codes"], keep["scale"] = enc.codes, scale
+    # copies, not views: a state kept between steps must not pin the whole batch's buffer (a parameter that
+    # stops getting gradients would keep every other tensor's codes of that step alive)
+    shapes = [x.shape for x in xs]
+    codes = [c.clone() for c in _pieces(enc.codes, shapes)]
+    if scale is None:
+        scales = [None] * len(xs)
+    else:
+        nb = scale.shape[1]
+        scales = [c.clone() for c in _pieces(scale, [torch.Size((*sh[:-1], nb)) for sh in shapes])]
+    return [Encoded(c, sc, spec, x.shape, x.dtype, None, False) for x, c, sc in zip(xs, codes, scales)]
 
 
 def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
@@ -86,23 +129,23 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
     return out
 
 
-def decode_rows(encs: list[Encoded]) -> list[torch.Tensor]:
+def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                keep: dict | None = None) -> list[torch.Tensor]:
     """``[decode(e) for e in encs]`` in one call (``encs`` from ``encode_rows`` or the per-tensor path with one
-    batchable spec, dtype, device and last dimension, unpacked, without a global scale)."""
+    batchable spec, dtype, device and last dimension, unpacked, without a global scale), as views of one buffer.
+    ``codes``/``scale``: the batch those codes were split from (``encode_rows``'s ``keep``; not concatenated
+    again); ``keep`` receives the values buffer as ``values``."""
     e0 = encs[0]
     n = e0.shape[-1]
-    codes = torch.cat([e.codes.reshape(-1, n) for e in encs]) if len(encs) > 1 else e0.codes.reshape(-1, n)
-    scale = None
-    if e0.scale is not None:
-        nb = e0.scale.shape[-1]
-        scale = torch.cat([e.scale.reshape(-1, nb) for e in encs]) if len(encs) > 1 else e0.scale.reshape(-1, nb)
-    values = decode(Encoded(codes, scale, e0.spec, codes.shape, e0.dtype, None, False))
-    out, r = [], 0
-    for e in encs:
-        k = e.codes.numel() // n
-        out.append(values[r:r + k].reshape(e.shape))
-        r += k
-    return out
+    if codes is None:
+        codes = torch.cat([e.codes.reshape(-1, n) for e in encs]) if len(encs) > 1 else e0.codes.reshape(-1, n)
+        if e0.scale is not None:
+            nb = e0.scale.shape[-1]
+            scale = torch.cat([e.scale.reshape(-1, nb) for e in encs]) if len(encs) > 1 else e0.scale.reshape(-1, nb)
+    values = decode(Encoded(codes, scale, _row_spec(e0.spec, n), codes.shape, e0.dtype, None, False))
+    if keep is not None:
+        keep["values"] = values
+    return _pieces(values, [e.shape for e in encs])
 
 
 # ---------------------------------------------------------------------------------------------------------------
