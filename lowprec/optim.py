@@ -104,14 +104,14 @@ def _finite_flags(sums: list[torch.Tensor]) -> list[bool]:
     return out
 
 
-def _same_codes(kept: list[tuple], encs: list[Encoded]) -> bool:
-    """True when ``encs`` hold exactly the (unmodified) codes and scales tensors recorded in ``kept``."""
-    if len(kept) != len(encs):
-        return False
-    for (codes, cv, scale, sv), e in zip(kept, encs):
-        if e.codes is not codes or e.codes._version != cv or e.scale is not scale:
+def _same_codes(members: list[tuple]) -> bool:
+    """True when the packed entries of an encoded batch still hold their codes and scales unmodified (the
+    ``(..., enc, codes version, scale version)`` tuples ``_encode_states`` recorded)."""
+    for m in members:
+        enc, d = m[4], m[2][PACKED_KEY]
+        if d["codes"] is not enc.codes or d["scale"] is not enc.scale or enc.codes._version != m[5]:
             return False
-        if scale is not None and scale._version != sv:
+        if enc.scale is not None and enc.scale._version != m[6]:
             return False
     return True
 
@@ -397,11 +397,15 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=str(spec))
 
     def _decode_states(self, params: list[torch.Tensor]) -> None:
-        # the batches encoded at the previous step (their codes were split from them; reused when the states still
-        # hold exactly those codes, unmodified) and, for this step's encode, the buffers decoded now
+        # ``cache``: the batches encoded at the previous step, with the packed entries split from them. A batch
+        # whose entries are all still in place (the same dict objects, codes and scales unmodified) is decoded
+        # from its batch codes as they are; the rest is read entry by entry and grouped again. ``_decoded``: the
+        # buffers decoded now (the states are views of them) for this step's encode.
         cache, self._encoded = self._encoded, {}
         self._decoded = {}
         fused = self.fused
+        where = {id(m[2]): (key, j) for key, kept in cache.items() for j, m in enumerate(kept[2])}
+        found: dict[tuple, list[tuple]] = {}
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, Encoded]]] = {}
         for p in params:
             st = self.state.get(p)
@@ -410,26 +414,43 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             for name, value in list(st.items()):
                 if not _is_packed(value):
                     continue
-                d = value[PACKED_KEY]
-                enc = Encoded.from_dict(d)
-                if (fused and p.numel() <= BATCH_MAX_NUMEL and not enc.packed and enc.global_scale is None
-                        and enc.expand_k is None and batchable(enc.spec) and enc.codes.device == p.device):
-                    groups.setdefault((d["spec"], enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
-                else:
-                    st[name] = decode(enc).to(p.device).reshape(p.shape)
+                hit = where.get(id(value))
+                if hit is not None:
+                    m = cache[hit[0]][2][hit[1]]
+                    if m[0] is st and m[1] == name and m[3] is p:
+                        found.setdefault(hit[0], []).append((hit[1], m))
+                        continue
+                self._decode_entry(st, name, p, value, groups, fused)
+        for key, hits in found.items():
+            codes, scale, members = cache[key]
+            if len(hits) == len(members) and all(j == i for i, (j, _) in enumerate(hits)) and _same_codes(members):
+                self._decode_group(key, [(m[0], m[1], m[3], m[4]) for m in members], codes, scale)
+            else:
+                for _, m in hits:
+                    self._decode_entry(m[0], m[1], m[3], m[2], groups, fused)
         for key, entries in groups.items():
-            encs = [e[3] for e in entries]
-            kept = cache.get(key)
-            if kept is not None and not _same_codes(kept[2], encs):
-                kept = None
-            out: dict[str, torch.Tensor] = {}
-            values = decode_rows(encs, codes=kept and kept[0], scale=kept and kept[1], keep=out)
-            views = []
-            for (st, name, p, _), v in zip(entries, values):
-                v = v if v.shape == p.shape else v.reshape(p.shape)
-                st[name] = v
-                views.append(v)
-            self._decoded[key] = (out["values"], views)
+            self._decode_group(key, entries, None, None)
+
+    def _decode_entry(self, st: dict, name: str, p: torch.Tensor, value: dict, groups: dict, fused: bool) -> None:
+        """Decode one packed state now, or add it to its batch in ``groups``."""
+        d = value[PACKED_KEY]
+        enc = Encoded.from_dict(d)
+        if (fused and p.numel() <= BATCH_MAX_NUMEL and not enc.packed and enc.global_scale is None
+                and enc.expand_k is None and batchable(enc.spec) and enc.codes.device == p.device):
+            groups.setdefault((d["spec"], enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
+        else:
+            st[name] = decode(enc).to(p.device).reshape(p.shape)
+
+    def _decode_group(self, key: tuple, entries: list[tuple], codes: torch.Tensor | None,
+                      scale: torch.Tensor | None) -> None:
+        out: dict[str, torch.Tensor] = {}
+        values = decode_rows([e[3] for e in entries], codes=codes, scale=scale, keep=out)
+        views = []
+        for (st, name, p, _), v in zip(entries, values):
+            v = v if v.shape == p.shape else v.reshape(p.shape)
+            st[name] = v
+            views.append(v)
+        self._decoded[key] = (out["values"], views)
 
     def _encode_states(self, params: list[torch.Tensor], tel: Telemetry | None) -> None:
         """Encode the states of ``params`` (batched where ``fused``), then record telemetry in state order."""
@@ -461,7 +482,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
                 if batch and x.numel() <= BATCH_MAX_NUMEL and batchable(spec):
                     groups.setdefault((self._spec_texts[name], x.dtype, x.device, x.shape[-1]), []).append(
-                        (st, name, x, item))
+                        (st, name, x, item, p))
                 else:
                     item[4] = encode(x, spec, generator=gen, expand=self._expand)
                     st[name] = {PACKED_KEY: item[4].to_dict()}
@@ -477,12 +498,14 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             encs = encode_rows(xs, spec, big=big, keep=kept)
             if encs is None:  # unexpected layout: per tensor (nearest rounding: no generator is consumed)
                 encs = [encode(x, spec) for x in xs]
-            else:
-                self._encoded[key] = (kept["codes"], kept["scale"], [(e.codes, e.codes._version, e.scale,
-                                      None if e.scale is None else e.scale._version) for e in encs])
-            for (st, name, _, item), enc in zip(entries, encs):
+            members = []
+            for (st, name, _, item, p), enc in zip(entries, encs):
                 item[4] = enc
-                st[name] = {PACKED_KEY: enc.to_dict()}
+                st[name] = packed = {PACKED_KEY: enc.to_dict()}
+                members.append((st, name, packed, p, enc, enc.codes._version,
+                                None if enc.scale is None else enc.scale._version))
+            if kept:
+                self._encoded[key] = (kept["codes"], kept["scale"], members)
         if tel is not None:
             self._record_states(tel, todo, sampling, checking)
 

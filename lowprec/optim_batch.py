@@ -19,7 +19,9 @@ import dataclasses
 
 import torch
 
+from lowprec import codecs as _codecs
 from lowprec import scaling as _sc
+from lowprec.formats import torch_dtype
 from lowprec.codecs import Encoded, decode, encode
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
@@ -129,6 +131,16 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
     return out
 
 
+def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:
+    """``lowprec.codecs.decode(enc)`` with the element values from the codes' table (unpacked uint8 e4m3 codes,
+    no global scale or expansion; float32 or the state's dtype)."""
+    v = _codecs._lookup(enc.codes, _codecs._table(enc.spec.format, enc.codes.device))
+    if enc.spec.scaling is None:
+        return v.to(enc.dtype)
+    view, undo = _sc.to_scaling_view(v, enc.spec.scaling)
+    return undo(view.mul_(_codecs._stored_scale(enc))).to(enc.dtype)
+
+
 def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                 keep: dict | None = None) -> list[torch.Tensor]:
     """``[decode(e) for e in encs]`` in one call (``encs`` from ``encode_rows`` or the per-tensor path with one
@@ -142,7 +154,15 @@ def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale
         if e0.scale is not None:
             nb = e0.scale.shape[-1]
             scale = torch.cat([e.scale.reshape(-1, nb) for e in encs]) if len(encs) > 1 else e0.scale.reshape(-1, nb)
-    values = decode(Encoded(codes, scale, _row_spec(e0.spec, n), codes.shape, e0.dtype, None, False))
+    batch = Encoded(codes, scale, _row_spec(e0.spec, n), codes.shape, e0.dtype, None, False)
+    if (torch_dtype(e0.spec.format) == torch.float8_e4m3fn and codes.device.type == "cpu"
+            and codes.dtype == torch.uint8 and max(e.codes.numel() for e in encs) < _codecs._SMALL):
+        # decode() of each tensor alone reads e4m3 codes of fewer than _SMALL elements from its 256-entry table
+        # (larger ones by lowprec.rounding.e4m3_to_float32): the batch uses that table too (the same bits;
+        # also much faster than the arithmetic at the batch's size)
+        values = _decode_e4m3_table(batch)
+    else:
+        values = decode(batch)
     if keep is not None:
         keep["values"] = values
     return _pieces(values, [e.shape for e in encs])
