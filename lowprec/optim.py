@@ -174,6 +174,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self.telemetry = telemetry
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        self._gen_of: dict[torch.device, torch.Generator] = {}   # _generators by device object (lookup speed)
         self._grad_spec = _active(self.policy.grad)
         self._master_spec = _active(self.policy.master)
         self._state_specs: dict[str, QuantSpec | None] = {}
@@ -197,10 +198,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _gen(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        g = self._generators.get(key)
+        g = self._gen_of.get(device)
         if g is None:
-            g = self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            key = str(device)
+            g = self._generators.get(key)
+            if g is None:
+                g = self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            self._gen_of[device] = g
         return g
 
     def _state_spec(self, name: str, p: torch.Tensor | None = None) -> QuantSpec | None:
@@ -226,10 +230,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups: here they live in the base optimizer
         # (the batch caches are left out: a copy starts without them, as after load_state_dict)
-        return {**self.__dict__, "_encoded": {}, "_decoded": {}}
+        return {**self.__dict__, "_encoded": {}, "_decoded": {}, "_gen_of": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        for name in ("_encoded", "_decoded", "_gen_of", "_spec_texts"):   # (pickled before these existed)
+            self.__dict__.setdefault(name, {})
+        self._spec_texts.update({k: str(v) for k, v in self._state_specs.items() if k not in self._spec_texts})
         self._patch_step_function()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -378,20 +385,22 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 tel.record("optim:grad", "grad", grads[i], qs[i], scale=self._scale(scales[i]),
                            fmt_max=spec.format.max, fmt=str(spec))
         for p, q in zip(params, qs):
-            p.grad.copy_(q.reshape(p.grad.shape))
+            g = p.grad
+            g.copy_(q if q.shape == g.shape else q.reshape(g.shape))
 
     def _round_master(self, params: list[torch.Tensor], tel: Telemetry | None,
                       olds: list[torch.Tensor] | None) -> None:
         spec = self._master_spec
         sampling = olds is not None
-        xs = [_atleast_1d(p.detach()) for p in params]
+        xs = [_atleast_1d(p) for p in params]   # (under no_grad: no autograd history)
         gens = [self._gen(p.device) for p in params]
         # sampled steps keep the unrounded values for telemetry (the quantized values are new tensors, so the
         # parameters themselves still hold them until copied)
         qs, _ = self._quantize_all(xs, spec, gens, scales_too=False)
         unrounded = [p.detach().clone() for p in params] if sampling else None
         for i, p in enumerate(params):
-            p.copy_(qs[i].reshape(p.shape))
+            q = qs[i]
+            p.copy_(q if q.shape == p.shape else q.reshape(p.shape))
             if sampling:
                 tel.record_update("optim:master", olds[i], unrounded[i], p, fmt=str(spec))
                 tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=str(spec))
@@ -587,6 +596,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             plain_state[pid] = {k: v for k, v in st.items() if not _is_packed(v)}
             packed[pid] = {k: v for k, v in st.items() if _is_packed(v)}
         sd["state"] = plain_state
+        self._encoded, self._decoded = {}, {}
         self.optimizer.load_state_dict(sd)
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         id_to_param = dict(zip(saved_ids, self._params()))
@@ -599,6 +609,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if extra is not None:
             self.seed = int(extra.get("seed", self.seed))
             self._generators = {}
+            self._gen_of = {}
             for key, gstate in extra.get("generators", {}).items():
                 g = torch.Generator(device=key).manual_seed(self.seed)
                 g.set_state(gstate)

@@ -268,7 +268,8 @@ def _flat(xs: list[torch.Tensor], pad_odd: bool, dtype: torch.dtype | None = Non
     last = len(xs) - 1
     for i, x in enumerate(xs):
         n = x.numel()
-        parts.append(x.reshape(-1) if dtype is None else x.reshape(-1).to(dtype))
+        x = x.reshape(-1)
+        parts.append(x if dtype is None or x.dtype == dtype else x.to(dtype))
         offs.append(o)
         k = n + 1 if (pad_odd and n % 2 and i < last) else n
         if k != n:
@@ -282,7 +283,13 @@ def _unscaled(xs, spec, generator, sto) -> Segments:
     # in the tensors' own dtype: quantize_with_scale then applies the same dtype saturation limit and final cast
     buf, offs, _ = _flat(xs, sto)
     q, _ = quantize_with_scale(buf, spec, generator)
-    return Segments([q[o:o + x.numel()].view(x.shape) for x, o in zip(xs, offs)], None)
+    return Segments(_at(q, xs, offs), None)
+
+
+def _at(buf: torch.Tensor, xs: list[torch.Tensor], offs: list[int]) -> list[torch.Tensor]:
+    """Views of contiguous 1-D ``buf`` shaped like ``xs`` at element offsets ``offs`` (one view op each)."""
+    base = buf.storage_offset()
+    return [buf.as_strided(x.shape, _strides(x.shape), base + o) for x, o in zip(xs, offs)]
 
 
 def _round_elements(y: torch.Tensor, spec: QuantSpec, generator) -> torch.Tensor:
@@ -306,7 +313,7 @@ def _per_tensor_scaled(xs, spec, generator, sto) -> Segments:
     if spec.scaling.scale_format == "e4m3":
         el = el.mul_(per_el != 0)
     q = el.mul_(per_el)
-    out = [q[o:o + x.numel()].view(x.shape).to(x.dtype) for x, o in zip(xs, offs)]
+    out = [v if v.dtype == x.dtype else v.to(x.dtype) for v, x in zip(_at(q, xs, offs), xs)]
     return Segments(out, lambda i: scale[i:i + 1].reshape([1] * xs[i].dim()))
 
 
