@@ -23,7 +23,13 @@ fast path off for the process, with one warning. ``LOWPREC_FAST=0`` in the envir
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import mmap
 import os
+import subprocess
+import sys
+import tempfile
 import types
 import warnings
 from typing import Callable
@@ -51,6 +57,317 @@ _cache: dict[tuple, Callable[..., torch.Tensor]] = {}
 def _compile_errors() -> tuple[type[Exception], ...]:
     """What a failed kernel build raises (looked up only when something was raised: importing dynamo is slow)."""
     return torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError
+
+
+# ---- native helpers (plain C through ctypes, built once per machine with the C compiler inductor needs) ----------
+# torch.compile cannot express torch's mt19937, so stochastic rounding used to draw its random bits eagerly
+# (random_ on int64: ~8 ns a value here, plus a 64 MiB buffer) and read them back. The C kernel below draws the very
+# same words from the generator's mt19937 state (get_state/set_state: same stream, same final state) in chunks that
+# stay in L1 and rounds as _stochastic_kernel does, in one pass; lp_random_bits writes random_bits' words exactly,
+# for the compiled scaled kernels. Tested bit for bit against the eager path (tests/lowprec/test_fast_native.py).
+_NATIVE_SRC = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#define MT_N 624
+#define MT_M 397
+#define CHUNK 4096
+typedef struct { uint32_t s[MT_N]; int32_t left; int32_t next; } mt_t;
+static inline uint32_t twist(uint32_t u, uint32_t v) {
+  return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu);
+}
+static void next_state(uint32_t *restrict s) {  /* at::mt19937::next_state */
+  int i;
+  for (i = 0; i < MT_N - MT_M; i++) s[i] = s[i + MT_M] ^ twist(s[i], s[i + 1]);
+  for (; i < MT_N - 1; i++) s[i] = s[i + MT_M - MT_N] ^ twist(s[i], s[i + 1]);
+  s[MT_N - 1] = s[MT_M - 1] ^ twist(s[MT_N - 1], s[0]);
+}
+/* `count` (even) draws as random_bits lays them out: the draws (a, b) of one int64 random_() value
+   (random64() = a << 32 | b, top bit cleared) are the int32 words (b, a & 0x7fffffff) */
+static void draws(mt_t *g, uint32_t *restrict out, int64_t count) {
+  int64_t done = 0;
+  while (done < count) {
+    if (g->left == 1) { next_state(g->s); g->left = MT_N + 1; g->next = 0; }
+    int64_t k = g->left - 1;
+    if (k > count - done) k = count - done;
+    const uint32_t *restrict p = g->s + g->next;
+    uint32_t *restrict o = out + done;
+    for (int64_t i = 0; i < k; i++) {
+      uint32_t y = p[i];
+      y ^= y >> 11;
+      y ^= (y << 7) & 0x9d2c5680u;
+      y ^= (y << 15) & 0xefc60000u;
+      y ^= y >> 18;
+      o[i] = y;
+    }
+    g->left -= (int32_t)k; g->next += (int32_t)k; done += k;
+  }
+  uint64_t *restrict w = (uint64_t *)out;
+  for (int64_t i = 0; i < count / 2; i++) {
+    uint64_t v = w[i];
+    w[i] = ((v >> 32) | (v << 32)) & 0x7fffffffffffffffull;
+  }
+}
+void lp_random_bits(mt_t *g, int32_t *out, int64_t n) {
+  uint32_t buf[CHUNK] __attribute__((aligned(64)));
+  for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+    int64_t c = n - i0 < CHUNK ? n - i0 : CHUNK;
+    draws(g, buf, (c + 1) & ~(int64_t)1);
+    memcpy(out + i0, buf, (size_t)c * 4);
+  }
+}
+static inline uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bitsf(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+typedef struct { float lim, thr, max, ov; uint32_t rmask, keep; int32_t saturate, inf_mask, flush; } sr_params;
+static inline __attribute__((always_inline)) void sr_chunk(const float *restrict xs, float *restrict os,
+    const uint32_t *restrict r, int64_t c, const sr_params *p, const int sat, const int infm, const int flush) {
+  const float lim = p->lim, thr = p->thr, mx = p->max, ov = p->ov;
+  const uint32_t rmask = p->rmask, keep = p->keep;
+  for (int64_t j = 0; j < c; j++) {
+    float xv = xs[j];
+    float ax = fabsf(xv);
+    float a = ax < lim ? ax : lim;
+    int low = a < thr;
+    float a2 = low ? a + thr : a;
+    float t = bitsf((fbits(a2) + (r[j] & rmask)) & keep);
+    float q = low ? t - thr : t;
+    if (!sat) {
+      int over = q > mx;
+      if (infm) over |= ax == INFINITY;
+      q = over ? ov : q;
+    }
+    if (flush) q = q < thr ? 0.0f : q;
+    q = copysignf(q, xv);
+    os[j] = xv != xv ? xv : q;
+  }
+}
+void lp_stochastic(const float *restrict x, float *restrict out, int64_t n, mt_t *g, const sr_params *p) {
+  uint32_t buf[CHUNK] __attribute__((aligned(64)));
+  const int mode = (p->saturate ? 4 : 0) | (p->inf_mask ? 2 : 0) | (p->flush ? 1 : 0);
+  for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+    int64_t c = n - i0 < CHUNK ? n - i0 : CHUNK;
+    draws(g, buf, (c + 1) & ~(int64_t)1);
+    switch (mode) {  /* constant flags: each variant vectorizes */
+      case 0: sr_chunk(x + i0, out + i0, buf, c, p, 0, 0, 0); break;
+      case 1: sr_chunk(x + i0, out + i0, buf, c, p, 0, 0, 1); break;
+      case 2: sr_chunk(x + i0, out + i0, buf, c, p, 0, 1, 0); break;
+      case 3: sr_chunk(x + i0, out + i0, buf, c, p, 0, 1, 1); break;
+      case 4: case 6: sr_chunk(x + i0, out + i0, buf, c, p, 1, 0, 0); break;
+      default: sr_chunk(x + i0, out + i0, buf, c, p, 1, 0, 1); break;
+    }
+  }
+}
+typedef struct { uint32_t lim, max_b, min_normal_b, over_b, keep, half_less_one, odd_or; int32_t drop;
+                 float up, inv_up; int32_t nearest, saturate, inf_mask, flush; } rn_params;
+static inline __attribute__((always_inline)) void rn_body(const uint32_t *restrict xb, uint32_t *restrict ob,
+    int64_t n, const rn_params *p, const int nearest, const int sat, const int infm, const int flush) {
+  const uint32_t lim = p->lim, max_b = p->max_b, mnb = p->min_normal_b, over_b = p->over_b, keep = p->keep;
+  const uint32_t hlo = p->half_less_one, odd_or = p->odd_or;
+  const int drop = p->drop;
+  const float up = p->up, inv_up = p->inv_up;
+  for (int64_t j = 0; j < n; j++) {
+    uint32_t b = xb[j];
+    uint32_t sign = b & 0x80000000u, mag = b & 0x7fffffffu;
+    uint32_t a = mag < lim ? mag : lim;
+    float sc = bitsf(a) * up;
+    uint32_t t, sub;
+    if (nearest) {
+      t = (a + ((((a >> drop) & 1u) | odd_or) + hlo)) & keep;
+      sub = fbits(nearbyintf(sc) * inv_up);
+    } else {
+      t = a & keep;
+      sub = fbits(truncf(sc) * inv_up);
+    }
+    t = a < mnb ? sub : t;
+    if (!sat) {
+      int over = t > max_b;
+      if (infm) over |= mag == 0x7f800000u;
+      t = over ? over_b : t;
+    }
+    if (flush) t = t < mnb ? 0u : t;
+    ob[j] = (mag > 0x7f800000u ? 0x7fc00000u : t) | sign;
+  }
+}
+#define RN(N_, S_, I_, F_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): rn_body(x, out, n, p, N_, S_, I_, F_); break;
+/* lowprec.fast._int_kernel: nearest / toward_zero on float32 bit patterns, one pass */
+void lp_round(const uint32_t *x, uint32_t *out, int64_t n, const rn_params *p) {
+  const int mode = (p->nearest ? 8 : 0) | (p->saturate ? 4 : 0) | (p->inf_mask && !p->saturate ? 2 : 0)
+                   | (p->flush ? 1 : 0);
+  switch (mode) {
+    RN(0, 0, 0, 0) RN(0, 0, 0, 1) RN(0, 0, 1, 0) RN(0, 0, 1, 1) RN(0, 1, 0, 0) RN(0, 1, 0, 1)
+    RN(1, 0, 0, 0) RN(1, 0, 0, 1) RN(1, 0, 1, 0) RN(1, 0, 1, 1) RN(1, 1, 0, 0) RN(1, 1, 0, 1)
+  }
+}
+"""
+# no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
+_NATIVE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC")
+_native: dict = {}  # "lib": the loaded library, or None once building it failed
+
+
+class _SRParams(ctypes.Structure):
+    _fields_ = [("lim", ctypes.c_float), ("thr", ctypes.c_float), ("max", ctypes.c_float), ("ov", ctypes.c_float),
+                ("rmask", ctypes.c_uint32), ("keep", ctypes.c_uint32), ("saturate", ctypes.c_int32),
+                ("inf_mask", ctypes.c_int32), ("flush", ctypes.c_int32)]
+
+
+def _native_lib() -> ctypes.CDLL | None:
+    """The native helpers, built on first use into ``$LOWPREC_CACHE_DIR`` (default: a per-user folder in the temp
+    dir), or None where that fails (no C compiler, not Linux/x86 or ARM): the callers then use torch's generator."""
+    if "lib" in _native:
+        return _native["lib"]
+    lib = None
+    cc = os.environ.get("CC", "cc")
+    if sys.platform.startswith("linux") and os.environ.get("LOWPREC_NATIVE", "1") != "0":
+        key = hashlib.sha256(repr((_NATIVE_SRC, _NATIVE_FLAGS, cc)).encode()).hexdigest()[:16]
+        folder = os.environ.get("LOWPREC_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"lowprec_{os.getuid()}")
+        so = os.path.join(folder, f"lowprec_native_{key}.so")
+        try:
+            if not os.path.exists(so):
+                os.makedirs(folder, exist_ok=True)
+                src, tmp = f"{so}.{os.getpid()}.c", f"{so}.{os.getpid()}.tmp"
+                with open(src, "w") as f:
+                    f.write(_NATIVE_SRC)
+                subprocess.run([cc, *_NATIVE_FLAGS, "-o", tmp, src], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, so)  # atomic: a concurrent build never loads a half-written file
+                os.remove(src)
+            lib = ctypes.CDLL(so)
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round"):
+                getattr(lib, name).restype = None
+        except (OSError, subprocess.SubprocessError):
+            lib = None
+    _native["lib"] = lib
+    return lib
+
+
+_MT_BYTES = 5056  # torch's CPUGeneratorImplState: seed u64, left i32, seeded i32, next u64, state u64[624], ...
+
+
+def _mt_take(generator: torch.Generator | None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor] | None:
+    """(generator, its state bytes, its mt19937 as int32[624 state, left, next]) for the native draws, or None
+    where the state is not the CPU mt19937 this code knows (the caller then draws with torch)."""
+    g = torch.default_generator if generator is None else generator
+    if g.device.type != "cpu":
+        return None
+    st = g.get_state()
+    if st.numel() != _MT_BYTES:
+        return None
+    left, nxt = int(st[8:12].view(torch.int32)), int(st[16:24].view(torch.int64))
+    if not (0 < left <= 624 and (left == 1 or left + nxt == 625)):
+        return None
+    mt = torch.empty(626, dtype=torch.int32)
+    mt[:624] = st[24:24 + 4992].view(torch.int64)  # words < 2**32: the cast wraps them to int32 bits
+    mt[624], mt[625] = left, nxt
+    return g, st, mt
+
+
+def _mt_put(g: torch.Generator, st: torch.Tensor, mt: torch.Tensor) -> None:
+    """Write the advanced mt19937 back (``st``'s other fields, the normal-sample caches, unchanged)."""
+    st = st.clone()
+    st[8:12].view(torch.int32)[0] = mt[624]
+    st[16:24].view(torch.int64)[0] = mt[625]
+    st[24:24 + 4992].view(torch.int64).copy_(mt[:624].to(torch.int64) & 0xFFFFFFFF)
+    g.set_state(st)
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _native_random_bits(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor | None:
+    """``random_bits(shape, cpu, generator)`` bit for bit, same generator state after, by the native draws (into a
+    huge-page buffer); None where the native helpers are unavailable."""
+    lib = _native_lib()
+    taken = _mt_take(generator) if lib is not None else None
+    if taken is None:
+        return None
+    g, st, mt = taken
+    out = _empty(shape, torch.int32)
+    lib.lp_random_bits(_ptr(mt), _ptr(out), ctypes.c_int64(out.numel()))
+    _mt_put(g, st, mt)
+    return out
+
+
+def _draw_bits(shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+    """The random bits of stochastic rounding: native where available, else torch's ``random_bits``."""
+    r = _native_random_bits(shape, generator)
+    return random_bits(shape, torch.device("cpu"), generator) if r is None else r
+
+
+def _native_stochastic(flat: torch.Tensor, fmt: Format, saturate: bool, flush: bool, rand_bits: int | None,
+                       generator: torch.Generator | None) -> torch.Tensor | None:
+    """_stochastic_kernel on contiguous float32 ``flat`` with the random bits drawn inside the loop (native), or
+    None where the native helpers are unavailable."""
+    lib = _native_lib()
+    taken = _mt_take(generator) if lib is not None else None
+    if taken is None:
+        return None
+    g, st, mt = taken
+    drop = 23 - fmt.man_bits
+    nb = drop if rand_bits is None else min(rand_bits, drop)
+    p = _SRParams(rounding_limit(fmt, Rounding.STOCHASTIC, saturate), fmt.min_normal, fmt.max, overflow_value(fmt),
+                  ((1 << nb) - 1) << (drop - nb), (~((1 << drop) - 1)) & 0xFFFFFFFF, int(saturate),
+                  int(inf_needs_mask(fmt, Rounding.STOCHASTIC) and not saturate), int(flush))
+    out = _empty(flat.shape, torch.float32)
+    lib.lp_stochastic(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), _ptr(mt), ctypes.byref(p))
+    _mt_put(g, st, mt)
+    return out
+
+
+class _RNParams(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint32) for n in ("lim", "max_b", "min_normal_b", "over_b", "keep", "half_less_one",
+                                               "odd_or")] + [
+        ("drop", ctypes.c_int32), ("up", ctypes.c_float), ("inv_up", ctypes.c_float), ("nearest", ctypes.c_int32),
+        ("saturate", ctypes.c_int32), ("inf_mask", ctypes.c_int32), ("flush", ctypes.c_int32)]
+
+
+def _native_round(flat: torch.Tensor, fmt: Format, rounding: Rounding, saturate: bool,
+                  flush: bool) -> torch.Tensor | None:
+    """_int_kernel (nearest / toward_zero) on contiguous float32 ``flat`` by the native loop, or None where the
+    native helpers are unavailable or torch runs more than one thread (the compiled kernel is parallel, this loop
+    is not)."""
+    lib = _native_lib() if torch.get_num_threads() == 1 else None
+    if lib is None:
+        return None
+    drop = 23 - fmt.man_bits
+    ov = overflow_value(fmt)
+    p = _RNParams(_bits(rounding_limit(fmt, rounding, saturate)), _bits(fmt.max), _bits(fmt.min_normal),
+                  _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else _bits(fmt.max)),
+                  (~((1 << drop) - 1)) & 0xFFFFFFFF, (1 << (drop - 1)) - 1, int(drop == 23), drop,
+                  2.0 ** (fmt.man_bits - fmt.emin), 2.0 ** (fmt.emin - fmt.man_bits),
+                  int(rounding == Rounding.NEAREST), int(saturate), int(inf_needs_mask(fmt, rounding)), int(flush))
+    out = _empty(flat.shape, torch.float32)
+    lib.lp_round(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), ctypes.byref(p))
+    return out
+
+
+# ---- fresh outputs on transparent huge pages ----------------------------------------------------------------------
+# Every quantize returns a new tensor; a fresh 64 MiB buffer costs 16384 first-touch page faults (here: a clone of
+# 16M floats 5x slower than a copy into an existing tensor). madvise(MADV_HUGEPAGE) before the first write asks
+# Linux for 2 MiB pages (32 faults), where THP is "madvise" or "always"; elsewhere it is a no-op. Contents and
+# ownership are untouched: the tensor is torch's own allocation, freed by torch.
+_HUGE_MIN_BYTES = 4 << 20
+_MADV_HUGEPAGE = 14
+_madvise: list = []
+
+
+def _empty(shape: "torch.Size | tuple[int, ...]", dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype)`` on CPU, asked onto transparent huge pages when it is large (see above)."""
+    t = torch.empty(shape, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= _HUGE_MIN_BYTES and sys.platform.startswith("linux"):
+        if not _madvise:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _madvise.append(libc.madvise)
+            except (OSError, AttributeError):
+                _madvise.append(None)
+        if _madvise[0] is not None:
+            p = t.data_ptr()
+            page = mmap.PAGESIZE
+            start, end = (p + page - 1) // page * page, (p + nbytes) // page * page  # whole pages inside it
+            _madvise[0](start, end - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
+    return t
 
 
 def _give_up(error: Exception, generator: torch.Generator | None, saved: torch.Tensor | None) -> None:
@@ -105,31 +422,35 @@ def fast_round_ok(fmt: Format, rounding: Rounding) -> bool:
 def _int_kernel(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """Nearest / toward_zero on int32 bit patterns ``b`` -> int32 bit patterns of the result.
 
-    At a magnitude of biased exponent E the grid keeps ``d = clamp(23 - M + emin + 127 - E, 23 - M, 24)`` fewer
-    low bits than float32 (more below the smallest normal: the fixed subnormal step); d = 24 is the binade just
-    below the smallest subnormal (results 0 or the smallest subnormal), lower binades give 0. Nearest breaks ties
-    on the lowest kept bit of the significand (the implicit bit where d = 23, as float addition does)."""
+    At or above the smallest normal the grid keeps ``M`` of float32's 23 mantissa bits: nearest adds half an ulp
+    less one plus the lowest kept bit of the significand (ties to even, as float addition breaks them: with M = 0
+    that bit is the implicit 1; a carry moves into the next binade) and masks, toward_zero
+    masks. Below it the grid is the fixed step ``2**(emin - M)``, a normal float32 (``emin - M - 1 >= -126``, see
+    :func:`fast_round_ok`): the magnitude times ``2**(M - emin)`` (exact) is rounded to an integer (half to even,
+    or truncated) and scaled back (exact), as the eager ``_subnormals_and_nan`` does."""
     m, emin, drop = fmt.man_bits, fmt.emin, 23 - fmt.man_bits
     lim = _bits(rounding_limit(fmt, rounding, saturate))
     max_b, min_normal_b = _bits(fmt.max), _bits(fmt.min_normal)
-    sub_b, half_sub_b = _bits(2.0 ** (emin - m)), _bits(2.0 ** (emin - m - 1))
+    up = 2.0 ** (m - emin)
     nearest = rounding == Rounding.NEAREST
     ov = overflow_value(fmt)
     over_b = _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else max_b)
     inf_mask = inf_needs_mask(fmt, rounding) and not saturate
+    keep, half_less_one = ~((1 << drop) - 1), (1 << (drop - 1)) - 1
 
     def kernel(b: torch.Tensor) -> torch.Tensor:
         sign = b & _INT_MIN
         mag = b & 0x7FFFFFFF
         a = torch.clamp(mag, max=lim)
-        d = torch.clamp((drop + emin + 127) - (a >> 23), min=drop, max=24)
-        keep = ~((1 << d) - 1)
+        scaled = a.view(torch.float32) * up
         if nearest:
-            odd = torch.where(d == 23, 1, (a >> d) & 1)
-            t = (a + odd + ((1 << (d - 1)) - 1)) & keep
-            t = torch.where(d == 24, (a > half_sub_b).to(torch.int32) * sub_b, t)
+            odd = (a >> drop) & 1 if drop < 23 else 1  # no mantissa bits: the implicit bit, always 1
+            t = (a + (odd + half_less_one)) & keep
+            sub = torch.round(scaled)
         else:
-            t = torch.where(d == 24, 0, a & keep)
+            t = a & keep
+            sub = torch.trunc(scaled)
+        t = torch.where(a < min_normal_b, (sub * (1.0 / up)).view(torch.int32), t)
         if not saturate:
             over = t > max_b
             if inf_mask:
@@ -173,6 +494,21 @@ def _stochastic_kernel(fmt: Format, saturate: bool, flush: bool,
     return kernel
 
 
+def _into(kernel: Callable) -> Callable:
+    """``kernel`` writing its (first) result into a given ``out`` (a fresh :func:`_empty` buffer): inductor stores
+    straight into it, no buffer of its own; returns the kernel's other results."""
+    def into(out: torch.Tensor, *args: torch.Tensor):
+        r = kernel(*args)
+        if isinstance(r, tuple):
+            out.copy_(r[0])
+            return r[1:]
+        out.copy_(r)
+        return None
+
+    into.__name__ = kernel.__name__
+    return into
+
+
 def _compiled(key: tuple, kernel: Callable) -> Callable:
     """``torch.compile`` of ``kernel`` under its own code object (dynamo's recompile limit counts per code
     object, so each spec gets its own budget), dynamic length."""
@@ -199,25 +535,34 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
             or x.numel() < _state["min_numel_stochastic" if rounding == Rounding.STOCHASTIC else "min_numel"]
             or not fast_round_ok(fmt, rounding)):
         return None
+    flat = x.detach().contiguous().view(-1)
+    if rounding == Rounding.STOCHASTIC:  # random bits drawn inside the native loop, where it is available
+        out = _native_stochastic(flat, fmt, bool(saturate), bool(flush_subnormals), rand_bits, generator)
+        if out is not None:
+            return out.view(x.shape)
+    else:
+        out = _native_round(flat, fmt, rounding, bool(saturate), bool(flush_subnormals))
+        if out is not None:
+            return out.view(x.shape)
     key = (fmt, rounding, bool(saturate), bool(flush_subnormals), rand_bits if rounding == Rounding.STOCHASTIC
            else None)
     fn = _cache.get(key)
     first = fn is None
     if first:
         if rounding == Rounding.STOCHASTIC:
-            fn = _compiled(key, _stochastic_kernel(fmt, saturate, flush_subnormals, rand_bits))
+            fn = _compiled(key, _into(_stochastic_kernel(fmt, saturate, flush_subnormals, rand_bits)))
         else:
-            fn = _compiled(key, _int_kernel(fmt, rounding, saturate, flush_subnormals))
+            fn = _compiled(key, _into(_int_kernel(fmt, rounding, saturate, flush_subnormals)))
         _cache[key] = fn
-    flat = x.detach().contiguous().view(-1)
     # the first call compiles; should that fail, the generator is put back so the eager path draws the same bits
     saved = generator.get_state() if first and generator is not None else None
+    out = _empty(flat.shape, torch.float32)
     try:
         if rounding == Rounding.STOCHASTIC:
-            rnd = random_bits(flat.shape, flat.device, generator)
-            out = fn(_dynamic(flat), _dynamic(rnd))
+            rnd = _draw_bits(flat.shape, generator)
+            fn(_dynamic(out), _dynamic(flat), _dynamic(rnd))
         else:
-            out = fn(_dynamic(flat.view(torch.int32))).view(torch.float32)
+            fn(_dynamic(out.view(torch.int32)), _dynamic(flat.view(torch.int32)))
     except _compile_errors() as e:
         return _give_up(e, generator, saved)
     return out.view(x.shape)
@@ -292,16 +637,18 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
     fn = _cache.get(key)
     first = fn is None
     if first:
-        fn = _cache[key] = _compiled(key, _scaled_kernel(s))
+        fn = _cache[key] = _compiled(key, _into(_scaled_kernel(s)))
     block = s.scaling.mode == "block"
     v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
+    d = 0 if block else 1
     saved = generator.get_state() if first and sto and generator is not None else None
+    q = _empty(v2.shape, torch.float32)
     try:
         if sto:
-            rnd = random_bits(v2.shape, v2.device, generator)
-            q, scale = fn(_dynamic(v2, 0 if block else 1), _dynamic(rnd, 0 if block else 1))
+            rnd = _draw_bits(v2.shape, generator)
+            (scale,) = fn(_dynamic(q, d), _dynamic(v2, d), _dynamic(rnd, d))
         else:
-            q, scale = fn(_dynamic(v2, 0 if block else 1))
+            (scale,) = fn(_dynamic(q, d), _dynamic(v2, d))
     except _compile_errors() as e:
         return _give_up(e, generator, saved)
     if block:

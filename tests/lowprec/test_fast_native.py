@@ -1,0 +1,223 @@
+"""lowprec.fast's native helpers against their references, bit for bit: the random words against
+lowprec.rounding.random_bits (torch's own random_) and against a pure-Python mt19937 written from the algorithm's
+definition; the fused native stochastic rounding against the eager round_to_format (every code, midpoint and the
+values beside it, overflow, ±inf, NaN, subnormals, saturate or not, flushing, random bit counts), the generator
+left in the same state, at every chunk and mt19937 block boundary; the huge-page outputs against plain ones."""
+
+import pytest
+import torch
+
+from lowprec import FORMATS, float_format, quantize
+from lowprec import fast
+from lowprec.fast import fast_path_settings, fast_round, set_fast_path
+from lowprec.rounding import random_bits, round_to_format
+
+from .test_rounding import gf_grid, gf_info, probe_inputs, same
+
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.skipif(fast._native_lib() is None, reason="no C compiler: the native helpers are off")]
+
+CPU = torch.device("cpu")
+# lengths around the kernel's 4096-value chunks and mt19937's 624-word blocks, odd and even
+LENGTHS = [1, 2, 3, 311, 312, 313, 623, 624, 625, 1247, 1248, 1249, 4095, 4096, 4097, 8193, 20001]
+
+
+@pytest.fixture
+def fast_everywhere():
+    was, threads = fast_path_settings(), torch.get_num_threads()
+    set_fast_path(True, min_numel=2)
+    torch.set_num_threads(1)  # the native nearest / toward_zero loop runs where torch runs one thread
+    yield
+    set_fast_path(*was)
+    torch.set_num_threads(threads)
+
+
+def _advanced(seed: int, k: int) -> torch.Generator:
+    """A generator seeded with ``seed`` after ``k`` int64 random_ draws (2k mt19937 words): any block position."""
+    g = torch.Generator().manual_seed(seed)
+    if k:
+        torch.empty(k, dtype=torch.int64).random_(generator=g)
+    return g
+
+
+@pytest.mark.parametrize("k", [0, 1, 311, 312, 313])
+def test_native_random_bits_equal_torch_and_leave_the_same_state(k):
+    g1, g2 = _advanced(3, k), _advanced(3, k)
+    for n in LENGTHS:  # one after another from the same stream: every start position within a block
+        ref = random_bits(torch.Size([n]), CPU, g1)
+        got = fast._native_random_bits(torch.Size([n]), g2)
+        assert got is not None and got.dtype == torch.int32 and got.shape == (n,)
+        assert torch.equal(ref, got), n
+        assert torch.equal(g1.get_state(), g2.get_state()), n
+    # and torch's other draws go on from the same place
+    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+def test_native_random_bits_shape_and_default_generator():
+    torch.manual_seed(12)
+    ref = random_bits(torch.Size([7, 33]), CPU, None)
+    after = torch.default_generator.get_state()
+    torch.manual_seed(12)
+    got = fast._native_random_bits(torch.Size([7, 33]), None)
+    assert got.shape == (7, 33) and torch.equal(ref, got)
+    assert torch.equal(after, torch.default_generator.get_state())
+
+
+def _mt19937_words(seed: int, count: int) -> list[int]:
+    """The first ``count`` outputs of MT19937 (Matsumoto & Nishimura 1998) seeded by init_genrand(seed)."""
+    s = [seed & 0xFFFFFFFF]
+    for i in range(1, 624):
+        s.append((1812433253 * (s[-1] ^ (s[-1] >> 30)) + i) & 0xFFFFFFFF)
+    out, idx = [], 624
+    for _ in range(count):
+        if idx == 624:
+            for i in range(624):
+                y = (s[i] & 0x80000000) | (s[(i + 1) % 624] & 0x7FFFFFFF)
+                s[i] = s[(i + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+            idx = 0
+        y = s[idx]
+        idx += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        y ^= y >> 18
+        out.append(y)
+    return out
+
+
+def test_native_random_bits_are_mt19937_words_in_random_bits_layout():
+    # independent of torch's code: word 2i of the result is draw 2i+1, word 2i+1 is draw 2i without its top bit
+    # (one int64 random_() value = draw 2i << 32 | draw 2i+1, modulo 2**63)
+    n = 1500
+    got = fast._native_random_bits(torch.Size([n]), torch.Generator().manual_seed(20261202))
+    w = _mt19937_words(20261202, n)
+    want = [w[i + 1] if i % 2 == 0 else w[i - 1] & 0x7FFFFFFF for i in range(n)]
+    assert got.view(-1).tolist() == [v - (1 << 32) if v >= 1 << 31 else v for v in want]
+
+
+def _probes(fmt) -> torch.Tensor:
+    grid = gf_grid(gf_info(fmt))
+    return torch.cat([probe_inputs(grid, fmt.max), torch.randn(2000) * 1e-39, torch.randn(5000) * fmt.max / 3,
+                      torch.tensor([-0.0, 0.0, float("-inf"), -float("nan")])])
+
+
+NATIVE_FORMATS = [FORMATS["e4m3"], FORMATS["e5m2"], FORMATS["e2m1"], FORMATS["e3m2"], float_format(3, 0, has_inf=False),
+                  float_format(4, 3, bias=3)]
+
+
+def _counting(monkeypatch, name: str = "_native_stochastic") -> list[bool]:
+    """Records, per call of the native kernel ``name``, whether it returned a result."""
+    calls, real = [], getattr(fast, name)
+
+    def spy(*a, **k):
+        r = real(*a, **k)
+        calls.append(r is not None)
+        return r
+    monkeypatch.setattr(fast, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS, ids=lambda f: f.name)
+def test_native_stochastic_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, fmt):
+    calls = _counting(monkeypatch)
+    x = _probes(fmt)
+    for sat in (True, False):
+        for flush in (False, True):
+            for rb in (None, 1, 3):
+                g1, g2 = _advanced(7, 5), _advanced(7, 5)
+                ref = round_to_format(x, fmt, "stochastic", saturate=sat, flush_subnormals=flush, rand_bits=rb,
+                                      generator=g1)
+                got = fast_round(x, fmt, "stochastic", saturate=sat, flush_subnormals=flush, rand_bits=rb,
+                                 generator=g2)
+                assert same(ref, got), (fmt.name, sat, flush, rb)
+                assert torch.equal(g1.get_state(), g2.get_state())
+    assert calls and all(calls)  # the native kernel ran (not the compiled fallback)
+
+
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS + [FORMATS["e2m3"], float_format(2, 0, has_inf=False)],
+                         ids=lambda f: f.name)
+def test_native_nearest_and_toward_zero_equal_eager_bit_for_bit(fast_everywhere, monkeypatch, fmt):
+    calls = _counting(monkeypatch, "_native_round")
+    x = _probes(fmt)
+    for rounding in ("nearest", "toward_zero"):
+        for sat in (True, False):
+            for flush in (False, True):
+                ref = round_to_format(x, fmt, rounding, saturate=sat, flush_subnormals=flush)
+                got = fast_round(x, fmt, rounding, saturate=sat, flush_subnormals=flush)
+                assert same(ref, got), (fmt.name, rounding, sat, flush)
+    assert calls and all(calls)
+
+
+def test_native_nearest_on_every_fp16_value_and_only_on_one_thread(fast_everywhere, monkeypatch):
+    calls = _counting(monkeypatch, "_native_round")
+    fp16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    x = torch.cat([fp16, torch.nextafter(fp16, torch.tensor(float("inf")))])
+    for r in ("nearest", "toward_zero"):
+        assert same(round_to_format(x, FORMATS["fp16"], r), fast_round(x, FORMATS["fp16"], r))
+    assert calls == [True, True]
+    torch.set_num_threads(2)  # the compiled kernel is parallel: it takes over, with the same bits
+    assert same(round_to_format(x, FORMATS["fp16"], "nearest"), fast_round(x, FORMATS["fp16"], "nearest"))
+    assert calls == [True, True, False]
+
+
+def test_native_stochastic_bf16_fp16_and_every_chunk_boundary(fast_everywhere, monkeypatch):
+    calls = _counting(monkeypatch)
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    x = torch.cat([x, x * (1 + 2.0**-10), torch.tensor([3.4e38, -3.4e38, float("inf")])])
+    for fmt in (FORMATS["bf16"], FORMATS["fp16"]):
+        for sat in (True, False):
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            assert same(round_to_format(x, fmt, "stochastic", saturate=sat, generator=g1),
+                        fast_round(x, fmt, "stochastic", saturate=sat, generator=g2)), (fmt.name, sat)
+            assert torch.equal(g1.get_state(), g2.get_state())
+    g1, g2 = _advanced(5, 100), _advanced(5, 100)
+    for n in LENGTHS[1:]:  # consecutive calls: the stream continues across calls exactly as eager draws it
+        y = torch.randn(n) * 100
+        assert same(round_to_format(y, FORMATS["e4m3"], "stochastic", generator=g1),
+                    fast_round(y, FORMATS["e4m3"], "stochastic", generator=g2)), n
+        assert torch.equal(g1.get_state(), g2.get_state()), n
+    assert all(calls)
+
+
+def test_without_the_native_helpers_the_compiled_path_gives_the_same_bits(fast_everywhere, monkeypatch):
+    x = _probes(FORMATS["e4m3"])
+    ref = round_to_format(x, FORMATS["e4m3"], "stochastic", saturate=False, generator=_advanced(1, 3))
+    native = fast_round(x, FORMATS["e4m3"], "stochastic", saturate=False, generator=_advanced(1, 3))
+    monkeypatch.setitem(fast._native, "lib", None)
+    g = _advanced(1, 3)
+    compiled = fast_round(x, FORMATS["e4m3"], "stochastic", saturate=False, generator=g)
+    assert same(ref, native) and same(ref, compiled)
+    assert not torch.equal(g.get_state(), _advanced(1, 3).get_state())  # it drew from g
+    assert fast._native_random_bits(torch.Size([4]), None) is None
+
+
+def test_default_generator_through_quantize(fast_everywhere):
+    x = torch.randn(3001) * 10
+    torch.manual_seed(99)
+    was = fast_path_settings()
+    set_fast_path(False)
+    try:
+        ref = quantize(x, "e5m2", rounding="stochastic")
+    finally:
+        set_fast_path(*was)
+    after = torch.default_generator.get_state()
+    torch.manual_seed(99)
+    got = quantize(x, "e5m2", rounding="stochastic")
+    assert same(ref, got) and torch.equal(after, torch.default_generator.get_state())
+
+
+@pytest.mark.parametrize("n", [(1 << 20) - 1, (1 << 20) + 3, 3 << 20])  # around the huge-page size (4 MiB)
+@pytest.mark.parametrize("spec_,rounding", [("e4m3", "nearest"), ("e4m3", "stochastic"), ("mxfp8", "nearest"),
+                                             ("nvfp4", "stochastic")])
+def test_huge_page_outputs_change_no_bit(n, spec_, rounding):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4
+    was = fast_path_settings()
+    set_fast_path(False)
+    try:
+        ref = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(2))
+    finally:
+        set_fast_path(*was)
+    got = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(2))
+    assert same(ref, got) and got.shape == x.shape and got.data_ptr() != x.data_ptr()
+    e = fast._empty((n,), torch.float32)
+    assert e.shape == (n,) and e.dtype == torch.float32 and e.is_contiguous()
