@@ -413,7 +413,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         cache, self._encoded = self._encoded, {}
         self._decoded = {}
         fused = self.fused
-        where = {id(m[2]): (key, j) for key, kept in cache.items() for j, m in enumerate(kept[2])}
+        where = {id(m[2]): (key, j) for key, kept in cache.items() for j, m in enumerate(kept[2])} if fused else {}
         found: dict[tuple, list[tuple]] = {}
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, Encoded]]] = {}
         for p in params:
