@@ -12,7 +12,10 @@ floor, the time of a plain ``out.copy_(x)`` of the same tensor (the same read + 
 rounds: median and spread (min-max) over the rounds; the targets are >= 50% nearest and >= 25% stochastic (random
 bits included). Each quantizer runs twice per round, by default (the compiled fast path of ``lowprec.fast`` for these
 sizes) and eager (``set_fast_path(False)``); a ``clone`` row shows the floor of an op that returns a new tensor
-(first-touch page faults of the fresh 64 MiB), and a row the eager random-bit draw alone (torch's CPU generator).
+(first-touch page faults of the fresh 64 MiB), the next the same onto transparent huge pages (how ``lowprec.fast``
+allocates its results), and two rows the random bits alone: the eager draw (torch's CPU generator) and the same
+words by ``lowprec.fast``'s native mt19937 (the fused stochastic kernel draws them in-loop, without a buffer).
+On a shared machine use ``--cpu-time`` (this process's CPU time; page faults count, as system time).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable
 import torch
 
 import lowprec
-from lowprec.fast import set_fast_path
+from lowprec.fast import _empty, _native_random_bits, set_fast_path
 from lowprec.rounding import random_bits
 
 
@@ -141,8 +144,12 @@ def bandwidth_table(x: torch.Tensor, g: torch.Generator, rounds: int, threads: i
     ops: list[tuple[str, Callable[[], object]]] = [
         ("copy (floor)", lambda: out.copy_(x)),
         ("clone (copy into a new tensor, as every quantize result is)", lambda: x.clone()),
+        ("clone onto huge pages (lowprec.fast._empty + copy: the fast path's fresh-output floor)",
+         lambda: _empty(x.shape, x.dtype).copy_(x)),
         ("random bits of stochastic rounding (lowprec.rounding.random_bits)",
          lambda: random_bits(x.shape, x.device, g)),
+        ("the same random bits, native mt19937 draws (lowprec.fast, into a huge-page buffer)",
+         lambda: _native_random_bits(x.shape, g)),
     ]
     for name, f in (("e4m3 nearest", lambda: lowprec.quantize(x, "e4m3")),
                     ("e4m3 stochastic", lambda: lowprec.quantize(x, "e4m3", rounding="stochastic", generator=g)),

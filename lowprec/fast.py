@@ -1,7 +1,8 @@
-"""Compiled fast path of the rounding (``torch.compile``, inductor's CPU C++ backend), bit-identical to
-:func:`lowprec.rounding.round_to_format`, its eager reference (tests/lowprec/test_fast_round.py: every code,
-midpoint and the values beside it, all roundings, saturate or not, flushing, subnormals, NaN/inf, and the same
-stochastic results from the same generator).
+"""Fast path of the rounding, bit-identical to :func:`lowprec.rounding.round_to_format`, its eager reference
+(tests/lowprec/test_fast_round.py, test_fast_native.py: every code, midpoint and the values beside it, all
+roundings, saturate or not, flushing, subnormals, NaN/inf, and the same stochastic results from the same generator,
+left in the same state). Two kinds of kernels: ``torch.compile`` (inductor's CPU C++ backend) and a few plain C
+loops called through ctypes (the "native helpers", built once per machine with the same C compiler).
 
 :func:`fast_round` returns None where it does not apply (the caller then runs the eager reference):
 
@@ -10,15 +11,24 @@ stochastic results from the same generator).
 * float formats whose grid lies within float32's normal range and whose nearest rounding is the eager magic-number
   one (``emin - man_bits - 1 >= -126``, ``emax + 24 - man_bits <= 127``, at most 22 mantissa bits): every
   8-bit-or-smaller float format and fp16; bf16 for stochastic rounding (the master rounding of ``fp8-all``);
-* nearest, toward_zero and stochastic rounding. Stochastic rounding draws its random bits eagerly with
-  :func:`lowprec.rounding.random_bits` from the same generator, in the same order, as the eager path.
+* nearest, toward_zero and stochastic rounding.
 
-Nearest and toward_zero run on the float32 bit patterns as integers (one read, one write, no float ops);
-stochastic adds the random bits to the bit pattern as the eager path does. One compiled graph per
-(format, rounding, saturate, flush, rand_bits), with a dynamic length: no recompilation per shape. The first call
-of a spec compiles (seconds; inductor caches the kernel on disk). A compile failure (no C++ compiler) turns the
-fast path off for the process, with one warning. ``LOWPREC_FAST=0`` in the environment, or
-:func:`set_fast_path`, turns it off.
+Stochastic rounding: the native loop draws the very words :func:`lowprec.rounding.random_bits` would draw, from
+the generator's own mt19937 state (read with ``get_state``, written back with ``set_state``; the default generator
+when None), in L1-sized chunks, and rounds as the eager path does, in one pass: no 64 MiB random buffer, and the
+words cost ~1 ns each instead of torch's ~8 ns per int64 draw. (Like torch's own draws this is not atomic: two
+threads sharing one generator get an unspecified interleaving, as they would eagerly.) Nearest and toward_zero on
+the float32 bit patterns: the native loop on one torch thread, the compiled (parallel) kernel otherwise. Scaled
+specs (MX, NVFP4, fp32 tensor scaling: :func:`fast_scaled`) run one compiled graph, with native random bits.
+
+Every result is a fresh tensor asked onto transparent huge pages (:func:`_empty`: a fresh 64 MiB buffer otherwise
+costs 16384 page faults, several times the rounding itself); the compiled kernels write straight into it. One
+compiled graph per (format, rounding, saturate, flush, rand_bits), with a dynamic length: no recompilation per
+shape; the native loops take any length. The first call of a spec compiles (seconds; inductor caches the kernel on
+disk), the first native call builds the helpers (~1 s, cached in ``$LOWPREC_CACHE_DIR``, default a per-user folder
+in the temp dir). A compile failure (no C++ compiler) turns the fast path off for the process, with one warning; a
+failed native build leaves the compiled kernels (and torch's random draws) in charge. ``LOWPREC_FAST=0`` in the
+environment, or :func:`set_fast_path`, turns the fast path off; ``LOWPREC_NATIVE=0`` only the native helpers.
 """
 
 from __future__ import annotations
@@ -222,8 +232,11 @@ def _native_lib() -> ctypes.CDLL | None:
         folder = os.environ.get("LOWPREC_CACHE_DIR") or os.path.join(tempfile.gettempdir(), f"lowprec_{os.getuid()}")
         so = os.path.join(folder, f"lowprec_native_{key}.so")
         try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            st = os.stat(folder)
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:  # never load a library others could have put there
+                raise OSError(f"{folder} is not this user's own folder")
             if not os.path.exists(so):
-                os.makedirs(folder, exist_ok=True)
                 src, tmp = f"{so}.{os.getpid()}.c", f"{so}.{os.getpid()}.tmp"
                 with open(src, "w") as f:
                     f.write(_NATIVE_SRC)
@@ -233,8 +246,8 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round"):
                 getattr(lib, name).restype = None
-        except (OSError, subprocess.SubprocessError):
-            lib = None
+        except (OSError, subprocess.SubprocessError) as e:
+            lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
     _native["lib"] = lib
     return lib
 
