@@ -60,8 +60,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from lowprec.codecs import Encoded, decode, element_scale, encode
-from lowprec.optim_batch import (BATCH_MAX_NUMEL, batchable, decode_rows, encode_rows, group_key, quantize_segments,
+from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
+from lowprec.optim_batch import (BATCH_MAX_NUMEL, BatchReadback, batchable, decode_rows, encode_rows, group_key, quantize_segments,
                                  segments_ok)
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, Rounding, quantize, quantize_with_scale
@@ -114,6 +114,12 @@ def _same_codes(members: list[tuple]) -> bool:
         if enc.scale is not None and enc.scale._version != m[6]:
             return False
     return True
+
+
+def _decoded_of(item: list[Any]) -> torch.Tensor:
+    """``decode(enc)`` of a state item of ``_encode_states`` (from its batch's readback where it has one)."""
+    rb = item[5] if len(item) > 5 else None
+    return decode(item[4]) if rb is None else rb[0].value(rb[1])
 
 
 def state_bytes(state_dict: dict) -> int:
@@ -381,9 +387,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 # the tensors whose sum is not finite are recorded (a full row), as record() would
                 finite = _finite_flags([q.sum() for q in qs])
                 todo = [i for i in todo if not finite[i]]
+            text = _spec_text(spec)
             for i in todo:  # in parameter order (telemetry sums in that order)
                 tel.record("optim:grad", "grad", grads[i], qs[i], scale=self._scale(scales[i]),
-                           fmt_max=spec.format.max, fmt=str(spec))
+                           fmt_max=spec.format.max, fmt=text)
         for p, q in zip(params, qs):
             g = p.grad
             g.copy_(q if q.shape == g.shape else q.reshape(g.shape))
@@ -398,12 +405,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         # parameters themselves still hold them until copied)
         qs, _ = self._quantize_all(xs, spec, gens, scales_too=False)
         unrounded = [p.detach().clone() for p in params] if sampling else None
+        text = _spec_text(spec)
         for i, p in enumerate(params):
             q = qs[i]
             p.copy_(q if q.shape == p.shape else q.reshape(p.shape))
             if sampling:
-                tel.record_update("optim:master", olds[i], unrounded[i], p, fmt=str(spec))
-                tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=str(spec))
+                tel.record_update("optim:master", olds[i], unrounded[i], p, fmt=text)
+                tel.record("optim:master", "master", unrounded[i], p, fmt_max=spec.format.max, fmt=text)
 
     def _decode_states(self, params: list[torch.Tensor]) -> None:
         # ``cache``: the batches encoded at the previous step, with the packed entries split from them. A batch
@@ -508,8 +516,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             if encs is None:  # unexpected layout: per tensor (nearest rounding: no generator is consumed)
                 encs = [encode(x, spec) for x in xs]
             members = []
-            for (st, name, _, item, p), enc in zip(entries, encs):
+            readback = BatchReadback(encs, kept["codes"], kept["scale"]) if (kept and tel is not None) else None
+            for j, ((st, name, _, item, p), enc) in enumerate(zip(entries, encs)):
                 item[4] = enc
+                if readback is not None:
+                    item.append((readback, j))
                 st[name] = packed = {PACKED_KEY: enc.to_dict()}
                 members.append((st, name, packed, p, enc, enc.codes._version,
                                 None if enc.scale is None else enc.scale._version))
@@ -521,20 +532,20 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def _record_states(self, tel: Telemetry, todo: list[list[Any]], sampling: bool, checking: bool) -> None:
         checks: list[tuple[list[Any], list[torch.Tensor]]] = []
         for item in todo:
-            kind, name, value, spec, enc = item
+            kind, name, value, spec, enc = item[:5]
             if kind == "zeros":
                 tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
             elif kind == "unpacked":
                 tel.record(f"optim:{name}", "state", value, value, fmt_max=spec.format.max, fmt=str(spec),
                            unpacked=True)
             elif sampling:
-                self._record_state(tel, name, value, enc, spec)
+                self._record_state(tel, item)
             elif checking:
                 # non-finite if the state was, or (only possible without saturation in a format with
                 # inf/NaN) its encoding overflowed to inf/NaN
                 ts = [value]
                 if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
-                    ts.append(decode(enc))
+                    ts.append(_decoded_of(item))
                 if tel.deferred:
                     for t in ts:
                         tel.flag(f"optim:{name}", t)
@@ -543,20 +554,24 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         if checks:  # one host read for all of this step's states; full rows for the non-finite ones
             finite = _finite_flags([s for _, sums in checks for s in sums])
             i = 0
-            for (_, name, value, spec, enc), sums in checks:
+            for item, sums in checks:
                 if not all(finite[i:i + len(sums)]):
-                    self._record_state(tel, name, value, enc, spec)
+                    self._record_state(tel, item)
                 i += len(sums)
 
     @staticmethod
-    def _record_state(tel: Telemetry, name: str, value: torch.Tensor, enc: Encoded, spec: QuantSpec) -> None:
-        q = decode(enc)
+    def _record_state(tel: Telemetry, item: list[Any]) -> None:
+        """Record state ``item`` (``[kind, name, value, spec, enc, (batch readback, j) or None]``)."""
+        _, name, value, spec, enc = item[:5]
+        q = _decoded_of(item)
         value = value.reshape(q.shape)
         scale = None
         if spec.scaling is not None and enc.expand_k is None:   # the scale per element, for the saturation
             # count: the encoding's own (expanded states: their scales apply to sign(x)|x/c|^k, not to x)
-            scale = element_scale(enc, q)  # (what quantize_with_scale(value, spec) computes again)
-        tel.record(f"optim:{name}", "state", value, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
+            rb = item[5] if len(item) > 5 else None
+            # (what quantize_with_scale(value, spec) computes again)
+            scale = element_scale(enc, q) if rb is None else rb[0].element_scale(rb[1])
+        tel.record(f"optim:{name}", "state", value, q, scale=scale, fmt_max=spec.format.max, fmt=_spec_text(spec))
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:

@@ -168,6 +168,34 @@ def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale
     return _pieces(values, [e.shape for e in encs])
 
 
+class BatchReadback:
+    """Per-tensor ``decode(enc)`` and ``element_scale(enc, ...)`` of the ``Encoded`` of one ``encode_rows`` call,
+    computed once for the whole batch on first use (telemetry of a sampled step, or a non-saturating state's
+    overflow check): views of one buffer, the same values."""
+
+    def __init__(self, encs: list[Encoded], codes: torch.Tensor, scale: torch.Tensor | None) -> None:
+        self.encs, self.codes, self.scale = encs, codes, scale
+        self._values: list[torch.Tensor] | None = None
+        self._buf: torch.Tensor | None = None
+        self._scales: list[torch.Tensor] | None = None
+
+    def value(self, j: int) -> torch.Tensor:
+        if self._values is None:
+            out: dict[str, torch.Tensor] = {}
+            self._values = decode_rows(self.encs, codes=self.codes, scale=self.scale, keep=out)
+            self._buf = out["values"]
+        return self._values[j]
+
+    def element_scale(self, j: int) -> torch.Tensor:
+        if self._scales is None:
+            self.value(0)
+            e0 = self.encs[0]
+            n = e0.shape[-1]
+            batch = Encoded(self.codes, self.scale, _row_spec(e0.spec, n), self.codes.shape, e0.dtype, None, False)
+            self._scales = _pieces(_codecs.element_scale(batch, self._buf), [e.shape for e in self.encs])
+        return self._scales[j]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Segmented quantization: ``[quantize_with_scale(x, spec, generator) for x in xs]`` (in that order) in one pass.
 #
