@@ -50,9 +50,9 @@ def _sized_get_task(d_model: int | None) -> Callable:
     return get_task
 
 
-def runner_case(precision: str, steps: int, lr: float) -> Callable[[], None]:
+def runner_case(precision: str, steps: int, lr: float, engine: str = "eager") -> Callable[[], None]:
     """A repeat of ``steps`` runner steps (the step counter keeps running, so batches and sampling advance)."""
-    spec = RunSpec(task="gpt", optimizer="adamw", precision=precision, lr=lr, seed=0, steps=10**6)
+    spec = RunSpec(task="gpt", optimizer="adamw", precision=precision, lr=lr, seed=0, steps=10**6, engine=engine)
     run = setup(spec, Parallel())
     counter = [0]
 
@@ -83,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d-model", type=int, default=None, help="width of the tiny GPT (default: the task's, 64)")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "fp8-all", "nvfp4", "mxfp8"])
+    ap.add_argument("--engines", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                    help="runner engines to time (studies.training; compiled: torch.compile'd forward+backward)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="training steps per repeat (10: one sampled step)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed repeats per case first (compiles, caches)")
@@ -99,8 +101,9 @@ def main() -> None:
     clock = time.process_time if args.cpu_time else time.perf_counter
     lr = 3e-3
     cases: list[tuple[str, Callable[[], None]]] = [("eager fp32 + torch.optim.AdamW", eager_case(args.steps, lr))]
-    for p in args.precisions:
-        cases.append((f"runner {p}", runner_case(p, args.steps, lr)))
+    for e in args.engines:
+        for p in args.precisions:
+            cases.append((f"runner {e} {p}", runner_case(p, args.steps, lr, e)))
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         for _, f in cases:

@@ -15,7 +15,6 @@ sweep and its workers at once (exit 130); completed runs are kept.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import signal
@@ -187,13 +186,6 @@ def check_limits(cfg, *, executor: str = "local", threads: int = 1) -> None:
         raise ValueError(f"threads {threads} is above the limit of {MAX_THREADS:,}")
 
 
-def _spec_steps(spec, task) -> int:
-    if spec.steps is not None:
-        return int(spec.steps)
-    if spec.tokens is not None:
-        return max(1, math.ceil(spec.tokens / task.tokens_per_step))
-    return int(task.default_steps)
-
 
 def _dry_run(cfg, threads: int, calibrate: bool = True) -> str:
     """The runs per phase (distinct configurations once) and an ETA from a CALIBRATION_STEPS-step run of each
@@ -248,7 +240,7 @@ def _dry_run(cfg, threads: int, calibrate: bool = True) -> str:
     total = 0.0
     for s in specs:
         setup, step = cost[(s.task, s.size, s.precision)]
-        total += setup + step * _spec_steps(s, get_task(s.task, size=s.size, data=s.data))
+        total += setup + step * s.planned_steps(get_task(s.task, size=s.size, data=s.data))
     eta = total / max(1, cfg.workers)
     lines.append(f"ETA ~{eta / 60:.1f} min with {cfg.workers} worker(s) x {threads} thread(s) (timed: a 1-step "
                  f"and a {1 + CALIBRATION_STEPS}-step run of each task x precision; LR extensions not included)")

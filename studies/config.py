@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -36,7 +37,8 @@ from lowprec.policy import PrecisionPolicy
 from studies.optimizers import ABLATION_VARIANTS, check_optimizer
 from studies.precision import parse_precision, precision_label, rounding_variants
 
-__all__ = ["PHASES", "SIZES", "SCHEDULES", "Thresholds", "StudyConfig", "RunSpec", "parse_precision",
+__all__ = ["PHASES", "SIZES", "SCHEDULES", "ENGINES", "AUTO_COMPILED_MIN_STEPS", "COMPILED_TASKS",
+           "resolve_engine", "compiled_unsupported", "Thresholds", "StudyConfig", "RunSpec", "parse_precision",
            "precision_label", "rounding_variants", "parse_seeds", "parse_task_precisions", "parse_list",
            "parse_precisions", "parse_floats", "parse_steps", "parse_shard", "apply_overrides", "load_toml",
            "quick_config",
@@ -46,6 +48,13 @@ PHASES = ("tune", "main", "ablation", "rounding", "failure", "mechanism")
 MAX_SEEDS = 10_000  # seeds per list (a count is checked before any list is built)
 SIZES = ("quick", "default", "paper")
 SCHEDULES = ("cosine", "constant")
+ENGINES = ("auto", "eager", "compiled")
+"""How runs train: ``eager`` (the reference), ``compiled`` (``torch.compile``'d forward and backward on the steps
+telemetry does not sample; see ``studies.training``), ``auto`` (compiled where it pays: ``resolve_engine``)."""
+AUTO_COMPILED_MIN_STEPS = 1_000
+"""``auto`` compiles runs of at least this many steps (compiling costs ~10-80 s per run and process; see README)."""
+COMPILED_TASKS = ("gpt", "text")
+"""Tasks with a compiled forward (``TaskRun.compiled``); the MoE's token dispatch has data-dependent shapes."""
 
 
 @dataclass
@@ -129,6 +138,7 @@ class StudyConfig:
     mechanism_steps: int | None = None
     mechanism_size: str | None = None                # None: the study's size
     thresholds: Thresholds = field(default_factory=Thresholds)
+    engine: str = "auto"                             # ENGINES: eager, compiled, or auto (resolve_engine)
     workers: int = 2
     out: str = "precision-sweep-results"
     report: bool = True
@@ -141,6 +151,8 @@ class StudyConfig:
             raise ValueError(f"unknown mechanism_size {self.mechanism_size!r}; valid: {', '.join(SIZES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; valid: {', '.join(ENGINES)}")
         for p in self.phases:
             if p not in PHASES:
                 raise ValueError(f"unknown phase {p!r}; valid: {', '.join(PHASES)}")
@@ -227,6 +239,7 @@ class RunSpec:
     telemetry_every: int = 10
     thresholds: dict = field(default_factory=lambda: dataclasses.asdict(Thresholds()))
     data_sha256: str | None = None  # content hash of ``data`` (in the run id, so a changed file is a new run)
+    engine: str = "eager"           # "eager" or "compiled" (resolved; in the run id when compiled)
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, PrecisionPolicy):
@@ -242,7 +255,18 @@ class RunSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"thresholds": dict(self.thresholds)}
         if d["data_sha256"] is None:  # runs without a data file keep the run ids they had before the field
             del d["data_sha256"]
+        if d["engine"] == "eager":    # eager runs keep the run ids they had before the field
+            del d["engine"]
         return d
+
+    def planned_steps(self, task, world: int = 1) -> int:
+        """Training steps of this run on ``task`` (a ``studies.tasks.Task``) with ``world`` processes per step:
+        ``steps``, else ``tokens`` / tokens per step (rounded up), else the task's default."""
+        if self.steps is not None:
+            return int(self.steps)
+        if self.tokens is not None:
+            return max(1, math.ceil(self.tokens / (int(task.tokens_per_step) * world)))
+        return int(task.default_steps)
 
     @property
     def config_json(self) -> str:
@@ -492,6 +516,31 @@ def default_config() -> StudyConfig:
                        failure_precisions=list(FAILURE_PRECISIONS),
                        mechanism_tasks=["convex-l1", "convex-l1-weak"], mechanism_size="default",
                        mechanism_optimizers=["signsgd", "signum", "lion", "stosignsgd", "adamw"])
+
+
+def resolve_engine(engine: str, task: str, steps: int, policy: PrecisionPolicy) -> str:
+    """The engine one run trains with: ``eager`` or ``compiled``. ``auto`` gives compiled for a task in
+    ``COMPILED_TASKS`` with at least ``AUTO_COMPILED_MIN_STEPS`` steps and no delayed scaling, else eager;
+    ``compiled`` where that is impossible is a ValueError naming why."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    why = compiled_unsupported(task, policy)
+    if engine == "compiled" and why:
+        raise ValueError(f"engine compiled: {why}; use engine eager or auto")
+    if engine == "auto":
+        return "compiled" if not why and steps >= AUTO_COMPILED_MIN_STEPS else "eager"
+    return engine
+
+
+def compiled_unsupported(task: str, policy: PrecisionPolicy) -> str:
+    """Why a run of ``task`` under ``policy`` cannot use the compiled engine ("" when it can)."""
+    if task not in COMPILED_TASKS:
+        return f"task {task!r} has no compiled forward (tasks with one: {', '.join(COMPILED_TASKS)})"
+    delayed = [r for r in ("weight", "activation", "grad") if getattr(policy, r) is not None
+               and getattr(policy, r).scaling is not None and getattr(policy, r).scaling.mode == "delayed"]
+    if delayed:
+        return f"delayed scaling ({', '.join(delayed)}) keeps its amax history in Python: eager only"
+    return ""
 
 
 def paper_config_path() -> Path:

@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
-import platform
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -45,10 +43,9 @@ from typing import Any
 from studies import horizon
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer, default_lr
-from studies.config import RunSpec, rounding_variants
+from studies.config import RunSpec, resolve_engine, rounding_variants
 from studies.config import apply_overrides
-from studies.records import check_folder, file_sha256, merge_folders, package_version, study_fingerprint, \
-    update_records
+from studies.records import check_folder, merge_folders, study_fingerprint
 from studies.schema import float_or_nan, read_study
 from studies.store import ResultsStore, write_json_atomic
 from studies.sweep import run_specs, shard
@@ -76,7 +73,7 @@ def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision:
     """One run; ``steps`` None: the study's steps / tokens (the task's own for the mechanism phase)."""
     data_sha256 = data_hash(data) if data else None
     own = phase == "mechanism"  # the convex tasks keep their own step count (mechanism_steps or the default)
-    return RunSpec(
+    spec = RunSpec(
         task=task, optimizer=optimizer, precision=precision, lr=float(lr), seed=int(seed), phase=phase,
         size=size or cfg.size, data=data, steps=steps if (steps is not None or own) else cfg.steps,
         tokens=None if (steps is not None or own) else cfg.tokens,
@@ -84,6 +81,10 @@ def _spec(cfg: StudyConfig, *, phase: str, task: str, optimizer: str, precision:
         schedule=cfg.schedule,
         warmup_frac=cfg.warmup_frac, telemetry_every=cfg.telemetry_every,
         thresholds=dataclasses.asdict(cfg.thresholds), data_sha256=data_sha256)
+    if cfg.engine == "eager":
+        return spec
+    return dataclasses.replace(spec, engine=resolve_engine(cfg.engine, task, spec.planned_steps(_task(cfg, task, size)),
+                                                                 spec.policy))
 
 
 def _lr_grid(cfg: StudyConfig, task, optimizer: str) -> list[float]:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from studies.config import RunSpec, Thresholds
+from studies.config import RunSpec, Thresholds, compiled_unsupported
 from studies.diagnosis import (SECOND_MOMENT_KEYS, DivergenceDetector, explain, optimizer_chain,
                                state_bytes_per_param, state_zero_frac)
 from studies.optimizers import make_optimizer
@@ -135,6 +135,7 @@ class Run:
     tokens_per_step: int
     detector: DivergenceDetector
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    compiled: Any = None             # engine "compiled": trun.compiled(), the twin run on unsampled steps
 
     @property
     def n_params(self) -> int:
@@ -162,13 +163,8 @@ def setup(spec: RunSpec, par: Parallel) -> Run:
     task = get_task(spec.task, size=spec.size, data=spec.data)
     trun = task.build(spec.seed, device=par.device)
     tps = int(trun.tokens_per_step) * par.world
-    if spec.steps is not None:
-        steps = spec.steps
-    elif spec.tokens is not None:
-        steps = max(1, math.ceil(spec.tokens / tps))
-    else:
-        steps = int(task.default_steps)
-    tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS)
+    steps = spec.planned_steps(task, par.world)
+    tel = Telemetry(every=spec.telemetry_every, zero_states=SECOND_MOMENT_KEYS, check_nonfinite="deferred")
     # On a CPU torch._scaled_mm is slower than emulation and gives the same numbers up to summation order, so the
     # study emulates there; on a GPU the native FP8 GEMM runs wherever the hardware has it.
     backend = "emulated" if torch.device(par.device).type == "cpu" else "auto"
@@ -178,7 +174,22 @@ def setup(spec: RunSpec, par: Parallel) -> Run:
     opt = _optimizer(spec, params, tel, par.device)
     return Run(spec=spec, par=par, trun=trun, opt=opt, tel=tel, params=params, steps=steps,
                eval_every=int(spec.eval_every or task.eval_every), tokens_per_step=tps,
-               detector=DivergenceDetector(Thresholds(**spec.thresholds)))
+               detector=DivergenceDetector(Thresholds(**spec.thresholds)), compiled=_compiled_twin(spec, par, trun))
+
+
+def _compiled_twin(spec: RunSpec, par: Parallel, trun) -> Any:
+    """``trun.compiled()`` for engine "compiled" (None for "eager"); ValueError where it cannot compile."""
+    if spec.engine == "eager":
+        return None
+    if spec.engine != "compiled":
+        raise ValueError(f"unknown engine {spec.engine!r}; valid: eager, compiled")
+    if par.world != 1:
+        raise ValueError("engine compiled runs on a single process; data-parallel runs are eager")
+    why = compiled_unsupported(spec.task, spec.policy)
+    twin = None if why else trun.compiled()
+    if twin is None:
+        raise ValueError(f"engine compiled: {why or f'task {spec.task!r} has no compiled forward'}")
+    return twin
 
 
 def _optimizer(spec: RunSpec, params: list[torch.Tensor], tel, device: str) -> torch.optim.Optimizer:
@@ -202,9 +213,10 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def evaluate(run: Run) -> float:
     """The validation loss of the current model (eval mode, no gradient; train mode restored)."""
     model = run.trun.model
+    trun = run.trun if run.compiled is None or run.tel.sampling else run.compiled
     model.eval()
     with torch.no_grad():
-        v = float(run.trun.val_loss())
+        v = float(trun.val_loss())
     model.train()
     return v
 
@@ -223,14 +235,15 @@ def train_step(run: Run, step: int) -> tuple[dict[str, Any], str]:
     lr = lr_at(step, run.steps, spec.lr, spec.schedule, spec.warmup_frac)
     _set_lr(opt, lr)
     opt.zero_grad(set_to_none=True)
-    loss = run.trun.train_loss(run.par.batch(step))
+    sampled = _sampled(run, k)
+    trun = run.trun if run.compiled is None or sampled else run.compiled  # telemetry is recorded eagerly
+    loss = trun.train_loss(run.par.batch(step))
     lv = run.par.mean(float(loss.detach()))
     rec = {**_blank(), "step": k, "tokens": k * run.tokens_per_step, "loss": lv, "lr": lr}
     reason = run.detector.train(k, lv)
     if reason in ("nan", "inf"):
         return rec, reason
     loss.backward()
-    sampled = _sampled(run, k)
     with torch.no_grad():
         gn = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
         rec["grad_norm"] = torch.stack(gn).sum().sqrt() if gn else 0.0  # a device tensor until finish()
@@ -281,6 +294,7 @@ def load_checkpoint(run: Run, path: Path) -> int:
     # their extra attributes): the same construction as setup(), then the saved state
     run.opt = _optimizer(run.spec, run.params, run.tel, run.par.device)
     run.opt.load_state_dict(state["opt"])
+    run.compiled = _compiled_twin(run.spec, run.par, run.trun)  # the twin must share the loaded model
     run.detector, run.metrics = state["detector"], state["metrics"]
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])

@@ -71,6 +71,13 @@ class TaskRun:
         """Loss on the fixed validation set (no gradient; the model's train/eval mode is restored)."""
         raise NotImplementedError
 
+    def compiled(self) -> "TaskRun | None":
+        """A twin of this run whose ``train_loss`` / ``val_loss`` run the same model (the same parameters,
+        batches and validation set) through ``torch.compile``'d forwards, or None when the task has none (the
+        run stays eager). The twin's numbers equal this run's up to float reassociation inside the compiled
+        graphs (``studies.training`` module docstring states the bound). Base class: None."""
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class Task:

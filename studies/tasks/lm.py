@@ -1,6 +1,7 @@
 """gpt, moe, text: a tiny nanoGPT-style transformer (optionally with routed experts) on a character corpus."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -187,12 +188,31 @@ class LMRun(TaskRun):
         """Inputs and targets (each ``batch × ctx``) of training batch ``step``."""
         return self._windows(self.corpus.train, self.batch_offsets(step))
 
-    def train_loss(self, step: int) -> torch.Tensor:
-        x, y = self.batch_at(step)
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the model on inputs ``x`` and targets ``y`` (plus the MoE term)."""
         loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         if self.aux_weight:
             loss = loss + self.aux_weight * self.model.aux_loss
         return loss
+
+    def chunk_loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of one validation chunk (no MoE term)."""
+        return F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="sum")
+
+    def train_loss(self, step: int) -> torch.Tensor:
+        return self.batch_loss(*self.batch_at(step))
+
+    def compiled(self) -> "LMRun | None":
+        """The twin whose ``batch_loss`` and ``chunk_loss_sum`` are ``torch.compile``'d (static shapes), sharing
+        this run's model, corpus and validation chunks (``TaskRun.compiled``). None for a mixture of experts
+        (its token dispatch has data-dependent shapes)."""
+        if any(isinstance(m, MoE) for m in self.model.modules()):
+            return None
+        self.val_chunks()  # build the shared validation chunks once, before the copy
+        twin = copy.copy(self)
+        twin.batch_loss = torch.compile(self.batch_loss, dynamic=False)
+        twin.chunk_loss_sum = torch.compile(self.chunk_loss_sum, dynamic=False)
+        return twin
 
     def val_chunks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The validation set as (inputs, targets) chunks of ``max(batch, 4096 // ctx)`` windows (fewer, larger
@@ -210,7 +230,7 @@ class LMRun(TaskRun):
         try:
             total, count = 0.0, 0
             for x, y in self.val_chunks():
-                total += float(F.cross_entropy(self.model(x).flatten(0, 1), y.flatten(), reduction="sum"))
+                total += float(self.chunk_loss_sum(x, y))
                 count += y.numel()
             return total / count
         finally:
