@@ -347,16 +347,28 @@ def _per_tensor_scaled(xs, spec, generator, sto) -> Segments:
 
 def _blocks(xs, spec, generator, sto) -> Segments | None:
     sc = spec.scaling
-    views = [_sc.to_scaling_view(x.detach().float(), sc) for x in xs]
-    if sto and any(v.numel() % 2 for v, _ in views[:-1]):
-        return None
-    bs = views[0][0].shape[-1]
-    rows = [v.reshape(-1, bs) for v, _ in views]
-    big = torch.cat(rows) if len(rows) > 1 else rows[0]
+    bs = sc.block_size
+    if all(x.shape[-1] % bs == 0 and sc.axis in (-1, x.dim() - 1) for x in xs):
+        if sto and any(x.numel() % 2 for x in xs[:-1]):
+            return None   # an odd-sized scaling view before the last tensor: its draws cannot be aligned
+        # blocks along the last axis that tile each row: the scaling view is the tensor's own memory in rows of
+        # one block (no padding, no transposition), so the tensors are concatenated flat and split as they are
+        buf, offs, _ = _flat(xs, False, torch.float32)
+        big = buf.view(-1, bs)
+        row_counts = [x.numel() // bs for x in xs]
+        views = None
+    else:
+        views = [_sc.to_scaling_view(x.detach().float(), sc) for x in xs]
+        if sto and any(v.numel() % 2 for v, _ in views[:-1]):
+            return None
+        bs = views[0][0].shape[-1]
+        rows = [v.reshape(-1, bs) for v, _ in views]
+        big = torch.cat(rows) if len(rows) > 1 else rows[0]
+        row_counts = [r.shape[0] for r in rows]
     amax = _sc.finite_amax(big, dim=-1, keepdim=True).to(torch.float32)
     t_amax = None
     if sc.scale_format == "e4m3":
-        ids = _segment_ids(tuple(r.shape[0] for r in rows), big.device)
+        ids = _segment_ids(tuple(row_counts), big.device)
         tmax = torch.zeros(len(xs), dtype=torch.float32, device=big.device).scatter_reduce_(
             0, ids, amax.view(-1), "amax")
         t_amax = tmax.index_select(0, ids).view(-1, 1)
@@ -366,15 +378,22 @@ def _blocks(xs, spec, generator, sto) -> Segments | None:
         el = el.mul_(scale != 0)
     q = el.mul_(scale)
     starts, r = [], 0
-    for rw in rows:
+    for k in row_counts:
         starts.append(r)
-        r += rw.shape[0]
+        r += k
+    if views is None:
+        out = [v if v.dtype == x.dtype else v.to(x.dtype) for v, x in zip(_at(q.view(-1), xs, offs), xs)]
+
+        def scale_of(i: int) -> torch.Tensor:
+            s0, k = starts[i], row_counts[i]
+            return scale[s0:s0 + k].expand(k, bs).reshape(xs[i].shape)
+        return Segments(out, scale_of)
     out = []
-    for x, (v, undo), rw, s0 in zip(xs, views, rows, starts):
-        out.append(undo(q[s0:s0 + rw.shape[0]].view(v.shape)).to(x.dtype).view(x.shape))
+    for x, (v, undo), s0, k in zip(xs, views, starts, row_counts):
+        out.append(undo(q[s0:s0 + k].view(v.shape)).to(x.dtype).view(x.shape))
 
     def scale_of(i: int) -> torch.Tensor:
         v, undo = views[i]
-        s0, k = starts[i], rows[i].shape[0]
+        s0, k = starts[i], row_counts[i]
         return undo(scale[s0:s0 + k].view(*v.shape[:-1], 1).expand(v.shape))
     return Segments(out, scale_of)

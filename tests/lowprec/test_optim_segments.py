@@ -230,3 +230,16 @@ def test_copies_continue_identically():
         _grads(ps, 5, g)
         o.step()
     assert _same_tree(opt.state_dict(), twin.state_dict())
+
+
+def test_odd_views_of_even_tensors_are_declined():
+    # shape (2,) in blocks of 3: an even tensor whose padded scaling view (1, 3) is odd
+    g = torch.Generator().manual_seed(3)
+    before = g.get_state()
+    assert ob.quantize_segments([torch.randn(2), torch.randn(6)], spec("e4m3:block3:stochastic"), g) is None
+    assert torch.equal(g.get_state(), before)
+    xs = [torch.randn(6), torch.randn(4, 3), torch.randn(5)]     # even views: batched, same draws
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    ref = [quantize_with_scale(x, spec("e4m3:block3:stochastic"), g1)[0] for x in xs]
+    got = ob.quantize_segments(xs, spec("e4m3:block3:stochastic"), g2)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got.q)) and torch.equal(g1.get_state(), g2.get_state())
