@@ -530,34 +530,45 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             self._record_states(tel, todo, sampling, checking)
 
     def _record_states(self, tel: Telemetry, todo: list[list[Any]], sampling: bool, checking: bool) -> None:
+        exact = checking and not tel.deferred
+        zeros_ok: dict[int, bool] = {}
         checks: list[tuple[list[Any], list[torch.Tensor]]] = []
+        if exact:
+            # unsampled, NaN/inf checked now: the sums record()/record_zeros() would read one by one, read with
+            # one host transfer; only the non-finite ones are recorded (a full row), in the order they would be
+            zeros = [item for item in todo if item[0] == "zeros"]
+            states = [item for item in todo if item[0] == "state"]
+            sums = [z[2].sum() for z in zeros]
+            for item in states:
+                # non-finite if the state was, or (only possible without saturation in a format with
+                # inf/NaN) its encoding overflowed to inf/NaN
+                spec = item[3]
+                ts = [item[2]]
+                if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
+                    ts.append(_decoded_of(item))
+                checks.append((item, [t.sum() for t in ts]))
+            finite = _finite_flags(sums + [t for _, ss in checks for t in ss]) if (sums or checks) else []
+            zeros_ok = {id(z): ok for z, ok in zip(zeros, finite)}
+            finite = finite[len(zeros):]
         for item in todo:
             kind, name, value, spec, enc = item[:5]
             if kind == "zeros":
-                tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
+                if not zeros_ok.get(id(item), False):
+                    tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
             elif kind == "unpacked":
                 tel.record(f"optim:{name}", "state", value, value, fmt_max=spec.format.max, fmt=str(spec),
                            unpacked=True)
             elif sampling:
                 self._record_state(tel, item)
-            elif checking:
-                # non-finite if the state was, or (only possible without saturation in a format with
-                # inf/NaN) its encoding overflowed to inf/NaN
-                ts = [value]
+            elif checking and tel.deferred:
+                tel.flag(f"optim:{name}", value)
                 if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
-                    ts.append(_decoded_of(item))
-                if tel.deferred:
-                    for t in ts:
-                        tel.flag(f"optim:{name}", t)
-                else:
-                    checks.append((item, [t.sum() for t in ts]))
-        if checks:  # one host read for all of this step's states; full rows for the non-finite ones
-            finite = _finite_flags([s for _, sums in checks for s in sums])
-            i = 0
-            for item, sums in checks:
-                if not all(finite[i:i + len(sums)]):
-                    self._record_state(tel, item)
-                i += len(sums)
+                    tel.flag(f"optim:{name}", _decoded_of(item))
+        i = 0
+        for item, ss in checks:   # full rows for the non-finite states
+            if not all(finite[i:i + len(ss)]):
+                self._record_state(tel, item)
+            i += len(ss)
 
     @staticmethod
     def _record_state(tel: Telemetry, item: list[Any]) -> None:

@@ -336,11 +336,11 @@ def _per_tensor_scaled(xs, spec, generator, sto) -> Segments:
     a = buf.abs().nan_to_num_(nan=0.0, posinf=0.0)
     amax = torch.zeros(len(xs), dtype=torch.float32, device=buf.device).scatter_reduce_(0, ids, a, "amax")
     scale = _scales_from_amax(amax, amax, spec)          # tensor mode: the tensor amax is the group amax
-    per_el = scale.index_select(0, ids)
-    el = _round_elements(buf / _sc.nonzero(per_el), spec, generator)
+    # (the zero guard and mask taken per tensor, then spread: the same values per element)
+    el = _round_elements(buf / _sc.nonzero(scale).index_select(0, ids), spec, generator)
     if spec.scaling.scale_format == "e4m3":
-        el = el.mul_(per_el != 0)
-    q = el.mul_(per_el)
+        el = el.mul_((scale != 0).index_select(0, ids))
+    q = el.mul_(scale.index_select(0, ids))
     out = [v if v.dtype == x.dtype else v.to(x.dtype) for v, x in zip(_at(q, xs, offs), xs)]
     return Segments(out, lambda i: scale[i:i + 1].reshape([1] * xs[i].dim()))
 
