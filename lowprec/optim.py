@@ -36,11 +36,26 @@ Between steps the optimizer state really is the packed codes, so ``state_dict()`
 generator state, so that ``load_state_dict`` resumes exactly (the following trajectory is bit-identical).
 ``decoded_state()`` yields every state tensor as fp32 for a run loop's statistics.
 
-**Fused (default).** ``fused=True`` quantizes the gradients, and encodes/decodes the states, of tensors of up to
-64k elements that share a *batchable* spec (round-to-nearest; unscaled, or blocks along the last axis with fp32
-or E8M0 scales; a format with NaN: bf16, mxfp8, e4m3:block128, ...) with one call per group
-(``lowprec.optim_batch``): bit-identical to ``fused=False``, the per-tensor reference path. Stochastic rounding,
-tensor/channel scaling and NVFP4 stay per tensor.
+**Fused (default).** ``fused=True`` does each part of the step for many tensors at once (``lowprec.optim_batch``),
+bit-identical to ``fused=False``, the per-tensor reference path (parameters, packed codes and scales, the
+generator's random words and their order, telemetry rows; ``tests/lowprec/test_optim_fused.py`` and
+``test_optim_segments.py``):
+
+* gradients and master weights of up to 64k elements: one ``quantize_segments`` per group (unscaled, tensor or
+  delayed scaling, 1-D blocks with any scale format, NVFP4 included; any rounding). Nearest rounding groups like
+  tensors whatever their order; stochastic rounding groups runs of consecutive CPU tensors, so that the device's
+  generator hands out the same words in the same order (a tensor kept per tensor ends a run);
+* states of up to 64k elements with a *batchable* spec (round-to-nearest; unscaled, or blocks along the last axis
+  with fp32 or E8M0 scales; a format with NaN: bf16, mxfp8, e4m3:block128, ...): one encode and one decode per
+  group. Between steps the wrapper keeps the last encode's batch codes and scales: while every entry split from
+  a batch is still in place (the same dict objects, codes and scales not modified), the next decode reads the
+  batch as it is; and while the decoded states are still the views the decode handed out, the encode reads their
+  buffer without concatenating them again. (Memory: one more copy of the small tensors' codes and scales; the
+  caches are not pickled and ``load_state_dict`` drops them.)
+* on unsampled steps with exact NaN/inf checks (``check_nonfinite=True``), one host read per part of the step.
+
+Channel scaling, 2-D blocks, NVFP4/4-bit *states*, COAT expansion and tensors above 64k stay per tensor.
+``wrap(..., fused=False)`` (or setting ``.fused = False`` at any time) turns all of it off.
 
 Nested optimizers (``stosign.SignConverted``'s ``.base``): the wrapper quantizes the states of the optimizer it
 wraps (SignConverted's bound ``G``); the nested base's own states (AdamW's moments inside SignConverted) stay
@@ -648,6 +663,6 @@ def wrap(optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,
          telemetry: Telemetry | None = None, seed: int = 0, fused: bool = True) -> LowPrecisionOptimizer:
     """Wrap ``optimizer`` so its gradients, states and master weights follow ``policy`` (module docstring).
     ``seed`` seeds the stochastic-rounding generator (one per device), saved in ``state_dict``. ``fused``:
-    encode/decode like states of a step together (``lowprec.optim_batch``; bit-identical to ``fused=False``,
-    the per-tensor reference path)."""
+    quantize gradients and master weights, and encode/decode states, of many tensors at once (module docstring;
+    bit-identical to ``fused=False``, the per-tensor reference path)."""
     return LowPrecisionOptimizer(optimizer, policy, telemetry=telemetry, seed=seed, fused=fused)

@@ -1,17 +1,19 @@
-"""Batched state codecs for ``lowprec.optim``: one ``encode``/``decode`` per group of like states, split back.
+"""Batched parts of the wrapped optimizer's step (``lowprec.optim``, ``fused=True``): one call for a group of tensors
+instead of one per tensor, split back, bit-identical to the per-tensor path (``wrap(..., fused=False)``, the
+reference; ``tests/lowprec/test_optim_fused.py``, ``test_optim_segments.py``). A model's many small tensors spend
+their time in per-tensor launches and Python, which this removes.
 
-The wrapped optimizer stores one :class:`lowprec.Encoded` per state tensor. For specs whose result for an element
-depends only on that element or on its own block of the last axis (``batchable``), encoding the rows of several
-tensors stacked together gives, row for row, the codes and scales of encoding each tensor alone. So the states of a
-step that share spec, dtype, device and last dimension are encoded with one call (and decoded with one call) and
-split into per-tensor ``Encoded`` copies: bit-identical to the per-tensor path (``wrap(..., fused=False)``, the
-reference; ``tests/lowprec/test_optim_fused.py`` checks it), with one set of kernel launches per group instead of
-per tensor, which is where a model's many small tensors spend their time.
+States (``encode_rows`` / ``decode_rows``): the wrapped optimizer stores one :class:`lowprec.Encoded` per state
+tensor. For specs whose result for an element depends only on that element or on its own block of the last axis
+(``batchable``), encoding the rows of several tensors stacked together gives, row for row, the codes and scales of
+encoding each tensor alone. So the states of a step that share spec, dtype, device and last dimension are encoded
+with one call (and decoded with one call) and split into per-tensor ``Encoded`` copies. Batchable: round-to-nearest
+(no random bits, so no generator order to keep); unscaled, or blocks along the last axis with fp32 or E8M0 scales
+(not tensor/channel scaling, not NVFP4's tensor-wide global scale); a format of more than 4 bits (codes one per
+byte or wider, no nibble packing across tensors) that has a NaN code (formats without NaN keep the per-tensor path
+and its non-finite guard).
 
-Batchable: round-to-nearest (no random bits, so no generator order to keep); unscaled, or blocks along the last
-axis with fp32 or E8M0 scales (not tensor/channel scaling, not NVFP4's tensor-wide global scale); a format of more
-than 4 bits (codes one per byte or wider, no nibble packing across tensors) that has a NaN code (formats without
-NaN keep the per-tensor path and its non-finite guard).
+Gradients and master weights (``quantize_segments``): see the section below.
 """
 from __future__ import annotations
 
