@@ -198,6 +198,44 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
     ob[j] = (mag > 0x7f800000u ? 0x7fc00000u : t) | sign;
   }
 }
+/* MX (1-D blocks, E8M0 scales, OCP floor rule): lowprec.fast._scaled_kernel for the rows of v (G x B), one pass
+   per row: the amax of the finite magnitudes (as integers: non-negative floats order as their bits), the scale
+   2**clamp(exponent field - 127 - emax, -127, 127) (2**-127 a float32 subnormal), v / scale rounded, times scale */
+static inline __attribute__((always_inline)) void mx_body(const float *restrict v, float *restrict q,
+    float *restrict scale, int64_t G, int64_t B, int32_t emax, const rn_params *p, const int nearest, const int sat,
+    const int infm, const int flush) {
+  for (int64_t g = 0; g < G; g++) {
+    const uint32_t *restrict row = (const uint32_t *)(v + g * B);
+    int32_t amax = 0;  /* signed: the max reduction vectorizes */
+    for (int64_t j = 0; j < B; j++) {
+      int32_t a = (int32_t)(row[j] & 0x7fffffffu);
+      a = a >= 0x7f800000 ? 0 : a;
+      amax = a > amax ? a : amax;
+    }
+    int32_t e = (amax >> 23) - (127 + emax);
+    e = e < -127 ? -127 : (e > 127 ? 127 : e);
+    const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+    scale[g] = sc;
+    uint32_t y[1024], t[1024];  /* B <= 1024: the caller checks */
+    const float rec = 1.0f / sc;  /* exact (sc is a power of two): x * rec is x / sc, correctly rounded alike */
+    for (int64_t j = 0; j < B; j++) y[j] = fbits(bitsf(row[j]) * rec);
+    rn_body(y, t, B, p, nearest, sat, infm, flush);
+    float *restrict qr = q + g * B;
+    for (int64_t j = 0; j < B; j++) qr[j] = bitsf(t[j]) * sc;
+  }
+}
+#define MX(N_, S_, I_, F_, B_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): \
+  mx_body(v, q, scale, G, B_, emax, p, N_, S_, I_, F_); break;
+#define MX_ALL(B_) switch (mode) { \
+    MX(0, 0, 0, 0, B_) MX(0, 0, 0, 1, B_) MX(0, 0, 1, 0, B_) MX(0, 0, 1, 1, B_) MX(0, 1, 0, 0, B_) MX(0, 1, 0, 1, B_) \
+    MX(1, 0, 0, 0, B_) MX(1, 0, 0, 1, B_) MX(1, 0, 1, 0, B_) MX(1, 0, 1, 1, B_) MX(1, 1, 0, 0, B_) MX(1, 1, 0, 1, B_) }
+void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, int32_t emax, const rn_params *p) {
+  const int mode = (p->nearest ? 8 : 0) | (p->saturate ? 4 : 0) | (p->inf_mask && !p->saturate ? 2 : 0)
+                   | (p->flush ? 1 : 0);
+  if (B == 32) { MX_ALL(32) }  /* the MX block size, then NVFP4's: constant trip counts unroll */
+  else if (B == 16) { MX_ALL(16) }
+  else { MX_ALL(B) }
+}
 #define RN(N_, S_, I_, F_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): rn_body(x, out, n, p, N_, S_, I_, F_); break;
 /* lowprec.fast._int_kernel: nearest / toward_zero on float32 bit patterns, one pass */
 void lp_round(const uint32_t *x, uint32_t *out, int64_t n, const rn_params *p) {
@@ -244,7 +282,7 @@ def _native_lib() -> ctypes.CDLL | None:
                 os.replace(tmp, so)  # atomic: a concurrent build never loads a half-written file
                 os.remove(src)
             lib = ctypes.CDLL(so)
-            for name in ("lp_stochastic", "lp_random_bits", "lp_round"):
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -333,6 +371,17 @@ class _RNParams(ctypes.Structure):
         ("saturate", ctypes.c_int32), ("inf_mask", ctypes.c_int32), ("flush", ctypes.c_int32)]
 
 
+def _rn_params(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) -> _RNParams:
+    """The constants of _int_kernel for the native loops."""
+    drop = 23 - fmt.man_bits
+    ov = overflow_value(fmt)
+    return _RNParams(_bits(rounding_limit(fmt, rounding, saturate)), _bits(fmt.max), _bits(fmt.min_normal),
+                     _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else _bits(fmt.max)),
+                     (~((1 << drop) - 1)) & 0xFFFFFFFF, (1 << (drop - 1)) - 1, int(drop == 23), drop,
+                     2.0 ** (fmt.man_bits - fmt.emin), 2.0 ** (fmt.emin - fmt.man_bits),
+                     int(rounding == Rounding.NEAREST), int(saturate), int(inf_needs_mask(fmt, rounding)), int(flush))
+
+
 def _native_round(flat: torch.Tensor, fmt: Format, rounding: Rounding, saturate: bool,
                   flush: bool) -> torch.Tensor | None:
     """_int_kernel (nearest / toward_zero) on contiguous float32 ``flat`` by the native loop, or None where the
@@ -341,16 +390,31 @@ def _native_round(flat: torch.Tensor, fmt: Format, rounding: Rounding, saturate:
     lib = _native_lib() if torch.get_num_threads() == 1 else None
     if lib is None:
         return None
-    drop = 23 - fmt.man_bits
-    ov = overflow_value(fmt)
-    p = _RNParams(_bits(rounding_limit(fmt, rounding, saturate)), _bits(fmt.max), _bits(fmt.min_normal),
-                  _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else _bits(fmt.max)),
-                  (~((1 << drop) - 1)) & 0xFFFFFFFF, (1 << (drop - 1)) - 1, int(drop == 23), drop,
-                  2.0 ** (fmt.man_bits - fmt.emin), 2.0 ** (fmt.emin - fmt.man_bits),
-                  int(rounding == Rounding.NEAREST), int(saturate), int(inf_needs_mask(fmt, rounding)), int(flush))
     out = _empty(flat.shape, torch.float32)
-    lib.lp_round(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), ctypes.byref(p))
+    lib.lp_round(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()),
+                 ctypes.byref(_rn_params(fmt, rounding, saturate, flush)))
     return out
+
+
+_MX_MAX_BLOCK = 1024  # the native MX loop keeps a block on the stack
+
+
+def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """_scaled_kernel for E8M0 block scales (nearest / toward_zero) on contiguous float32 rows ``v2`` by the
+    native loop: (quantized rows, scales (G, 1)), or None where it does not apply (stochastic rounding, E4M3 or
+    fp32 scales, blocks over :data:`_MX_MAX_BLOCK`, more than one torch thread, no native helpers)."""
+    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "block" or s.scaling.scale_format != "e8m0"
+            or v2.shape[-1] > _MX_MAX_BLOCK or torch.get_num_threads() != 1):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    q = _empty(v2.shape, torch.float32)
+    scale = torch.empty(v2.shape[0], 1, dtype=torch.float32)
+    lib.lp_mx_e8m0(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]),
+                   ctypes.c_int32(s.format.emax), ctypes.byref(_rn_params(s.format, s.rounding, s.saturate,
+                                                                          s.flush_subnormals)))
+    return q, scale
 
 
 # ---- fresh outputs on transparent huge pages ----------------------------------------------------------------------
@@ -646,13 +710,16 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
             or x.device.type != "cpu" or x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]
             or not fast_scaled_ok(s)):
         return None
+    block = s.scaling.mode == "block"
+    v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
+    native = _native_mx(v2, s) if block else None
+    if native is not None:
+        return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
     key = ("scaled", s)
     fn = _cache.get(key)
     first = fn is None
     if first:
         fn = _cache[key] = _compiled(key, _into(_scaled_kernel(s)))
-    block = s.scaling.mode == "block"
-    v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
     d = 0 if block else 1
     saved = generator.get_state() if first and sto and generator is not None else None
     q = _empty(v2.shape, torch.float32)

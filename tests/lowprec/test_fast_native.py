@@ -221,3 +221,26 @@ def test_huge_page_outputs_change_no_bit(n, spec_, rounding):
     assert same(ref, got) and got.shape == x.shape and got.data_ptr() != x.data_ptr()
     e = fast._empty((n,), torch.float32)
     assert e.shape == (n,) and e.dtype == torch.float32 and e.is_contiguous()
+
+
+@pytest.mark.parametrize("spec_", ["mxfp8", "mxfp4", "mxfp6_e3m2", "mxfp8:axis=0", "mxfp4:nosat", "mxfp8:toward_zero",
+                                   "mxfp8_e5m2:nosat", "mxfp4:flush", "mxfp8:block64", "mxfp8:block2000"])
+def test_native_mx_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_):
+    from lowprec import quantize_with_scale, spec
+
+    calls = _counting(monkeypatch, "_native_mx")
+    x = torch.randn(1050, 1000) * 3  # 1000: a ragged last block (padded)
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
+    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
+    x[5] = torch.logspace(-40, 38, 1000)
+    s = spec(spec_)
+    was = fast_path_settings()
+    set_fast_path(False)
+    try:
+        ref_q, ref_s = quantize_with_scale(x, s)
+    finally:
+        set_fast_path(*was)
+    q, sc = quantize_with_scale(x, s)
+    assert same(ref_q, q) and same(ref_s, sc)
+    # blocks over the native loop's cap go to the compiled kernel (same bits)
+    assert calls and all(calls) == (s.scaling.block_size <= fast._MX_MAX_BLOCK)
