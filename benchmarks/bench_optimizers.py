@@ -175,16 +175,17 @@ def wrapped_gpt(policies: list[str], repeats: int, steps: int) -> None:
                                      telemetry=Telemetry(every=10, check_nonfinite=check))
         return opt
 
-    def run(opt: torch.optim.Optimizer, n: int) -> float:
+    def run(opt: torch.optim.Optimizer, n: int) -> tuple[float, float]:
+        """(mean, median) ms per step over ``n`` steps (the median is an unsampled step's)."""
         params = [p for grp in opt.param_groups for p in grp["params"]]
-        total = 0.0
+        ts = []
         for k in range(n):
             for p, gr in zip(params, grads[k % steps]):
                 p.grad = gr.clone()
             t0 = _clock()
             opt.step()
-            total += _clock() - t0
-        return total / n * 1e3
+            ts.append(_clock() - t0)
+        return sum(ts) / n * 1e3, statistics.median(ts) * 1e3
 
     cases = [("torch AdamW (plain)", None, True, True)]
     for policy in policies:
@@ -193,20 +194,25 @@ def wrapped_gpt(policies: list[str], repeats: int, steps: int) -> None:
     opts = [make(pol, fused, check) for _, pol, fused, check in cases]
     for opt in opts:
         run(opt, 3)                                  # warm-up (first states, caches)
-    times: list[list[float]] = [[] for _ in cases]
+    times: list[list[tuple[float, float]]] = [[] for _ in cases]
     for _ in range(repeats):                         # interleaved: every case sees the same machine load
         for i, opt in enumerate(opts):
             times[i].append(run(opt, steps))
-    base = statistics.median(times[0])
     print(f"wrapped AdamW step, study tiny-GPT shapes ({len(GPT_SHAPES)} tensors, "
           f"{sum(math.prod(s) for s in GPT_SHAPES) / 1e3:.0f}k parameters), Telemetry(every=10), {steps} steps x "
           f"{repeats} repeats, {torch.get_num_threads()} thread(s), "
           f"{'process CPU' if _clock is time.process_time else 'wall'} time")
-    print(f"{'optimizer':<40}{'median ms':>10}{'min-max ms':>16}{'vs AdamW':>10}")
+    print("per repeat: the mean step (1 sampled in 10) and the median step (an unsampled one); the table: the "
+          "median over repeats [min-max over repeats]")
+    base = [statistics.median(t[j] for t in times[0]) for j in (0, 1)]
+    print(f"{'optimizer':<36}{'mean ms':>9}{'[min-max]':>14}{'median ms':>11}{'[min-max]':>14}{'vs AdamW':>10}")
     for (name, *_), ts in zip(cases, times):
-        med = statistics.median(ts)
-        print(f"{name:<40}{med:>10.2f}{f'{min(ts):.2f}-{max(ts):.2f}':>16}{med / base:>9.2f}x")
-
+        cols = []
+        for j in (0, 1):
+            v = [t[j] for t in ts]
+            cols += [f"{statistics.median(v):>9.2f}", f"{f'[{min(v):.2f}-{max(v):.2f}]':>14}"]
+        med = statistics.median(t[1] for t in ts)
+        print(f"{name:<36}{cols[0]}{cols[1]}  {cols[2]}{cols[3]}{med / base[1]:>9.2f}x")
 
 if __name__ == "__main__":
     main()
