@@ -243,3 +243,25 @@ def test_odd_views_of_even_tensors_are_declined():
     ref = [quantize_with_scale(x, spec("e4m3:block3:stochastic"), g1)[0] for x in xs]
     got = ob.quantize_segments(xs, spec("e4m3:block3:stochastic"), g2)
     assert all(torch.equal(a, b) for a, b in zip(ref, got.q)) and torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["fp8-all", "nvfp4", "mxfp8", "grad=e5m2:tensor,master=bf16"])
+def test_cuda_fused_equals_per_tensor_path(policy):
+    # stochastic batches are CPU only (a CUDA generator's offsets follow launch geometry): on CUDA the stochastic
+    # parts stay per tensor, the nearest ones are batched
+    def run(fused):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter((torch.randn(s, generator=g) * 0.1).cuda()) for s in SHAPES]
+        opt = wrap(torch.optim.AdamW(params, lr=1e-2), policy, seed=3, fused=fused)
+        gg = torch.Generator().manual_seed(9)
+        for _ in range(4):
+            for i, p in enumerate(params):
+                p.grad = (torch.randn(p.shape, generator=gg) * 10.0 ** (i % 4 - 4)).cuda()
+            opt.step()
+        return [p.detach().cpu() for p in params], opt
+    (rp, ro), (gp, go) = run(False), run(True)
+    assert all(_bits_equal(a, b) for a, b in zip(rp, gp))
+    to_cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t   # noqa: E731
+    assert _same_tree(torch.utils._pytree.tree_map(to_cpu, ro.state_dict()),
+                      torch.utils._pytree.tree_map(to_cpu, go.state_dict()))
