@@ -260,7 +260,8 @@ class _SRParams(ctypes.Structure):
 
 def _native_lib() -> ctypes.CDLL | None:
     """The native helpers, built on first use into ``$LOWPREC_CACHE_DIR`` (default: a per-user folder in the temp
-    dir), or None where that fails (no C compiler, not Linux/x86 or ARM): the callers then use torch's generator."""
+    dir), or None where that fails or is off (no C compiler, not Linux, ``LOWPREC_NATIVE=0``): the callers then
+    use the compiled kernels and torch's generator."""
     if "lib" in _native:
         return _native["lib"]
     lib = None
@@ -276,11 +277,16 @@ def _native_lib() -> ctypes.CDLL | None:
                 raise OSError(f"{folder} is not this user's own folder")
             if not os.path.exists(so):
                 src, tmp = f"{so}.{os.getpid()}.c", f"{so}.{os.getpid()}.tmp"
-                with open(src, "w") as f:
-                    f.write(_NATIVE_SRC)
-                subprocess.run([cc, *_NATIVE_FLAGS, "-o", tmp, src], check=True, capture_output=True, timeout=120)
-                os.replace(tmp, so)  # atomic: a concurrent build never loads a half-written file
-                os.remove(src)
+                try:
+                    with open(src, "w") as f:
+                        f.write(_NATIVE_SRC)
+                    subprocess.run([cc, *_NATIVE_FLAGS, "-o", tmp, src], check=True, capture_output=True,
+                                   timeout=120)
+                    os.replace(tmp, so)  # atomic: a concurrent build never loads a half-written file
+                finally:
+                    for leftover in (src, tmp):
+                        if os.path.exists(leftover):
+                            os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0"):
                 getattr(lib, name).restype = None
@@ -603,8 +609,8 @@ def _dynamic(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bool = True,
                flush_subnormals: bool = False, rand_bits: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """``round_to_format(x, fmt, rounding, ...)`` by a compiled kernel, bit for bit, or None where the fast path
-    does not apply (module docstring); ``x`` is float32."""
+    """``round_to_format(x, fmt, rounding, ...)`` by a native or compiled kernel, bit for bit, or None where the
+    fast path does not apply (module docstring); ``x`` is float32."""
     if not _state["enabled"] or x.numel() < min(_state["min_numel"], _state["min_numel_stochastic"]):
         return None  # the common case on small tensors: out before any parsing (this runs on every quantize)
     fmt, rounding = get_format(fmt), Rounding.parse(rounding)
@@ -702,9 +708,10 @@ def _scaled_kernel(s: QuantSpec) -> Callable[..., tuple[torch.Tensor, torch.Tens
 def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The scale -> round -> unscale of ``quantize`` for ``view`` (``lowprec.scaling.to_scaling_view`` of float32
-    ``x``) in one compiled graph, bit for bit: (the quantized view, its scale broadcastable to the view), or None
-    where it does not apply (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`). Stochastic
-    rounding draws the random bits of the view from ``generator`` as the eager path does."""
+    ``x``) in one compiled graph (MX E8M0 blocks with nearest/toward_zero on one torch thread: one native pass),
+    bit for bit: (the quantized view, its scale broadcastable to the view), or None where it does not apply
+    (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`). Stochastic rounding draws the random bits
+    of the view from ``generator`` as the eager path does (the same words, natively where available)."""
     sto = s.rounding == Rounding.STOCHASTIC
     if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32
             or x.device.type != "cpu" or x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]
