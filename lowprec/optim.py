@@ -76,8 +76,15 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
-from lowprec.optim_batch import (BATCH_MAX_NUMEL, BatchReadback, batchable, decode_rows, encode_rows, group_key, quantize_segments,
-                                 segments_ok)
+from lowprec.optim_batch import (
+    BATCH_MAX_NUMEL,
+    BatchReadback,
+    batchable,
+    decode_rows,
+    encode_rows,
+    quantize_segments,
+    segments_ok,
+)
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, Rounding, quantize, quantize_with_scale
 from lowprec.telemetry import Telemetry
@@ -566,7 +573,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             zeros_ok = {id(z): ok for z, ok in zip(zeros, finite)}
             finite = finite[len(zeros):]
         for item in todo:
-            kind, name, value, spec, enc = item[:5]
+            kind, name, value, spec = item[:4]
             if kind == "zeros":
                 if not zeros_ok.get(id(item), False):
                     tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")

@@ -23,8 +23,8 @@ import torch
 
 from lowprec import codecs as _codecs
 from lowprec import scaling as _sc
-from lowprec.formats import torch_dtype
 from lowprec.codecs import Encoded, decode, encode
+from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
 __all__ = ["batchable", "encode_rows", "decode_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
@@ -280,7 +280,7 @@ def quantize_segments(xs: list[torch.Tensor], spec: QuantSpec,
     ``spec``: :func:`segments_ok`. None (and no random bits drawn) when the batch cannot reproduce the per-tensor
     draws (stochastic rounding off the CPU, or blocks of odd length)."""
     sto = getattr(spec.rounding, "value", spec.rounding) == _STOCHASTIC
-    dev, dtype = xs[0].device, xs[0].dtype
+    dev = xs[0].device
     if sto and dev.type != "cpu":
         return None
     sc = spec.scaling

@@ -182,8 +182,8 @@ def test_wrapped_step_equals_per_tensor_path(policy, monkeypatch):
 @pytest.mark.parametrize("policy", ["fp8-all", "nvfp4", "grad=e4m3:tensor:stochastic,master=bf16:stochastic"])
 @pytest.mark.parametrize("variant", ["deferred", "sgd", "dtype_mix", "every1"])
 def test_wrapped_step_variants(policy, variant):
-    kw = {"deferred": dict(check="deferred"), "sgd": dict(kind="sgd"), "dtype_mix": dict(dtype_mix=True),
-          "every1": dict(every=1)}[variant]
+    kw = {"deferred": {"check": "deferred"}, "sgd": {"kind": "sgd"}, "dtype_mix": {"dtype_mix": True},
+          "every1": {"every": 1}}[variant]
     _assert_same(_run(policy, fused=False, **kw), _run(policy, fused=True, **kw))
 
 
@@ -262,6 +262,6 @@ def test_cuda_fused_equals_per_tensor_path(policy):
         return [p.detach().cpu() for p in params], opt
     (rp, ro), (gp, go) = run(False), run(True)
     assert all(_bits_equal(a, b) for a, b in zip(rp, gp))
-    to_cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t   # noqa: E731
+    to_cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t
     assert _same_tree(torch.utils._pytree.tree_map(to_cpu, ro.state_dict()),
                       torch.utils._pytree.tree_map(to_cpu, go.state_dict()))
