@@ -402,7 +402,10 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         grads = [_atleast_1d(p.grad) for p in params]
         gens = [self._gen(p.device) for p in params]  # created even when unused, so state_dict lists it
         qs, scales = self._quantize_all(grads, spec, gens)
-        if tel is not None and tel.wants():
+        if tel is not None and tel.wants() and not tel.sampling and tel.deferred:
+            for q in qs:       # what record() does on such a step: a deferred check of q, nothing else
+                tel.flag("optim:grad", q)
+        elif tel is not None and tel.wants():
             todo = range(len(params))
             if not tel.sampling and not tel.deferred:
                 # record() would only check q.sum() for NaN/inf: the same sums, read with one host transfer;
