@@ -164,8 +164,9 @@ def bandwidth_table(x: torch.Tensor, g: torch.Generator, rounds: int, threads: i
             times[i].append(timer(f))
     nbytes = 2 * x.numel() * x.element_size()  # read x, write the result
     floor = times[0]
+    clock = "process CPU time" if CLOCK[0] is time.process_time else "wall clock"
     print(f"\nmemory-bandwidth floor: {x.numel():,} fp32 values, read + write {nbytes / 2**20:.0f} MiB, "
-          f"{threads} thread(s), {len(floor)} rounds, {'process CPU time' if CLOCK[0] is time.process_time else 'wall clock'}; floor = plain copy, "
+          f"{threads} thread(s), {len(floor)} rounds, {clock}; floor = plain copy, "
           f"{nbytes / statistics.median(floor) / 1e6:.2f} GB/s (median)")
     print("| operation | ms (median) | ms (min-max) | fraction of floor (median) | fraction (min-max, per round) |")
     print("|---|---:|---:|---:|---:|")

@@ -433,7 +433,7 @@ _MADV_HUGEPAGE = 14
 _madvise: list = []
 
 
-def _empty(shape: "torch.Size | tuple[int, ...]", dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype)`` on CPU, asked onto transparent huge pages when it is large (see above)."""
     t = torch.empty(shape, dtype=dtype)
     nbytes = t.numel() * t.element_size()

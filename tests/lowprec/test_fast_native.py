@@ -7,8 +7,7 @@ left in the same state, at every chunk and mt19937 block boundary; the huge-page
 import pytest
 import torch
 
-from lowprec import FORMATS, float_format, quantize
-from lowprec import fast
+from lowprec import FORMATS, fast, float_format, quantize
 from lowprec.fast import fast_path_settings, fast_round, set_fast_path
 from lowprec.rounding import random_bits, round_to_format
 
