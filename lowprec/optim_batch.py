@@ -106,13 +106,15 @@ def encode_rows(xs: list[torch.Tensor], spec: QuantSpec, *, big: torch.Tensor | 
         keep["codes"], keep["scale"] = enc.codes, scale
     # copies, not views: a state kept between steps must not pin the whole batch's buffer (a parameter that
     # stops getting gradients would keep every other tensor's codes of that step alive)
-    shapes = [x.shape for x in xs]
-    codes = [c.clone() for c in _pieces(enc.codes, shapes)]
+    ks = [x.numel() // n for x in xs]
+    codes = [c.clone() for c in enc.codes.split(ks)]            # (rows, n) pieces: a 2-D tensor's own shape
+    codes = [c if c.shape == x.shape else c.view(x.shape) for c, x in zip(codes, xs)]
     if scale is None:
         scales = [None] * len(xs)
     else:
         nb = scale.shape[1]
-        scales = [c.clone() for c in _pieces(scale, [torch.Size((*sh[:-1], nb)) for sh in shapes])]
+        scales = [c.clone() for c in scale.split(ks)]
+        scales = [c if x.dim() == 2 else c.view(*x.shape[:-1], nb) for c, x in zip(scales, xs)]
     return [Encoded(c, sc, spec, x.shape, x.dtype, None, False) for x, c, sc in zip(xs, codes, scales)]
 
 
@@ -167,7 +169,8 @@ def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale
         values = decode(batch)
     if keep is not None:
         keep["values"] = values
-    return _pieces(values, [e.shape for e in encs])
+    pieces = values.split([e.codes.numel() // n for e in encs])    # (rows, n): a 2-D tensor's own shape
+    return [v if v.shape == e.shape else v.view(e.shape) for v, e in zip(pieces, encs)]
 
 
 class BatchReadback:
