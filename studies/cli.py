@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where runs train (default auto: cuda when torch sees a GPU, else cpu); on cuda the "
                         "quantized GEMMs use the native FP8 path (torch._scaled_mm) where the hardware has it")
+    r.add_argument("--engine", choices=("auto", "eager", "compiled"),
+                   help="how runs train: eager (the reference), compiled (torch.compile'd forward, backward and "
+                        "evaluation on the steps telemetry does not sample; gpt/text tasks), or auto (default: "
+                        "compiled for those tasks' runs of >= 1000 steps, where compiling pays)")
     r.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="save each run's whole training state every N steps (runs/<id>/checkpoint.pt); a run killed "
                         "mid-way resumes from its last checkpoint and ends bit-identical to an uninterrupted one")
@@ -147,7 +151,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = apply_overrides(cfg, load_toml(args.config))
     overrides = {}
     for name in ("tasks", "size", "optimizers", "precisions", "lrs", "seeds", "steps", "tokens", "workers",
-                 "out", "data", "phases", "tune_per_precision", "tune_max_extensions", "horizons"):
+                 "out", "data", "phases", "tune_per_precision", "tune_max_extensions", "horizons", "engine"):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v

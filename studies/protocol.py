@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import math
 import time
 from collections import defaultdict
@@ -43,7 +44,7 @@ from typing import Any
 from studies import horizon
 from studies.config import StudyConfig
 from studies.optimizers import base_optimizer, default_lr
-from studies.config import RunSpec, resolve_engine, rounding_variants
+from studies.config import AUTO_COMPILED_MIN_STEPS, COMPILED_TASKS, RunSpec, resolve_engine, rounding_variants
 from studies.config import apply_overrides
 from studies.records import check_folder, merge_folders, study_fingerprint
 from studies.schema import float_or_nan, read_study
@@ -433,11 +434,27 @@ def run_study(cfg: StudyConfig, *, command: str = "", shard_kn: tuple[int, int] 
     study["summary"] = summarize(cfg, store.rows(), optimal=study["optimal_loss"],
                                  lr_at_edge=study.get("lr_at_edge"), out_dir=out)
     study["counts"] = counts
+    study["engine"] = engine_record(cfg, store.rows())
     study["status"] = "complete" if not _missing(rest, store) else f"partial ({_missing(rest, store)} runs " \
                                                                     f"missing: other shards)"
     study["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json_atomic(out / "study.json", study)
     return study
+
+
+def engine_record(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """study.json's ``engine``: the setting, the rule ``auto`` follows, and how many of the folder's runs trained
+    with each engine (read from every run's configuration)."""
+    runs: dict[str, int] = {}
+    for row in rows:
+        e = json.loads(row["config_json"]).get("engine", "eager") if row.get("config_json") else "eager"
+        runs[e] = runs.get(e, 0) + 1
+    return {"setting": cfg.engine, "runs": runs,
+            "auto_rule": f"compiled for tasks {', '.join(COMPILED_TASKS)} with >= {AUTO_COMPILED_MIN_STEPS} steps "
+                         f"and no delayed scaling; eager otherwise",
+            "compiled": "torch.compile'd forward, backward and evaluation on the steps telemetry does not sample "
+                        "(the sampled steps, every telemetry_every-th and the last, run eagerly and record "
+                        "telemetry); numbers equal eager up to float reassociation (studies.training)"}
 
 
 def merge_study(out_dir: str | Path, folders: list[str | Path]) -> dict[str, int]:
