@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized GEMMs use the native FP8 path (torch._scaled_mm) where the hardware has it")
     r.add_argument("--engine", choices=("auto", "eager", "compiled"),
                    help="how runs train: eager (the reference), compiled (torch.compile'd forward, backward and "
-                        "evaluation on the steps telemetry does not sample; gpt/text tasks), or auto (default: "
-                        "compiled for those tasks' runs of >= 1000 steps, where compiling pays)")
+                        "evaluation on the steps telemetry does not sample; gpt/text tasks), or auto (default: eager "
+                        "for now; the compiled engine has not yet measured faster)")
     r.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="save each run's whole training state every N steps (runs/<id>/checkpoint.pt); a run killed "
                         "mid-way resumes from its last checkpoint and ends bit-identical to an uninterrupted one")

@@ -51,8 +51,10 @@ SCHEDULES = ("cosine", "constant")
 ENGINES = ("auto", "eager", "compiled")
 """How runs train: ``eager`` (the reference), ``compiled`` (``torch.compile``'d forward and backward on the steps
 telemetry does not sample; see ``studies.training``), ``auto`` (compiled where it pays: ``resolve_engine``)."""
-AUTO_COMPILED_MIN_STEPS = 1_000
-"""``auto`` compiles runs of at least this many steps (compiling costs ~10-80 s per run and process; see README)."""
+AUTO_COMPILED_MIN_STEPS = 10 ** 9
+"""``auto`` compiles runs of at least this many steps: in effect never yet, because benchmarks/bench_step.py
+(2026-12-02) measured the compiled engine no faster than eager on the tiny GPT (compiling also costs ~10-80 s per
+run and process). ``--engine compiled`` selects it explicitly."""
 COMPILED_TASKS = ("gpt", "text")
 """Tasks with a compiled forward (``TaskRun.compiled``); the MoE's token dispatch has data-dependent shapes."""
 
