@@ -11,6 +11,7 @@ from lowprec import FORMATS, fast, float_format, quantize
 from lowprec.fast import fast_path_settings, fast_round, set_fast_path
 from lowprec.rounding import random_bits, round_to_format
 
+from .oracles import fast_path_off
 from .test_rounding import gf_grid, gf_info, probe_inputs, same
 
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
@@ -193,12 +194,8 @@ def test_without_the_native_helpers_the_compiled_path_gives_the_same_bits(fast_e
 def test_default_generator_through_quantize(fast_everywhere):
     x = torch.randn(3001) * 10
     torch.manual_seed(99)
-    was = fast_path_settings()
-    set_fast_path(False)
-    try:
+    with fast_path_off():
         ref = quantize(x, "e5m2", rounding="stochastic")
-    finally:
-        set_fast_path(*was)
     after = torch.default_generator.get_state()
     torch.manual_seed(99)
     got = quantize(x, "e5m2", rounding="stochastic")
@@ -210,12 +207,8 @@ def test_default_generator_through_quantize(fast_everywhere):
                                              ("nvfp4", "stochastic")])
 def test_huge_page_outputs_change_no_bit(n, spec_, rounding):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4
-    was = fast_path_settings()
-    set_fast_path(False)
-    try:
+    with fast_path_off():
         ref = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(2))
-    finally:
-        set_fast_path(*was)
     got = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(2))
     assert same(ref, got) and got.shape == x.shape and got.data_ptr() != x.data_ptr()
     e = fast._empty((n,), torch.float32)
@@ -233,12 +226,8 @@ def test_native_mx_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_)
     x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
     x[5] = torch.logspace(-40, 38, 1000)
     s = spec(spec_)
-    was = fast_path_settings()
-    set_fast_path(False)
-    try:
+    with fast_path_off():
         ref_q, ref_s = quantize_with_scale(x, s)
-    finally:
-        set_fast_path(*was)
     q, sc = quantize_with_scale(x, s)
     assert same(ref_q, q) and same(ref_s, sc)
     # blocks over the native loop's cap go to the compiled kernel (same bits)

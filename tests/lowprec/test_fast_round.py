@@ -14,6 +14,7 @@ from lowprec.fast import MIN_NUMEL_STOCHASTIC, fast_path_settings, fast_round, f
 from lowprec.rounding import round_to_format
 from lowprec.spec import Rounding
 
+from .oracles import fast_path_off
 from .test_rounding import gf_grid, gf_info, probe_inputs, same
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
@@ -85,12 +86,8 @@ def test_where_the_fast_path_does_not_apply_it_says_so(fast_everywhere):
 def test_quantize_takes_the_fast_path_with_unchanged_results(spec_, rounding):
     x = torch.randn(256, 4096) * 3
     x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30])
-    was = fast_path_settings()
-    set_fast_path(False)
-    try:
+    with fast_path_off():
         ref = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(5))
-    finally:
-        set_fast_path(*was)
     assert x.numel() >= MIN_NUMEL_STOCHASTIC and fast_round(x, FORMATS["e4m3"], rounding) is not None
     got = quantize(x, spec_, rounding=rounding, generator=torch.Generator().manual_seed(5))
     assert same(ref, got)
@@ -123,17 +120,13 @@ def test_fused_scaled_quantize_equals_eager_bit_for_bit(spec_):
     x[5] = torch.logspace(-40, 38, 1000)  # E4M3 block scales from 0 (their blocks zeroed) to the largest
     s = spec(spec_)
     assert fast_scaled_ok(s) and fast_scaled(x, s, to_scaling_view(x, s.scaling)[0]) is not None
-    was = fast_path_settings()
 
     def g() -> torch.Generator:
         return torch.Generator().manual_seed(11)
     g1, g2 = g(), g()
-    set_fast_path(False)
-    try:
+    with fast_path_off():
         ref_q, ref_s = quantize_with_scale(x, s, g1)
         ref = quantize(x, s, generator=g())
-    finally:
-        set_fast_path(*was)
     q, sc = quantize_with_scale(x, s, g2)
     assert same(ref_q, q) and same(ref_s, sc) and same(ref, quantize(x, s, generator=g()))
     assert torch.equal(g1.get_state(), g2.get_state())
