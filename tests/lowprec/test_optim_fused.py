@@ -62,15 +62,8 @@ def _same_tree(a, b):
     "state=e4m3:block128:nosat,master=bf16", "state=e4m3:block128,state.exp_avg_sq=e5m2:block32",
     "state=e4m3:block128:stochastic", "state=mxfp4", "nvfp4,state=nvfp4", "bf16", "grad=e5m2:block32:scale=e8m0",
 ])
-def test_fused_equals_per_tensor_path(policy, kind, monkeypatch):
-    calls = {"n": 0}
-    orig = ob.encode_rows
-
-    def counted(xs, spec, **kw):
-        out = orig(xs, spec, **kw)
-        calls["n"] += out is not None
-        return out
-    monkeypatch.setattr("lowprec.optim.encode_rows", counted)
+def test_fused_equals_per_tensor_path(policy, kind, count_batched):
+    calls = count_batched("encode_rows")
     ref_p, ref_opt, ref_tel = _run(policy, kind, fused=False)
     assert calls["n"] == 0
     got_p, got_opt, got_tel = _run(policy, kind, fused=True)
@@ -105,15 +98,8 @@ def test_fused_codes_do_not_share_storage():
 
 
 @pytest.mark.parametrize("policy", ["mxfp8", "bf16"])
-def test_batchable_grads_take_the_batched_path(policy, monkeypatch):
-    calls = {"n": 0}
-    orig = ob.quantize_segments
-
-    def counted(xs, spec, generator=None):
-        out = orig(xs, spec, generator)
-        calls["n"] += out is not None
-        return out
-    monkeypatch.setattr("lowprec.optim.quantize_segments", counted)
+def test_batchable_grads_take_the_batched_path(policy, monkeypatch, count_batched):
+    calls = count_batched("quantize_segments")
     monkeypatch.setattr(sys.modules[__name__], "SHAPES", SHAPES[:-1])  # all small: every grad batched
     ref, ref_opt, ref_tel = _run(policy, "adamw", fused=False)
     got, got_opt, got_tel = _run(policy, "adamw", fused=True)

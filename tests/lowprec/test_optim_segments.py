@@ -164,15 +164,8 @@ POLICIES = [
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_wrapped_step_equals_per_tensor_path(policy, monkeypatch):
-    calls = {"n": 0}
-    orig = ob.quantize_segments
-
-    def counted(xs, s, generator=None):
-        out = orig(xs, s, generator)
-        calls["n"] += out is not None
-        return out
-    monkeypatch.setattr("lowprec.optim.quantize_segments", counted)
+def test_wrapped_step_equals_per_tensor_path(policy, count_batched):
+    calls = count_batched("quantize_segments")
     ref = _run(policy, fused=False)
     assert calls["n"] == 0                          # the off switch: nothing batched
     got = _run(policy, fused=True)
