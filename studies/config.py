@@ -32,6 +32,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from lowprec.nn.site import GEMM_ROLES, is_delayed
 from lowprec.policy import PrecisionPolicy
 
 from studies.optimizers import ABLATION_VARIANTS, check_optimizer
@@ -538,8 +539,7 @@ def compiled_unsupported(task: str, policy: PrecisionPolicy) -> str:
     """Why a run of ``task`` under ``policy`` cannot use the compiled engine ("" when it can)."""
     if task not in COMPILED_TASKS:
         return f"task {task!r} has no compiled forward (tasks with one: {', '.join(COMPILED_TASKS)})"
-    delayed = [r for r in ("weight", "activation", "grad") if getattr(policy, r) is not None
-               and getattr(policy, r).scaling is not None and getattr(policy, r).scaling.mode == "delayed"]
+    delayed = [r for r in GEMM_ROLES if is_delayed(getattr(policy, r))]
     if delayed:
         return f"delayed scaling ({', '.join(delayed)}) keeps its amax history in Python: eager only"
     return ""
