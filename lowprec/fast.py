@@ -50,7 +50,7 @@ from .formats import Format, get_format
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
 from .spec import QuantSpec, Rounding
 
-__all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
+__all__ = ["record_counts", "fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
 
@@ -246,6 +246,61 @@ void lp_round(const uint32_t *x, uint32_t *out, int64_t n, const rn_params *p) {
     RN(1, 0, 0, 0) RN(1, 0, 0, 1) RN(1, 0, 1, 0) RN(1, 0, 1, 1) RN(1, 1, 0, 0) RN(1, 1, 0, 1)
   }
 }
+/* lowprec.telemetry.record: every count of one quantization x -> q in one pass (float32, contiguous). scale:
+   NULL, one value (scale_n == 1) or one per element; the saturation limit is lim * scale in float32 as torch's
+   `fmt_max * (1 + 1e-6) * scale`. Sums of squares in double, in ST_L interleaved lanes. */
+typedef struct { int64_t nonzero, flushed, saturated, nan, inf, zeros; double sig2, err2; } st_out;
+#define ST_L 8  /* independent lanes: the loop vectorizes without reassociating any one lane's sum */
+static inline __attribute__((always_inline)) void st_lanes(const float *restrict x, const float *restrict q,
+    const float *restrict scale, int64_t m, float lim, int32_t has_lim, int32_t *restrict c, double *restrict s2,
+    double *restrict e2, const int per_elem) {
+  /* c: 6 × ST_L int32 lane counts (nonzero, flushed, saturated, nan, qfinite, zeros); m: a multiple of ST_L */
+  for (int64_t i = 0; i < m; i += ST_L) {
+    for (int j = 0; j < ST_L; j++) {
+      const float xv = x[i + j], qv = q[i + j], ax = fabsf(xv), aq = fabsf(qv);
+      const int32_t fx = ax < INFINITY, nz = fx & (ax > 0.0f), qz = qv == 0.0f, fq = aq < INFINITY;
+      const float l = per_elem ? lim * scale[i + j] : lim;
+      c[j] += nz; c[ST_L + j] += nz & qz; c[2 * ST_L + j] += fx & ((fq ^ 1) | (has_lim & (ax > l)));
+      c[3 * ST_L + j] += qv != qv; c[4 * ST_L + j] += fq; c[5 * ST_L + j] += qz;
+      const float d = xv - qv;
+      s2[j] += (double)xv * (double)xv;
+      e2[j] += (double)d * (double)d;
+    }
+  }
+}
+void lp_stats(const float *restrict x, const float *restrict q, const float *restrict scale, int64_t scale_n,
+              int64_t n, float lim, int32_t has_lim, st_out *o) {
+  int32_t c[6 * ST_L];
+  double s2[ST_L] = {0}, e2[ST_L] = {0};
+  int64_t tot[6] = {0};
+  const int per_elem = scale != NULL && scale_n > 1;
+  const float one = scale != NULL && scale_n == 1 ? lim * scale[0] : lim;
+  const int64_t full = n - n % ST_L;
+  for (int64_t i0 = 0; i0 < n; i0 += 1 << 20) {  /* int32 lane counts: added into int64 every 2**20 values */
+    const int64_t e = n - i0 < (1 << 20) ? n : i0 + (1 << 20);
+    const int64_t m = (e < full ? e : full) - i0;
+    memset(c, 0, sizeof c);
+    if (m > 0) {
+      if (per_elem) st_lanes(x + i0, q + i0, scale + i0, m, lim, has_lim, c, s2, e2, 1);
+      else st_lanes(x + i0, q + i0, NULL, m, one, has_lim, c, s2, e2, 0);
+    }
+    for (int64_t i = i0 + (m > 0 ? m : 0); i < e; i++) {  /* the last n % ST_L values, into lane 0 */
+      float xp[ST_L] = {0}, qp[ST_L] = {0}, sp[ST_L] = {0};
+      xp[0] = x[i]; qp[0] = q[i]; sp[0] = per_elem ? scale[i] : 0.0f;
+      int32_t cc[6 * ST_L] = {0};
+      double a[ST_L] = {0}, b[ST_L] = {0};
+      st_lanes(xp, qp, sp, ST_L, per_elem ? lim : one, has_lim, cc, a, b, per_elem);
+      for (int k = 0; k < 6; k++) c[k * ST_L] += cc[k * ST_L];  /* lane 0 only (the others are padding) */
+      s2[0] += a[0]; e2[0] += b[0];
+    }
+    for (int k = 0; k < 6; k++)
+      for (int j = 0; j < ST_L; j++) tot[k] += c[k * ST_L + j];
+  }
+  double sig2 = 0.0, err2 = 0.0;
+  for (int j = 0; j < ST_L; j++) { sig2 += s2[j]; err2 += e2[j]; }
+  o->nonzero = tot[0]; o->flushed = tot[1]; o->saturated = tot[2]; o->nan = tot[3];
+  o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
+}
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
 _NATIVE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC")
@@ -288,7 +343,7 @@ def _native_lib() -> ctypes.CDLL | None:
                         if os.path.exists(leftover):
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
-            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0"):
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -422,6 +477,45 @@ def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tens
                                                                           s.flush_subnormals)))
     return q, scale
 
+
+
+class _StatsOut(ctypes.Structure):
+    _fields_ = [("nonzero", ctypes.c_int64), ("flushed", ctypes.c_int64), ("saturated", ctypes.c_int64),
+                ("nan", ctypes.c_int64), ("inf", ctypes.c_int64), ("zeros", ctypes.c_int64),
+                ("sig2", ctypes.c_double), ("err2", ctypes.c_double)]
+
+
+def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
+                  limit: float | None) -> dict[str, float] | None:
+    """The counts of ``Telemetry.record`` for float32 CPU tensors ``x -> q`` (same shape; ``scale`` broadcastable
+    to them or None; ``limit`` the saturation threshold before scaling, None: no format maximum) in one native
+    pass: nonzero (finite, non-zero x), flushed (those with q == 0), saturated (finite x with |x| > limit·scale or
+    q non-finite), nan and inf (of q), zeros (of q), sig2 = Σx², err2 = Σ(x - q)² (x - q in float32, the sums in
+    float64 in 8 interleaved lanes). None where it does not apply (fast path off, no native helpers, other dtypes or
+    devices, a scale that is not float32-convertible): the caller then counts with torch."""
+    if not _state["enabled"] or x.dtype != torch.float32 or q.dtype != torch.float32 or x.shape != q.shape:
+        return None
+    if x.device.type != "cpu" or q.device.type != "cpu":
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    x, q = x.detach().contiguous(), q.detach().contiguous()
+    sc, scale_n = None, 0
+    if scale is not None and limit is not None:
+        s = scale.detach()
+        if s.device.type != "cpu" or not s.dtype.is_floating_point:
+            return None
+        s = s.to(torch.float32)
+        if s.numel() == 1:
+            sc, scale_n = s.reshape(1).contiguous(), 1
+        else:
+            sc, scale_n = torch.broadcast_to(s, x.shape).contiguous(), x.numel()
+    out = _StatsOut()
+    lib.lp_stats(_ptr(x), _ptr(q), None if sc is None else _ptr(sc), ctypes.c_int64(scale_n),
+                 ctypes.c_int64(x.numel()), ctypes.c_float(0.0 if limit is None else limit),
+                 ctypes.c_int32(limit is not None), ctypes.byref(out))
+    return {name: getattr(out, name) for name, _ in _StatsOut._fields_}
 
 # ---- fresh outputs on transparent huge pages ----------------------------------------------------------------------
 # Every quantize returns a new tensor; a fresh 64 MiB buffer costs 16384 first-touch page faults (here: a clone of

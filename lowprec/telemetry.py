@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowprec.fast import record_counts
 from lowprec.policy import TENSOR_ROLES
 
 __all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS", "COLUMNS"]
@@ -198,6 +199,12 @@ class Telemetry:
             acc.add("unpacked", q.numel())
         x = x.detach()
         q = q.detach()
+        counts = record_counts(x, q, scale, None if fmt_max is None else fmt_max * (1 + 1e-6))
+        if counts is not None:  # one native pass (float32 on the CPU); the torch counts below are its reference
+            for name in ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2"):
+                acc.add(name, q.numel() if name == "numel" else counts[name])
+            self._scale_range(acc, scale)
+            return
         ax = x.abs()
         if bool(torch.isfinite(x.sum() + q.sum())):
             # all of x and q finite (a NaN/inf anywhere makes its sum nonfinite; an fp32 overflow of the sums
@@ -240,6 +247,10 @@ class Telemetry:
             acc.add("zeros", torch.count_nonzero(q_zero))
         acc.add("sig2", torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
         acc.add("err2", torch.linalg.vector_norm(x - q, dtype=torch.float64) ** 2)
+        self._scale_range(acc, scale)
+
+    @staticmethod
+    def _scale_range(acc: _Acc, scale: torch.Tensor | None) -> None:
         if scale is not None:
             s = scale.detach()
             smin, smax = float(s.min()), float(s.max())

@@ -1,0 +1,106 @@
+"""Telemetry.record's one-pass native counts (lowprec.fast.record_counts) against its torch counts (the fast path
+off) on the same records: every count equal; sig2 and err2, summed in another order, within 1e-12 relative (float64
+sums of at most 1e6 float32 squares: n·2**-53 ≈ 1e-10 is the worst case, observed ≤ 1e-13)."""
+import math
+
+import pytest
+import torch
+
+from lowprec import quantize_with_scale, spec
+from lowprec.fast import _native_lib, record_counts
+from lowprec.telemetry import Telemetry
+
+from .oracles import fast_path_off
+
+pytestmark = pytest.mark.skipif(_native_lib() is None, reason="no native helpers here (no C compiler)")
+
+
+def edge_tensor(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 100
+    x[:12] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-42, -1e-30, 448.0,
+                           448.0 * (1 + 1e-6), 448.0 * (1 + 2e-6), 1e30, -3e38])
+    x[12:40] = 0.0
+    return x
+
+
+def records(x: torch.Tensor, q: torch.Tensor, scale, fmt_max):
+    rows = []
+    for off in (False, True):
+        t = Telemetry(every=1)
+        if off:
+            with fast_path_off():
+                t.record("s:grad", "grad", x, q, scale=scale, fmt_max=fmt_max, fmt="f")
+        else:
+            t.record("s:grad", "grad", x, q, scale=scale, fmt_max=fmt_max, fmt="f")
+        acc = next(iter(t._accs.values()))
+        rows.append({k: acc.value(k) for k in acc.counts} | {"smin": acc.scale_min, "smax": acc.scale_max})
+    return rows
+
+
+def same_counts(native: dict, ref: dict) -> None:
+    assert native.keys() == ref.keys()
+    for k in native:
+        a, b = native[k], ref[k]
+        if k in ("sig2", "err2") and math.isfinite(b) and b != 0:
+            assert abs(a - b) <= 1e-12 * abs(b), (k, a, b)
+        else:
+            assert a == b or (math.isnan(a) and math.isnan(b)), (k, a, b)
+
+
+@pytest.mark.parametrize("spec_", ["e4m3", "e4m3:tensor", "e5m2:tensor:nosat", "mxfp8", "nvfp4", "mxfp4:axis=0",
+                                   "e2m1:tensor:flush", "e4m3:tensor:stochastic"])
+@pytest.mark.parametrize("finite", [True, False])
+def test_native_counts_equal_the_torch_counts_on_quantized_tensors(spec_, finite):
+    x = edge_tensor(64 * 96, 3).reshape(64, 96)
+    if finite:
+        x = torch.nan_to_num(x, nan=1.0, posinf=2.0, neginf=-2.0)
+    s = spec(spec_)
+    q, scale = quantize_with_scale(x, s, torch.Generator().manual_seed(1))
+    es = scale  # None, one value, or block scales (rows of 32 / 16 along the last axis): per element, as sites pass
+    if es is not None and es.numel() not in (1, x.numel()):
+        es = es.reshape(x.shape[0], -1).repeat_interleave(x.shape[1] // es.reshape(x.shape[0], -1).shape[1], dim=1) \
+            if s.scaling.axis in (-1, 1) else None
+    native, ref = records(x, q, es, s.format.max)
+    same_counts(native, ref)
+
+
+@pytest.mark.parametrize("scale_kind", ["none", "scalar", "rows", "elements"])
+@pytest.mark.parametrize("fmt_max", [None, 448.0, 6.0])
+def test_native_counts_equal_the_torch_counts_on_handmade_pairs(scale_kind, fmt_max):
+    x = edge_tensor(3000, 7).reshape(30, 100)
+    q = x.clone()
+    q[:, ::3] = 0.0                                   # flushes
+    q[0, 50:60] = float("inf")                        # overflows of finite x
+    q[1, 50:60] = float("nan")
+    q[2, 50:60] = -float("inf")
+    q[3, 50:] = x[3, 50:] * (1 + 2**-10)              # small errors
+    scale = {"none": None, "scalar": torch.tensor(0.75), "rows": torch.rand(30, 1) * 4,
+             "elements": torch.rand(30, 100) * 4}[scale_kind]
+    native, ref = records(x, q, scale, fmt_max)
+    same_counts(native, ref)
+
+
+@pytest.mark.parametrize("n", [1, 7, 9, 1001])
+def test_native_counts_cover_a_ragged_end(n):
+    x = edge_tensor(max(n, 40), 9)[-n:]
+    q = torch.where(x.abs() > 30, torch.full((), float("inf")), torch.where(x.abs() < 5, torch.zeros(()), x))
+    for scale in (None, torch.rand(n) + 0.5):
+        native, ref = records(x, q, scale, 40.0)
+        same_counts(native, ref)
+
+
+def test_native_counts_take_non_contiguous_views():
+    x = edge_tensor(4096, 5).reshape(64, 64)
+    q = torch.where(x.abs() > 50, torch.zeros(()), x)
+    native, ref = records(x.t(), q.t(), None, 60.0)
+    same_counts(native, ref)
+
+
+def test_record_counts_declines_what_it_does_not_cover():
+    x = torch.randn(10)
+    assert record_counts(x.double(), x.double(), None, None) is None
+    assert record_counts(x, x.reshape(2, 5), None, None) is None
+    with fast_path_off():
+        assert record_counts(x, x, None, None) is None
+    assert record_counts(x, x, None, None) is not None
