@@ -46,11 +46,11 @@ from typing import Callable
 
 import torch
 
-from .formats import Format, get_format
+from .formats import Format, get_format, torch_dtype
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
 from .spec import QuantSpec, Rounding
 
-__all__ = ["record_counts", "fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
+__all__ = ["MIN_NUMEL_NATIVE", "fast_min_numel", "record_counts", "fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
 
@@ -58,6 +58,9 @@ __all__ = ["record_counts", "fast_round", "fast_scaled", "fast_scaled_ok", "fast
 # paths) leave no gain over eager (measured on 2 shared cores, 1 thread)
 MIN_NUMEL = 1 << 18
 MIN_NUMEL_STOCHASTIC = 1 << 20
+# the native helpers (no compile, a few microseconds a call) take tensors from this size (or from min_numel,
+# where set_fast_path set it lower); the compiled kernels only from min_numel / min_numel_stochastic
+MIN_NUMEL_NATIVE = 1 << 12
 _INT_MIN = -(1 << 31)
 _CANONICAL_NAN = 0x7FC00000
 _state = {"enabled": os.environ.get("LOWPREC_FAST", "1") != "0", "min_numel": MIN_NUMEL,
@@ -168,7 +171,7 @@ void lp_stochastic(const float *restrict x, float *restrict out, int64_t n, mt_t
   }
 }
 typedef struct { uint32_t lim, max_b, min_normal_b, over_b, keep, half_less_one, odd_or; int32_t drop;
-                 float up, inv_up; int32_t nearest, saturate, inf_mask, flush; } rn_params;
+                 float up, inv_up; int32_t nearest, saturate, inf_mask, flush; uint32_t nan_b; } rn_params;
 static inline __attribute__((always_inline)) void rn_body(const uint32_t *restrict xb, uint32_t *restrict ob,
     int64_t n, const rn_params *p, const int nearest, const int sat, const int infm, const int flush) {
   const uint32_t lim = p->lim, max_b = p->max_b, mnb = p->min_normal_b, over_b = p->over_b, keep = p->keep;
@@ -195,7 +198,7 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
       t = over ? over_b : t;
     }
     if (flush) t = t < mnb ? 0u : t;
-    ob[j] = (mag > 0x7f800000u ? 0x7fc00000u : t) | sign;
+    ob[j] = (mag > 0x7f800000u ? p->nan_b : t) | sign;
   }
 }
 /* MX (1-D blocks, E8M0 scales, OCP floor rule): lowprec.fast._scaled_kernel for the rows of v (G x B), one pass
@@ -301,6 +304,41 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
   o->nonzero = tot[0]; o->flushed = tot[1]; o->saturated = tot[2]; o->nan = tot[3];
   o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
 }
+/* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
+   0) in lanes, scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
+   multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
+void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
+                      float fmt_max, const rn_params *p) {
+  uint32_t lane[ST_L] = {0};  /* on the magnitude bits: finite non-negative floats order as their bits */
+  const int64_t full = n - n % ST_L;
+  for (int64_t i = 0; i < full; i += ST_L)
+    for (int j = 0; j < ST_L; j++) {
+      uint32_t b;
+      memcpy(&b, &x[i + j], 4);
+      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;  /* NaN, ±inf: 0 */
+      lane[j] = m > lane[j] ? m : lane[j];
+    }
+  for (int64_t i = full; i < n; i++) {
+    uint32_t b;
+    memcpy(&b, &x[i], 4);
+    const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
+    lane[0] = m > lane[0] ? m : lane[0];
+  }
+  uint32_t amax_b = 0;
+  for (int j = 0; j < ST_L; j++) amax_b = lane[j] > amax_b ? lane[j] : amax_b;
+  float amax;
+  memcpy(&amax, &amax_b, 4);
+  float sc = amax / fmt_max;
+  sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
+  *scale_out = sc;
+  uint32_t yb[CHUNK], qb[CHUNK];
+  for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+    const int64_t c = n - i0 < CHUNK ? n - i0 : CHUNK;
+    for (int64_t j = 0; j < c; j++) { const float y = x[i0 + j] / sc; memcpy(&yb[j], &y, 4); }
+    lp_round(yb, qb, c, p);
+    for (int64_t j = 0; j < c; j++) { float q; memcpy(&q, &qb[j], 4); out[i0 + j] = q * sc; }
+  }
+}
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
 _NATIVE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC")
@@ -343,7 +381,7 @@ def _native_lib() -> ctypes.CDLL | None:
                         if os.path.exists(leftover):
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
-            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats"):
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -429,7 +467,14 @@ class _RNParams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_uint32) for n in ("lim", "max_b", "min_normal_b", "over_b", "keep", "half_less_one",
                                                "odd_or")] + [
         ("drop", ctypes.c_int32), ("up", ctypes.c_float), ("inv_up", ctypes.c_float), ("nearest", ctypes.c_int32),
-        ("saturate", ctypes.c_int32), ("inf_mask", ctypes.c_int32), ("flush", ctypes.c_int32)]
+        ("saturate", ctypes.c_int32), ("inf_mask", ctypes.c_int32), ("flush", ctypes.c_int32),
+        ("nan_b", ctypes.c_uint32)]
+
+
+def _nan_bits(fmt: Format, rounding: Rounding) -> int:
+    """The float32 NaN the eager path gives (before the sign): torch's E5M2 cast (nearest on registered e5m2) turns
+    every NaN into code 0x7F, which widens to 0x7FE00000; every other path gives the canonical 0x7FC00000."""
+    return 0x7FE00000 if rounding == Rounding.NEAREST and torch_dtype(fmt) == torch.float8_e5m2 else _CANONICAL_NAN
 
 
 def _rn_params(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) -> _RNParams:
@@ -440,7 +485,8 @@ def _rn_params(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) -> 
                      _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else _bits(fmt.max)),
                      (~((1 << drop) - 1)) & 0xFFFFFFFF, (1 << (drop - 1)) - 1, int(drop == 23), drop,
                      2.0 ** (fmt.man_bits - fmt.emin), 2.0 ** (fmt.emin - fmt.man_bits),
-                     int(rounding == Rounding.NEAREST), int(saturate), int(inf_needs_mask(fmt, rounding)), int(flush))
+                     int(rounding == Rounding.NEAREST), int(saturate), int(inf_needs_mask(fmt, rounding)), int(flush),
+                     _nan_bits(fmt, rounding))
 
 
 def _native_round(flat: torch.Tensor, fmt: Format, rounding: Rounding, saturate: bool,
@@ -455,6 +501,33 @@ def _native_round(flat: torch.Tensor, fmt: Format, rounding: Rounding, saturate:
     lib.lp_round(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()),
                  ctypes.byref(_rn_params(fmt, rounding, saturate, flush)))
     return out
+
+
+def fast_min_numel() -> int:
+    """The smallest tensor any fast path takes now (the callers' cheap early-out)."""
+    return min(MIN_NUMEL_NATIVE, _state["min_numel"], _state["min_numel_stochastic"])
+
+
+def _min_native(sto: bool) -> int:
+    """The smallest tensor the native helpers take (stochastic rounding or not)."""
+    return min(MIN_NUMEL_NATIVE, _state["min_numel_stochastic" if sto else "min_numel"])
+
+
+def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """_scaled_kernel for one fp32 tensor scale (nearest / toward_zero, element formats with emax < 127) on
+    contiguous float32 ``v2`` (1 x n) by the native loop: (quantized values, scale (1, 1)), or None where it does
+    not apply (other scalings or roundings, more than one torch thread, no native helpers)."""
+    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "tensor" or s.scaling.scale_format != "fp32"
+            or s.format.emax >= 127 or torch.get_num_threads() != 1):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    q = _empty(v2.shape, torch.float32)
+    scale = torch.empty(1, 1, dtype=torch.float32)
+    lib.lp_tensor_scaled(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.numel()), ctypes.c_float(s.format.max),
+                         ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+    return q, scale
 
 
 _MX_MAX_BLOCK = 1024  # the native MX loop keeps a block on the stack
@@ -614,6 +687,7 @@ def _int_kernel(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) ->
     over_b = _CANONICAL_NAN if ov != ov else (0x7F800000 if ov == float("inf") else max_b)
     inf_mask = inf_needs_mask(fmt, rounding) and not saturate
     keep, half_less_one = ~((1 << drop) - 1), (1 << (drop - 1)) - 1
+    nan_b = _nan_bits(fmt, rounding)
 
     def kernel(b: torch.Tensor) -> torch.Tensor:
         sign = b & _INT_MIN
@@ -635,7 +709,7 @@ def _int_kernel(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) ->
             t = torch.where(over, over_b, t)
         if flush:
             t = torch.where(t < min_normal_b, 0, t)
-        return torch.where(mag > 0x7F800000, _CANONICAL_NAN, t) | sign
+        return torch.where(mag > 0x7F800000, nan_b, t) | sign
 
     return kernel
 
@@ -705,22 +779,22 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
                generator: torch.Generator | None = None) -> torch.Tensor | None:
     """``round_to_format(x, fmt, rounding, ...)`` by a native or compiled kernel, bit for bit, or None where the
     fast path does not apply (module docstring); ``x`` is float32."""
-    if not _state["enabled"] or x.numel() < min(_state["min_numel"], _state["min_numel_stochastic"]):
+    if not _state["enabled"] or x.numel() < fast_min_numel():
         return None  # the common case on small tensors: out before any parsing (this runs on every quantize)
     fmt, rounding = get_format(fmt), Rounding.parse(rounding)
+    sto = rounding == Rounding.STOCHASTIC
     if (torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu"
-            or x.numel() < _state["min_numel_stochastic" if rounding == Rounding.STOCHASTIC else "min_numel"]
-            or not fast_round_ok(fmt, rounding)):
+            or x.numel() < _min_native(sto) or not fast_round_ok(fmt, rounding)):
         return None
     flat = x.detach().contiguous().view(-1)
-    if rounding == Rounding.STOCHASTIC:  # random bits drawn inside the native loop, where it is available
+    if sto:  # random bits drawn inside the native loop, where it is available
         out = _native_stochastic(flat, fmt, bool(saturate), bool(flush_subnormals), rand_bits, generator)
-        if out is not None:
-            return out.view(x.shape)
     else:
         out = _native_round(flat, fmt, rounding, bool(saturate), bool(flush_subnormals))
-        if out is not None:
-            return out.view(x.shape)
+    if out is not None:
+        return out.view(x.shape)
+    if x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]:
+        return None
     key = (fmt, rounding, bool(saturate), bool(flush_subnormals), rand_bits if rounding == Rounding.STOCHASTIC
            else None)
     fn = _cache.get(key)
@@ -808,14 +882,20 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
     of the view from ``generator`` as the eager path does (the same words, natively where available)."""
     sto = s.rounding == Rounding.STOCHASTIC
     if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32
-            or x.device.type != "cpu" or x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]
-            or not fast_scaled_ok(s)):
+            or x.device.type != "cpu" or x.numel() < _min_native(sto) or not fast_scaled_ok(s)):
         return None
     block = s.scaling.mode == "block"
     v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
-    native = _native_mx(v2, s) if block else None
-    if native is not None:
-        return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
+    if block:
+        native = _native_mx(v2, s)
+        if native is not None:
+            return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
+    else:
+        native = _native_tensor_scaled(v2, s)
+        if native is not None:
+            return native[0].view(view.shape), native[1].view([1] * view.dim())
+    if x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]:
+        return None
     key = ("scaled", s)
     fn = _cache.get(key)
     first = fn is None

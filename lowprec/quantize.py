@@ -27,8 +27,7 @@ from typing import Callable
 import torch
 
 from . import scaling as _sc
-from .fast import MIN_NUMEL as MIN_FUSED_NUMEL
-from .fast import fast_round, fast_scaled, fast_scaled_ok
+from .fast import fast_min_numel, fast_round, fast_scaled, fast_scaled_ok
 from .formats import Format, torch_dtype
 from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, functional_round_ok,
                        random_bits, round_native,
@@ -108,7 +107,7 @@ def _fused(x: torch.Tensor, s: QuantSpec,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
     """The whole scale -> round -> unscale by one compiled graph (:func:`lowprec.fast.fast_scaled`, bit-identical)
     where it applies: (the quantized view, its scale, undo), else None."""
-    if s.scaling is None or x.numel() < MIN_FUSED_NUMEL or not fast_scaled_ok(s):
+    if s.scaling is None or x.numel() < fast_min_numel() or not fast_scaled_ok(s):
         return None
     check_tensor(x)
     x32 = x.detach().float()

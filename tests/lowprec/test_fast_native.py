@@ -232,3 +232,43 @@ def test_native_mx_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_)
     assert same(ref_q, q) and same(ref_s, sc)
     # blocks over the native loop's cap go to the compiled kernel (same bits)
     assert calls and all(calls) == (s.scaling.block_size <= fast._MX_MAX_BLOCK)
+
+
+def _special_tensors(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 3
+    mixed = x.clone()
+    mixed[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])[:n]
+    return [x, mixed, torch.zeros(n), torch.full((n,), float("nan")), torch.full((n,), -float("inf")),
+            torch.full((n,), 1e-42), torch.where(torch.arange(n) == n // 2, 3e38, 0.0), x * 1e-39, x * 1e37]
+
+
+@pytest.mark.parametrize("spec_", ["e4m3:tensor", "e5m2:tensor:nosat", "e2m1:tensor:flush", "e4m3:tensor:toward_zero",
+                                   "e3m2:tensor", "int8:tensor"])
+@pytest.mark.parametrize("n", [2, 7, 4095, 4096, 4097, 8193, 20001])
+def test_native_tensor_scaled_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_, n):
+    from lowprec import quantize_with_scale, spec
+
+    s = spec(spec_)
+    calls = _counting(monkeypatch, "_native_tensor_scaled")
+    for x in _special_tensors(n):
+        with fast_path_off():
+            ref_q, ref_s = quantize_with_scale(x.reshape(-1, 1) if n % 2 else x, s)
+        q, sc = quantize_with_scale(x.reshape(-1, 1) if n % 2 else x, s)
+        assert same(ref_q, q) and same(ref_s, sc)
+    if fast.fast_scaled_ok(s):  # (int8 is not a float format: the eager path, nothing native)
+        assert calls and all(calls)
+
+
+@pytest.mark.parametrize("spec_", ["e4m3:tensor", "mxfp8", "e5m2:tensor:nosat"])
+def test_without_the_native_helpers_the_compiled_scaled_kernel_gives_the_same_bits(fast_everywhere, monkeypatch,
+                                                                                     spec_):
+    from lowprec import quantize_with_scale, spec
+
+    monkeypatch.setattr(fast, "_native", {"lib": None})
+    s = spec(spec_)
+    for x in _special_tensors(8193):
+        with fast_path_off():
+            ref_q, ref_s = quantize_with_scale(x, s)
+        q, sc = quantize_with_scale(x, s)
+        assert same(ref_q, q) and same(ref_s, sc)
