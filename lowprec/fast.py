@@ -34,6 +34,7 @@ environment, or :func:`set_fast_path`, turns the fast path off; ``LOWPREC_NATIVE
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -477,8 +478,9 @@ def _nan_bits(fmt: Format, rounding: Rounding) -> int:
     return 0x7FE00000 if rounding == Rounding.NEAREST and torch_dtype(fmt) == torch.float8_e5m2 else _CANONICAL_NAN
 
 
+@functools.lru_cache(maxsize=256)
 def _rn_params(fmt: Format, rounding: Rounding, saturate: bool, flush: bool) -> _RNParams:
-    """The constants of _int_kernel for the native loops."""
+    """The constants of _int_kernel for the native loops (cached: the callers pass it by reference, read-only)."""
     drop = 23 - fmt.man_bits
     ov = overflow_value(fmt)
     return _RNParams(_bits(rounding_limit(fmt, rounding, saturate)), _bits(fmt.max), _bits(fmt.min_normal),
