@@ -176,7 +176,7 @@ typedef struct { uint32_t lim, max_b, min_normal_b, over_b, keep, half_less_one,
 static inline __attribute__((always_inline)) void rn_body(const uint32_t *restrict xb, uint32_t *restrict ob,
     int64_t n, const rn_params *p, const int nearest, const int sat, const int infm, const int flush) {
   const uint32_t lim = p->lim, max_b = p->max_b, mnb = p->min_normal_b, over_b = p->over_b, keep = p->keep;
-  const uint32_t hlo = p->half_less_one, odd_or = p->odd_or;
+  const uint32_t hlo = p->half_less_one, odd_or = p->odd_or, nan_b = p->nan_b;
   const int drop = p->drop;
   const float up = p->up, inv_up = p->inv_up;
   for (int64_t j = 0; j < n; j++) {
@@ -199,7 +199,7 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
       t = over ? over_b : t;
     }
     if (flush) t = t < mnb ? 0u : t;
-    ob[j] = (mag > 0x7f800000u ? p->nan_b : t) | sign;
+    ob[j] = (mag > 0x7f800000u ? nan_b : t) | sign;
   }
 }
 /* MX (1-D blocks, E8M0 scales, OCP floor rule): lowprec.fast._scaled_kernel for the rows of v (G x B), one pass
