@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=("auto", "eager", "compiled"),
                    help="how runs train: eager (the reference), compiled (torch.compile'd forward, backward and "
                         "evaluation on the steps telemetry does not sample; gpt/text tasks), or auto (default: eager "
-                        "for now; the compiled engine has not yet measured faster)")
+                        "for now; the compiled engine has not measured enough faster to repay compiling)")
     r.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="save each run's whole training state every N steps (runs/<id>/checkpoint.pt); a run killed "
                         "mid-way resumes from its last checkpoint and ends bit-identical to an uninterrupted one")

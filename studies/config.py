@@ -53,9 +53,10 @@ ENGINES = ("auto", "eager", "compiled")
 """How runs train: ``eager`` (the reference), ``compiled`` (``torch.compile``'d forward and backward on the steps
 telemetry does not sample; see ``studies.training``), ``auto`` (compiled where it pays: ``resolve_engine``)."""
 AUTO_COMPILED_MIN_STEPS = 10 ** 9
-"""``auto`` compiles runs of at least this many steps: in effect never yet, because benchmarks/bench_step.py
-(2026-12-02) measured the compiled engine no faster than eager on the tiny GPT (compiling also costs ~10-80 s per
-run and process). ``--engine compiled`` selects it explicitly."""
+"""``auto`` compiles runs of at least this many steps: in effect never yet. benchmarks/bench_step.py (2026-12-03)
+measured the compiled engine slower than eager with four models in one process (re-compiles) and, alone in a process,
+an fp8-all step only ~8% faster (16.4 vs 17.9 ms): not worth compiling (~10-80 s per run and process) on the study's
+runs. ``--engine compiled`` selects it explicitly."""
 COMPILED_TASKS = ("gpt", "text")
 """Tasks with a compiled forward (``TaskRun.compiled``); the MoE's token dispatch has data-dependent shapes."""
 
