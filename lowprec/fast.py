@@ -340,6 +340,72 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
     for (int64_t j = 0; j < c; j++) { float q; memcpy(&q, &qb[j], 4); out[i0 + j] = q * sc; }
   }
 }
+/* lowprec.fast._scaled_kernel for E4M3 block scales under an fp32 tensor scale (NVFP4; nearest / toward_zero) on
+   the rows of v (G x B): g = tensor amax / denom (1 where that is 0 or not finite), each block's scale
+   e4m3(min((amax / fmt_max) / g, 448)) * g (RNE by lp_round with ps), then v / scale (1 where the scale is 0)
+   rounded with pe, times (scale != 0), times scale: the eager path's float32 operations in its order. */
+void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, int64_t B, float fmt_max,
+           float denom, const rn_params *pe, const rn_params *ps) {
+  const int64_t n = G * B;
+  uint32_t lane[ST_L] = {0};
+  const int64_t full = n - n % ST_L;
+  for (int64_t i = 0; i < full; i += ST_L)
+    for (int j = 0; j < ST_L; j++) {
+      uint32_t b;
+      memcpy(&b, &v[i + j], 4);
+      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
+      lane[j] = m > lane[j] ? m : lane[j];
+    }
+  for (int64_t i = full; i < n; i++) {
+    uint32_t b;
+    memcpy(&b, &v[i], 4);
+    const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
+    lane[0] = m > lane[0] ? m : lane[0];
+  }
+  uint32_t tb = 0;
+  for (int j = 0; j < ST_L; j++) tb = lane[j] > tb ? lane[j] : tb;
+  float t_amax;
+  memcpy(&t_amax, &tb, 4);
+  float g = t_amax / denom;
+  g = g > 0.0f && g < INFINITY ? g : 1.0f;
+  uint32_t xb[CHUNK], rb[CHUNK];
+  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
+    const int64_t c = G - g0 < CHUNK ? G - g0 : CHUNK;
+    for (int64_t j = 0; j < c; j++) {
+      const uint32_t *row = (const uint32_t *)(v + (g0 + j) * B);
+      uint32_t am = 0;
+      for (int64_t k = 0; k < B; k++) {
+        const uint32_t a = row[k] & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
+        am = m > am ? m : am;
+      }
+      float a;
+      memcpy(&a, &am, 4);
+      float t = (a / fmt_max) / g;
+      t = t > 448.0f ? 448.0f : t;
+      memcpy(&xb[j], &t, 4);
+    }
+    lp_round(xb, rb, c, ps);
+    for (int64_t j = 0; j < c; j++) { float e; memcpy(&e, &rb[j], 4); scale[g0 + j] = e * g; }
+  }
+  const int64_t rows = B <= CHUNK ? CHUNK / B : 1;  /* whole rows per chunk (a row over CHUNK: one at a time) */
+  for (int64_t r0 = 0; r0 < G; r0 += rows) {
+    const int64_t nr = G - r0 < rows ? G - r0 : rows;
+    for (int64_t off = 0; off < B; off += CHUNK) {  /* one pass unless a row is longer than CHUNK */
+      const int64_t kb = B - off < CHUNK ? B - off : CHUNK;  /* values per row this pass */
+      for (int64_t r = 0; r < nr; r++) {
+        const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
+        const float *restrict vr = v + (r0 + r) * B + off;
+        for (int64_t k = 0; k < kb; k++) { const float y = vr[k] / d; memcpy(&xb[r * kb + k], &y, 4); }
+      }
+      lp_round(xb, rb, nr * kb, pe);
+      for (int64_t r = 0; r < nr; r++) {
+        const float sc = scale[r0 + r], keep = sc != 0.0f ? 1.0f : 0.0f;
+        float *restrict qr = q + (r0 + r) * B + off;
+        for (int64_t k = 0; k < kb; k++) { float e; memcpy(&e, &rb[r * kb + k], 4); qr[k] = (e * keep) * sc; }
+      }
+    }
+  }
+}
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
 _NATIVE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC")
@@ -382,7 +448,7 @@ def _native_lib() -> ctypes.CDLL | None:
                         if os.path.exists(leftover):
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
-            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled"):
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled", "lp_nv"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -529,6 +595,25 @@ def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor,
     scale = torch.empty(1, 1, dtype=torch.float32)
     lib.lp_tensor_scaled(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.numel()), ctypes.c_float(s.format.max),
                          ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+    return q, scale
+
+
+def _native_nv(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """_scaled_kernel for E4M3 block scales (NVFP4-style, nearest / toward_zero) on contiguous float32 rows ``v2``
+    by the native loop: (quantized rows, scales (G, 1)), or None where it does not apply (stochastic rounding, more
+    than one torch thread, no native helpers)."""
+    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "block" or s.scaling.scale_format != "e4m3"
+            or torch.get_num_threads() != 1):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    q = _empty(v2.shape, torch.float32)
+    scale = torch.empty(v2.shape[0], 1, dtype=torch.float32)
+    lib.lp_nv(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]),
+              ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max),
+              ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)),
+              ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)))
     return q, scale
 
 
@@ -889,7 +974,7 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
     block = s.scaling.mode == "block"
     v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
     if block:
-        native = _native_mx(v2, s)
+        native = _native_mx(v2, s) if s.scaling.scale_format == "e8m0" else _native_nv(v2, s)
         if native is not None:
             return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
     else:

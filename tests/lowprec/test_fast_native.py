@@ -272,3 +272,23 @@ def test_without_the_native_helpers_the_compiled_scaled_kernel_gives_the_same_bi
             ref_q, ref_s = quantize_with_scale(x, s)
         q, sc = quantize_with_scale(x, s)
         assert same(ref_q, q) and same(ref_s, sc)
+
+
+@pytest.mark.parametrize("spec_", ["nvfp4", "nvfp4:axis=0", "nvfp4:toward_zero", "nvfp4:nosat", "nvfp4:flush",
+                                   "e4m3:block16:scale=e4m3:nosat", "e3m2:block32:scale=e4m3",
+                                   "e2m1:block5000:scale=e4m3"])
+def test_native_nvfp4_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_):
+    from lowprec import quantize_with_scale, spec
+
+    calls = _counting(monkeypatch, "_native_nv")
+    x = torch.randn(1050, 1000) * 3  # 1000: a ragged last block of 16 or 32 (padded); 5000: rows over one chunk
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
+    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
+    x[5] = torch.logspace(-40, 38, 1000)  # block scales from 0 (their blocks zeroed) to the largest
+    s = spec(spec_)
+    for t in (x, x[:7, :33], torch.zeros(64, 64), torch.full((64, 64), float("nan"))):
+        with fast_path_off():
+            ref_q, ref_s = quantize_with_scale(t, s)
+        q, sc = quantize_with_scale(t, s)
+        assert same(ref_q, q) and same(ref_s, sc)
+    assert calls and all(calls)
