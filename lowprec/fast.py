@@ -345,7 +345,9 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
    e4m3(min((amax / fmt_max) / g, 448)) * g (RNE by lp_round with ps), then v / scale (1 where the scale is 0)
    rounded with pe, times (scale != 0), times scale: the eager path's float32 operations in its order. */
 void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, int64_t B, float fmt_max,
-           float denom, const rn_params *pe, const rn_params *ps) {
+           float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
+  /* sp != NULL: stochastic rounding of the elements with lp_stochastic's draws from gen (B even: every pass rounds
+     an even count, so the words land on the values as one lp_stochastic call over all of v would put them) */
   const int64_t n = G * B;
   uint32_t lane[ST_L] = {0};
   const int64_t full = n - n % ST_L;
@@ -369,6 +371,7 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
   float g = t_amax / denom;
   g = g > 0.0f && g < INFINITY ? g : 1.0f;
   uint32_t xb[CHUNK], rb[CHUNK];
+  float yf[CHUNK], of[CHUNK];
   for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
     const int64_t c = G - g0 < CHUNK ? G - g0 : CHUNK;
     for (int64_t j = 0; j < c; j++) {
@@ -392,6 +395,20 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
     const int64_t nr = G - r0 < rows ? G - r0 : rows;
     for (int64_t off = 0; off < B; off += CHUNK) {  /* one pass unless a row is longer than CHUNK */
       const int64_t kb = B - off < CHUNK ? B - off : CHUNK;  /* values per row this pass */
+      if (sp != NULL) {
+        for (int64_t r = 0; r < nr; r++) {
+          const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
+          const float *restrict vr = v + (r0 + r) * B + off;
+          for (int64_t k = 0; k < kb; k++) yf[r * kb + k] = vr[k] / d;
+        }
+        lp_stochastic(yf, of, nr * kb, gen, sp);
+        for (int64_t r = 0; r < nr; r++) {
+          const float sc = scale[r0 + r], keep = sc != 0.0f ? 1.0f : 0.0f;
+          float *restrict qr = q + (r0 + r) * B + off;
+          for (int64_t k = 0; k < kb; k++) qr[k] = (of[r * kb + k] * keep) * sc;
+        }
+        continue;
+      }
       for (int64_t r = 0; r < nr; r++) {
         const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
         const float *restrict vr = v + (r0 + r) * B + off;
@@ -510,6 +527,15 @@ def _draw_bits(shape: torch.Size, generator: torch.Generator | None) -> torch.Te
     return random_bits(shape, torch.device("cpu"), generator) if r is None else r
 
 
+def _sr_params(fmt: Format, saturate: bool, flush: bool, rand_bits: int | None) -> _SRParams:
+    """The constants of _stochastic_kernel for the native loops."""
+    drop = 23 - fmt.man_bits
+    nb = drop if rand_bits is None else min(rand_bits, drop)
+    return _SRParams(rounding_limit(fmt, Rounding.STOCHASTIC, saturate), fmt.min_normal, fmt.max, overflow_value(fmt),
+                     ((1 << nb) - 1) << (drop - nb), (~((1 << drop) - 1)) & 0xFFFFFFFF, int(saturate),
+                     int(inf_needs_mask(fmt, Rounding.STOCHASTIC) and not saturate), int(flush))
+
+
 def _native_stochastic(flat: torch.Tensor, fmt: Format, saturate: bool, flush: bool, rand_bits: int | None,
                        generator: torch.Generator | None) -> torch.Tensor | None:
     """_stochastic_kernel on contiguous float32 ``flat`` with the random bits drawn inside the loop (native), or
@@ -519,11 +545,7 @@ def _native_stochastic(flat: torch.Tensor, fmt: Format, saturate: bool, flush: b
     if taken is None:
         return None
     g, st, mt = taken
-    drop = 23 - fmt.man_bits
-    nb = drop if rand_bits is None else min(rand_bits, drop)
-    p = _SRParams(rounding_limit(fmt, Rounding.STOCHASTIC, saturate), fmt.min_normal, fmt.max, overflow_value(fmt),
-                  ((1 << nb) - 1) << (drop - nb), (~((1 << drop) - 1)) & 0xFFFFFFFF, int(saturate),
-                  int(inf_needs_mask(fmt, Rounding.STOCHASTIC) and not saturate), int(flush))
+    p = _sr_params(fmt, saturate, flush, rand_bits)
     out = _empty(flat.shape, torch.float32)
     lib.lp_stochastic(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), _ptr(mt), ctypes.byref(p))
     _mt_put(g, st, mt)
@@ -598,22 +620,30 @@ def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor,
     return q, scale
 
 
-def _native_nv(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """_scaled_kernel for E4M3 block scales (NVFP4-style, nearest / toward_zero) on contiguous float32 rows ``v2``
-    by the native loop: (quantized rows, scales (G, 1)), or None where it does not apply (stochastic rounding, more
-    than one torch thread, no native helpers)."""
-    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "block" or s.scaling.scale_format != "e4m3"
-            or torch.get_num_threads() != 1):
+def _native_nv(v2: torch.Tensor, s: QuantSpec,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """_scaled_kernel for E4M3 block scales (NVFP4-style; any rounding, stochastic drawing from ``generator`` the
+    words the eager path draws) on contiguous float32 rows ``v2`` by the native loop: (quantized rows, scales (G,
+    1)), or None where it does not apply (stochastic rounding of odd-length blocks, more than one torch thread, a
+    generator that is not the CPU mt19937, no native helpers)."""
+    sto = s.rounding == Rounding.STOCHASTIC
+    if (s.scaling.mode != "block" or s.scaling.scale_format != "e4m3" or torch.get_num_threads() != 1
+            or (sto and v2.shape[1] % 2)):
         return None
     lib = _native_lib()
-    if lib is None:
+    taken = _mt_take(generator) if (lib is not None and sto) else None
+    if lib is None or (sto and taken is None):
         return None
     q = _empty(v2.shape, torch.float32)
     scale = torch.empty(v2.shape[0], 1, dtype=torch.float32)
+    rn = _rn_params(s.format, Rounding.NEAREST if sto else s.rounding, s.saturate, s.flush_subnormals)
     lib.lp_nv(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]),
-              ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max),
-              ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)),
-              ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)))
+              ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn),
+              ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)),
+              _ptr(taken[2]) if sto else None,
+              ctypes.byref(_sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits)) if sto else None)
+    if sto:
+        _mt_put(*taken)
     return q, scale
 
 
@@ -974,7 +1004,7 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
     block = s.scaling.mode == "block"
     v2 = view.contiguous().view(-1, view.shape[-1] if block else view.numel())
     if block:
-        native = _native_mx(v2, s) if s.scaling.scale_format == "e8m0" else _native_nv(v2, s)
+        native = _native_mx(v2, s) if s.scaling.scale_format == "e8m0" else _native_nv(v2, s, generator)
         if native is not None:
             return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
     else:
