@@ -305,18 +305,16 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
   o->nonzero = tot[0]; o->flushed = tot[1]; o->saturated = tot[2]; o->nan = tot[3];
   o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
 }
-/* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
-   0) in lanes, scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
-   multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
-void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
-                      float fmt_max, const rn_params *p) {
-  uint32_t lane[ST_L] = {0};  /* on the magnitude bits: finite non-negative floats order as their bits */
+/* max |x| over the finite values (NaN, ±inf count as 0), in lanes on the magnitude bits (finite non-negative
+   floats order as their bits) */
+static float finite_amax(const float *restrict x, int64_t n) {
+  uint32_t lane[ST_L] = {0};
   const int64_t full = n - n % ST_L;
   for (int64_t i = 0; i < full; i += ST_L)
     for (int j = 0; j < ST_L; j++) {
       uint32_t b;
       memcpy(&b, &x[i + j], 4);
-      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;  /* NaN, ±inf: 0 */
+      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
       lane[j] = m > lane[j] ? m : lane[j];
     }
   for (int64_t i = full; i < n; i++) {
@@ -325,10 +323,18 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
     const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
     lane[0] = m > lane[0] ? m : lane[0];
   }
-  uint32_t amax_b = 0;
-  for (int j = 0; j < ST_L; j++) amax_b = lane[j] > amax_b ? lane[j] : amax_b;
+  uint32_t top = 0;
+  for (int j = 0; j < ST_L; j++) top = lane[j] > top ? lane[j] : top;
   float amax;
-  memcpy(&amax, &amax_b, 4);
+  memcpy(&amax, &top, 4);
+  return amax;
+}
+/* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
+   0) in lanes, scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
+   multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
+void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
+                      float fmt_max, const rn_params *p) {
+  const float amax = finite_amax(x, n);
   float sc = amax / fmt_max;
   sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
   *scale_out = sc;
@@ -349,25 +355,7 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
   /* sp != NULL: stochastic rounding of the elements with lp_stochastic's draws from gen (B even: every pass rounds
      an even count, so the words land on the values as one lp_stochastic call over all of v would put them) */
   const int64_t n = G * B;
-  uint32_t lane[ST_L] = {0};
-  const int64_t full = n - n % ST_L;
-  for (int64_t i = 0; i < full; i += ST_L)
-    for (int j = 0; j < ST_L; j++) {
-      uint32_t b;
-      memcpy(&b, &v[i + j], 4);
-      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
-      lane[j] = m > lane[j] ? m : lane[j];
-    }
-  for (int64_t i = full; i < n; i++) {
-    uint32_t b;
-    memcpy(&b, &v[i], 4);
-    const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
-    lane[0] = m > lane[0] ? m : lane[0];
-  }
-  uint32_t tb = 0;
-  for (int j = 0; j < ST_L; j++) tb = lane[j] > tb ? lane[j] : tb;
-  float t_amax;
-  memcpy(&t_amax, &tb, 4);
+  const float t_amax = finite_amax(v, n);
   float g = t_amax / denom;
   g = g > 0.0f && g < INFINITY ? g : 1.0f;
   uint32_t xb[CHUNK], rb[CHUNK];
