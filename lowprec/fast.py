@@ -51,9 +51,9 @@ from .formats import Format, get_format, torch_dtype
 from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limit
 from .spec import QuantSpec, Rounding
 
-__all__ = ["MIN_NUMEL_NATIVE", "fast_min_numel", "record_counts", "fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
-           "fast_path_settings",
-           "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC"]
+__all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
+           "fast_path_settings", "fast_min_numel", "record_counts",
+           "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
 # paths) leave no gain over eager (measured on 2 shared cores, 1 thread)
@@ -362,7 +362,7 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
   float yf[CHUNK], of[CHUNK];
   for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
     const int64_t c = G - g0 < CHUNK ? G - g0 : CHUNK;
-    for (int64_t j = 0; j < c; j++) {
+    for (int64_t j = 0; j < c; j++) {  /* inline: finite_amax called per row measured 390 vs 260 us on 131k values */
       const uint32_t *row = (const uint32_t *)(v + (g0 + j) * B);
       uint32_t am = 0;
       for (int64_t k = 0; k < B; k++) {
@@ -383,30 +383,23 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
     const int64_t nr = G - r0 < rows ? G - r0 : rows;
     for (int64_t off = 0; off < B; off += CHUNK) {  /* one pass unless a row is longer than CHUNK */
       const int64_t kb = B - off < CHUNK ? B - off : CHUNK;  /* values per row this pass */
-      if (sp != NULL) {
-        for (int64_t r = 0; r < nr; r++) {
-          const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
-          const float *restrict vr = v + (r0 + r) * B + off;
-          for (int64_t k = 0; k < kb; k++) yf[r * kb + k] = vr[k] / d;
-        }
-        lp_stochastic(yf, of, nr * kb, gen, sp);
-        for (int64_t r = 0; r < nr; r++) {
-          const float sc = scale[r0 + r], keep = sc != 0.0f ? 1.0f : 0.0f;
-          float *restrict qr = q + (r0 + r) * B + off;
-          for (int64_t k = 0; k < kb; k++) qr[k] = (of[r * kb + k] * keep) * sc;
-        }
-        continue;
-      }
+      const int64_t m = nr * kb;
       for (int64_t r = 0; r < nr; r++) {
         const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
         const float *restrict vr = v + (r0 + r) * B + off;
-        for (int64_t k = 0; k < kb; k++) { const float y = vr[k] / d; memcpy(&xb[r * kb + k], &y, 4); }
+        for (int64_t k = 0; k < kb; k++) yf[r * kb + k] = vr[k] / d;
       }
-      lp_round(xb, rb, nr * kb, pe);
+      if (sp != NULL) {
+        lp_stochastic(yf, of, m, gen, sp);
+      } else {  /* lp_round works on bit patterns */
+        memcpy(xb, yf, 4 * m);
+        lp_round(xb, rb, m, pe);
+        memcpy(of, rb, 4 * m);
+      }
       for (int64_t r = 0; r < nr; r++) {
         const float sc = scale[r0 + r], keep = sc != 0.0f ? 1.0f : 0.0f;
         float *restrict qr = q + (r0 + r) * B + off;
-        for (int64_t k = 0; k < kb; k++) { float e; memcpy(&e, &rb[r * kb + k], 4); qr[k] = (e * keep) * sc; }
+        for (int64_t k = 0; k < kb; k++) qr[k] = (of[r * kb + k] * keep) * sc;
       }
     }
   }
@@ -453,7 +446,8 @@ def _native_lib() -> ctypes.CDLL | None:
                         if os.path.exists(leftover):
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
-            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled", "lp_nv"):
+            for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
+                         "lp_nv"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -619,8 +613,10 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
             or (sto and v2.shape[1] % 2)):
         return None
     lib = _native_lib()
-    taken = _mt_take(generator) if (lib is not None and sto) else None
-    if lib is None or (sto and taken is None):
+    if lib is None:
+        return None
+    taken = _mt_take(generator) if sto else None
+    if sto and taken is None:
         return None
     q = _empty(v2.shape, torch.float32)
     scale = torch.empty(v2.shape[0], 1, dtype=torch.float32)
@@ -654,7 +650,6 @@ def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tens
                    ctypes.c_int32(s.format.emax), ctypes.byref(_rn_params(s.format, s.rounding, s.saturate,
                                                                           s.flush_subnormals)))
     return q, scale
-
 
 
 class _StatsOut(ctypes.Structure):
@@ -694,6 +689,7 @@ def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
                  ctypes.c_int64(x.numel()), ctypes.c_float(0.0 if limit is None else limit),
                  ctypes.c_int32(limit is not None), ctypes.byref(out))
     return {name: getattr(out, name) for name, _ in _StatsOut._fields_}
+
 
 # ---- fresh outputs on transparent huge pages ----------------------------------------------------------------------
 # Every quantize returns a new tensor; a fresh 64 MiB buffer costs 16384 first-touch page faults (here: a clone of
@@ -900,8 +896,7 @@ def fast_round(x: torch.Tensor, fmt: Format, rounding: Rounding, *, saturate: bo
         return out.view(x.shape)
     if x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]:
         return None
-    key = (fmt, rounding, bool(saturate), bool(flush_subnormals), rand_bits if rounding == Rounding.STOCHASTIC
-           else None)
+    key = (fmt, rounding, bool(saturate), bool(flush_subnormals), rand_bits if sto else None)
     fn = _cache.get(key)
     first = fn is None
     if first:
