@@ -105,8 +105,8 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
 
 def _fused(x: torch.Tensor, s: QuantSpec,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
-    """The whole scale -> round -> unscale by one compiled graph (:func:`lowprec.fast.fast_scaled`, bit-identical)
-    where it applies: (the quantized view, its scale, undo), else None."""
+    """The whole scale -> round -> unscale by one native loop or compiled graph (:func:`lowprec.fast.fast_scaled`,
+    bit-identical) where it applies: (the quantized view, its scale, undo), else None."""
     if s.scaling is None or x.numel() < fast_min_numel() or not fast_scaled_ok(s):
         return None
     check_tensor(x)

@@ -215,16 +215,23 @@ def test_huge_page_outputs_change_no_bit(n, spec_, rounding):
     assert e.shape == (n,) and e.dtype == torch.float32 and e.is_contiguous()
 
 
+def _edge_rows() -> torch.Tensor:
+    """1050 x 1000 values (1000: a ragged last block of 16, 32 or 64, padded) with NaN, ±inf and tiny values, a zero
+    row, subnormal, huge and tiny blocks, and a row whose block scales run from 0 (blocks zeroed) to the largest."""
+    x = torch.randn(1050, 1000) * 3
+    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
+    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127
+    x[5] = torch.logspace(-40, 38, 1000)
+    return x
+
+
 @pytest.mark.parametrize("spec_", ["mxfp8", "mxfp4", "mxfp6_e3m2", "mxfp8:axis=0", "mxfp4:nosat", "mxfp8:toward_zero",
                                    "mxfp8_e5m2:nosat", "mxfp4:flush", "mxfp8:block64", "mxfp8:block2000"])
 def test_native_mx_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_):
     from lowprec import quantize_with_scale, spec
 
     calls = _counting(monkeypatch, "_native_mx")
-    x = torch.randn(1050, 1000) * 3  # 1000: a ragged last block (padded)
-    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
-    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
-    x[5] = torch.logspace(-40, 38, 1000)
+    x = _edge_rows()
     s = spec(spec_)
     with fast_path_off():
         ref_q, ref_s = quantize_with_scale(x, s)
@@ -281,10 +288,7 @@ def test_native_nvfp4_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spe
     from lowprec import quantize_with_scale, spec
 
     calls = _counting(monkeypatch, "_native_nv")
-    x = torch.randn(1050, 1000) * 3  # 1000: a ragged last block of 16 or 32 (padded); 5000: rows over one chunk
-    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
-    x[1], x[2, :32], x[3, :32], x[4, :32] = 0.0, 1e-42, 1e30, 2.0**-127  # zero, subnormal, huge, tiny blocks
-    x[5] = torch.logspace(-40, 38, 1000)  # block scales from 0 (their blocks zeroed) to the largest
+    x = _edge_rows()  # with block5000: rows over one chunk
     s = spec(spec_)
     for t in (x, x[:7, :33], torch.zeros(64, 64), torch.full((64, 64), float("nan"))):
         with fast_path_off():
@@ -301,9 +305,7 @@ def test_native_nvfp4_stochastic_draws_the_eager_words(fast_everywhere, monkeypa
     from lowprec import quantize_with_scale, spec
 
     calls = _counting(monkeypatch, "_native_nv")
-    x = torch.randn(1050, 1000) * 3
-    x[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, 1e-41, -0.0])
-    x[1], x[2, :32], x[3, :32] = 0.0, 1e-42, 1e30
+    x = _edge_rows()
     s = spec(spec_)
     for k, t in enumerate((x, x[:7, :33], torch.zeros(64, 64))):
         g_ref, g_got = _advanced(k, 311 * k), _advanced(k, 311 * k)  # any mt19937 block position
