@@ -51,7 +51,10 @@ SIZES = ("quick", "default", "paper")
 SCHEDULES = ("cosine", "constant")
 ENGINES = ("auto", "eager", "compiled")
 """How runs train: ``eager`` (the reference), ``compiled`` (``torch.compile``'d forward and backward on the steps
-telemetry does not sample; see ``studies.training``), ``auto`` (compiled where it pays: ``resolve_engine``)."""
+telemetry does not sample; see ``studies.training``), ``auto`` (compiled where it pays: ``resolve_engine``).
+A compiled run differs from eager by float reassociation (bounds: ``tests/studies/test_engine.py``) and is
+reproducible on one torch thread (study jobs' default); with more threads its parallel loops may sum in another
+order from one process to the next."""
 AUTO_COMPILED_MIN_STEPS = 10 ** 9
 """``auto`` compiles runs of at least this many steps: in effect never yet. benchmarks/bench_step.py (2026-12-03)
 measured the compiled engine slower than eager with four models in one process (re-compiles) and, alone in a process,

@@ -8,8 +8,13 @@ tensor then differs from eager only where such an ulp moves a value across a rou
 - one step, same parameters and batch: loss within 1e-6 relative; fp32 gradients within 1e-5 (relative L2 norm
   per tensor); quantized policies' gradients within 1e-2 (a handful of e5m2 rounding flips: 2 mantissa bits, so
   one flip moves an element by up to 25%, and the measured worst tensor is ~5e-4);
-- a 30-step run: every training loss within 1e-3 relative of eager, telemetry rows at the same sampled steps
-  and sites (those steps run eagerly).
+- a 30-step fp8-all run on one torch thread (as study jobs run): the compiled run gives the same losses when run
+  again (with more threads inductor's parallel loops and the BLAS may sum in another order from one process to
+  the next, measured up to 1.2e-3 apart at step 22); the first 4 losses within 1e-5 relative of eager (measured
+  <= 2.1e-6), every loss within 5e-3 (measured max 1.2e-3, at step 22): the master weights' stochastic bf16
+  rounding turns an ulp of difference into a whole bf16 step wherever a value lies near a rounding threshold, so
+  the trajectories drift apart slowly; telemetry rows at the same sampled steps and sites (those steps run
+  eagerly).
 """
 from __future__ import annotations
 
@@ -101,20 +106,33 @@ def test_one_step_matches_eager_within_the_bound(precision, grad_bound):
     assert abs(vc - ve) <= 1e-6 * abs(ve)
 
 
-def test_a_compiled_run_tracks_the_eager_run(tmp_path):
-    rows, metrics, tel = {}, {}, {}
-    for engine in ("eager", "compiled"):
+@pytest.fixture
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def test_a_compiled_run_tracks_the_eager_run(tmp_path, one_thread):
+    import pandas as pd
+
+    rows, losses, tel = {}, {}, {}
+    for name, engine in (("eager", "eager"), ("compiled", "compiled"), ("again", "compiled")):
         spec = RunSpec(task="gpt", optimizer="adamw", precision="fp8-all", lr=3e-3, seed=1, steps=30, size="quick",
                        eval_every=15, engine=engine)
-        rows[engine] = execute_run(spec, tmp_path / engine, debug=True)
-        run_dir = tmp_path / engine / "runs" / spec.run_id
-        import pandas as pd
-        metrics[engine] = pd.read_csv(run_dir / "metrics.csv")
-        tel[engine] = pd.read_csv(run_dir / "telemetry.csv")
+        rows[name] = execute_run(spec, tmp_path / name, debug=True)
+        run_dir = tmp_path / name / "runs" / spec.run_id
+        losses[name] = pd.read_csv(run_dir / "metrics.csv")["loss"].dropna().to_numpy()
+        tel[name] = pd.read_csv(run_dir / "telemetry.csv")
     assert rows["compiled"]["status"] == rows["eager"]["status"] == "ok"
-    le, lc = metrics["eager"]["loss"].dropna().to_numpy(), metrics["compiled"]["loss"].dropna().to_numpy()
+    le, lc = losses["eager"], losses["compiled"]
     assert len(le) == len(lc) == 30
-    assert (abs(lc - le) <= 1e-3 * abs(le)).all(), abs(lc - le).max()
+    assert (losses["again"] == lc).all()                      # one thread: the compiled run is reproducible
+    rel = abs(lc - le) / abs(le)
+    assert (rel[:4] <= 1e-5).all(), rel[:4]
+    assert (rel <= 5e-3).all(), rel.max()
+    assert rel.max() > 0                                      # it did run the compiled graphs
     # the sampled steps ran eagerly: telemetry has the same (step, site) rows
     key = ["step", "site"]
     assert sorted(map(tuple, tel["compiled"][key].to_numpy())) == sorted(map(tuple, tel["eager"][key].to_numpy()))
