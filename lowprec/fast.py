@@ -52,7 +52,7 @@ from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limi
 from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
-           "fast_path_settings", "fast_min_numel", "record_counts",
+           "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
@@ -599,6 +599,33 @@ def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor,
     scale = torch.empty(1, 1, dtype=torch.float32)
     lib.lp_tensor_scaled(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.numel()), ctypes.c_float(s.format.max),
                          ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+    return q, scale
+
+
+def tensor_scaled_segments(buf: torch.Tensor, lens: list[int], s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``quantize_with_scale`` of each segment of contiguous 1-D float32 ``buf`` (consecutive lengths ``lens``)
+    under one fp32 tensor scale per segment, by the native loop of :func:`_native_tensor_scaled` called once per
+    segment (the same bits: a segment is quantized exactly as the tensor alone): (the quantized buffer, the
+    segments' scales as float32 ``[len(lens)]``), or None where that loop does not apply (see there) or the fast
+    path is off. Segments of any length (the per-tensor path's size threshold is a cost, not a bit, matter)."""
+    if (not _state["enabled"] or torch.compiler.is_compiling() or buf.dtype != torch.float32
+            or buf.device.type != "cpu" or buf.dim() != 1 or not buf.is_contiguous() or sum(lens) != buf.numel()
+            or s.rounding == Rounding.STOCHASTIC or s.scaling is None or s.scaling.mode != "tensor"
+            or s.scaling.scale_format != "fp32" or s.format.emax >= 127 or torch.get_num_threads() != 1):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    q = _empty(buf.shape, torch.float32)
+    scale = torch.empty(len(lens), dtype=torch.float32)
+    rn = ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals))
+    fmax = ctypes.c_float(s.format.max)
+    x0, q0, s0 = buf.data_ptr(), q.data_ptr(), scale.data_ptr()
+    off = 0
+    for i, n in enumerate(lens):
+        lib.lp_tensor_scaled(ctypes.c_void_p(x0 + 4 * off), ctypes.c_void_p(q0 + 4 * off),
+                             ctypes.c_void_p(s0 + 4 * i), ctypes.c_int64(n), fmax, rn)
+        off += n
     return q, scale
 
 

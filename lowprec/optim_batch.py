@@ -24,6 +24,7 @@ import torch
 from lowprec import codecs as _codecs
 from lowprec import scaling as _sc
 from lowprec.codecs import Encoded, decode, encode
+from lowprec.fast import tensor_scaled_segments
 from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
@@ -337,6 +338,11 @@ def _unscaled_spec(spec: QuantSpec) -> QuantSpec:
 
 def _per_tensor_scaled(xs, spec, generator, sto) -> Segments:
     buf, offs, lens = _flat(xs, sto, torch.float32)
+    native = None if sto else tensor_scaled_segments(buf, lens, spec)
+    if native is not None:   # one native pass per tensor (fp32 scales, nearest / toward_zero; the same bits)
+        q, scale = native
+        out = [v if v.dtype == x.dtype else v.to(x.dtype) for v, x in zip(_at(q, xs, offs), xs)]
+        return Segments(out, lambda i: scale[i:i + 1].reshape([1] * xs[i].dim()))
     ids = _segment_ids(tuple(lens), buf.device)
     a = buf.abs().nan_to_num_(nan=0.0, posinf=0.0)
     amax = torch.zeros(len(xs), dtype=torch.float32, device=buf.device).scatter_reduce_(0, ids, a, "amax")

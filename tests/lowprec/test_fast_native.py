@@ -267,6 +267,30 @@ def test_native_tensor_scaled_equals_eager_bit_for_bit(fast_everywhere, monkeypa
         assert calls and all(calls)
 
 
+@pytest.mark.parametrize("spec_", ["e4m3:tensor", "e5m2:tensor", "e5m2:tensor:nosat", "e2m1:tensor:flush",
+                                   "e4m3:tensor:toward_zero", "e3m2:tensor"])
+def test_native_tensor_scaled_segments_equal_eager_tensor_by_tensor(fast_everywhere, monkeypatch, spec_):
+    """lowprec.optim_batch's batch of per-tensor scaled tensors (the wrapped optimizer's gradients): each segment
+    of the native pass equals the eager quantize_with_scale of that tensor alone (values and scale)."""
+    from lowprec import quantize_with_scale, spec
+    from lowprec.optim_batch import quantize_segments
+
+    s = spec(spec_)
+    calls = _counting(monkeypatch, "tensor_scaled_segments")
+    monkeypatch.setattr("lowprec.optim_batch.tensor_scaled_segments", fast.tensor_scaled_segments)
+    xs = [t.reshape(-1, 1) if i % 3 == 0 else t for n in (1, 2, 7, 64, 4097)
+          for i, t in enumerate(_special_tensors(n))]
+    seg = quantize_segments(xs, s)
+    for j, x in enumerate(xs):
+        with fast_path_off():
+            ref_q, ref_s = quantize_with_scale(x, s)
+        assert same(ref_q, seg.q[j]) and same(ref_s, seg.scale(j)), (j, x.shape)
+    assert calls == [True]
+    with fast_path_off():
+        assert fast.tensor_scaled_segments(torch.ones(4), [4], s) is None    # the fast path off: not taken
+    assert fast.tensor_scaled_segments(torch.ones(4), [4], spec("e4m3:tensor:stochastic")) is None
+
+
 @pytest.mark.parametrize("spec_", ["e4m3:tensor", "mxfp8", "e5m2:tensor:nosat"])
 def test_without_the_native_helpers_the_compiled_scaled_kernel_gives_the_same_bits(fast_everywhere, monkeypatch,
                                                                                      spec_):
