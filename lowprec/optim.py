@@ -403,8 +403,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         gens = [self._gen(p.device) for p in params]  # created even when unused, so state_dict lists it
         qs, scales = self._quantize_all(grads, spec, gens)
         if tel is not None and tel.wants() and not tel.sampling and tel.deferred:
-            for q in qs:       # what record() does on such a step: a deferred check of q, nothing else
-                tel.flag("optim:grad", q)
+            # what record() does on such a step: a deferred check of q, nothing else
+            tel.flag_many([("optim:grad", q) for q in qs])
         elif tel is not None and tel.wants():
             todo = range(len(params))
             if not tel.sampling and not tel.deferred:
@@ -575,8 +575,17 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             finite = _finite_flags(sums + [t for _, ss in checks for t in ss]) if (sums or checks) else []
             zeros_ok = {id(z): ok for z, ok in zip(zeros, finite)}
             finite = finite[len(zeros):]
+        deferred = checking and tel.deferred    # (unsampled) the checks record()/record_zeros() would make, batched
+        flags: list[tuple[str, torch.Tensor]] = []
         for item in todo:
             kind, name, value, spec = item[:4]
+            if deferred and kind in ("zeros", "state"):
+                flags.append((f"optim:{name}", value))
+                if kind == "state" and not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
+                    flags.append((f"optim:{name}", _decoded_of(item)))
+                continue
+            tel.flag_many(flags)   # (in execution order with the rows below)
+            flags = []
             if kind == "zeros":
                 if not zeros_ok.get(id(item), False):
                     tel.record_zeros(f"optim:{name}", "state", value, fmt="fp32")
@@ -585,10 +594,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                            unpacked=True)
             elif sampling:
                 self._record_state(tel, item)
-            elif checking and tel.deferred:
-                tel.flag(f"optim:{name}", value)
-                if not spec.saturate and (spec.format.has_inf or spec.format.has_nan):
-                    tel.flag(f"optim:{name}", _decoded_of(item))
+        tel.flag_many(flags)
         i = 0
         for item, ss in checks:   # full rows for the non-finite states
             if not all(finite[i:i + len(ss)]):

@@ -96,7 +96,9 @@ class Telemetry:
         self._accs: dict[tuple[int, str, str], _Acc] = {}
         self._last_sampled: list[_Acc] = []      # the accumulators of the latest sampled step (for summary)
         self._seq = 0                            # execution order of rows and deferred checks
-        self._pending: list[tuple[int, int, str, torch.Tensor]] = []   # (seq, step, site, device-side q.sum())
+        # (seq, step, site, device-side q.sum()), or from flag_many (first seq, step, [sites], [sums] stacked)
+        self._pending: list[tuple[int, int, str | list[str], torch.Tensor]] = []
+        self._pending_n = 0                      # deferred sums held in _pending
         self._events: list[tuple[int, int, str]] = []                  # (seq, step, site) found non-finite
 
     # ------------------------------------------------------------------ step control
@@ -124,7 +126,7 @@ class Telemetry:
         self.step = 0
         self._accs.clear()
         self._last_sampled = []
-        self._pending, self._events = [], []
+        self._pending, self._events, self._pending_n = [], [], 0
 
     def _acc(self, site: str, role: str, fmt: str, sampled: bool) -> _Acc:
         key = (self.step, site, role)
@@ -161,7 +163,25 @@ class Telemetry:
             return
         self._seq += 1
         self._pending.append((self._seq, self.step, site, t.detach().sum()))
-        if len(self._pending) >= _MAX_PENDING:
+        self._pending_n += 1
+        if self._pending_n >= _MAX_PENDING:
+            self._resolve()
+
+    def flag_many(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """``flag(site, t)`` for every ``(site, t)`` in ``pairs``, in order: the same sums and the same events,
+        kept as one stacked tensor (one entry instead of one per tensor)."""
+        if not self.deferred or self.sampling or not pairs:
+            return
+        dev = pairs[0][1].device
+        if len(pairs) == 1 or any(t.device != dev for _, t in pairs):
+            for site, t in pairs:
+                self.flag(site, t)
+            return
+        sums = torch.stack([t.detach().sum().float() for _, t in pairs])
+        self._pending.append((self._seq + 1, self.step, [site for site, _ in pairs], sums))
+        self._seq += len(pairs)
+        self._pending_n += len(pairs)
+        if self._pending_n >= _MAX_PENDING:
             self._resolve()
 
     def _resolve(self) -> None:
@@ -169,10 +189,14 @@ class Telemetry:
         by_device: dict[torch.device, list[tuple[int, int, str, torch.Tensor]]] = {}
         for entry in self._pending:
             by_device.setdefault(entry[3].device, []).append(entry)
-        self._pending = []
+        self._pending, self._pending_n = [], 0
         for entries in by_device.values():
-            finite = torch.isfinite(torch.stack([e[3].float() for e in entries])).tolist()
-            self._events.extend((seq, step, site) for (seq, step, site, _), ok in zip(entries, finite) if not ok)
+            finite = torch.isfinite(torch.cat([e[3].float().reshape(-1) for e in entries])).tolist()
+            i = 0
+            for seq, step, site, _ in entries:
+                sites = site if isinstance(site, list) else [site]
+                self._events.extend((seq + k, step, s) for k, s in enumerate(sites) if not finite[i + k])
+                i += len(sites)
         self._events.sort()
 
     def nonfinite_events(self) -> list[tuple[int, str]]:

@@ -15,6 +15,41 @@ torch.set_num_threads(1)
 NAN = float("nan")
 
 
+def test_flag_many_makes_the_events_of_one_flag_per_tensor():
+    """The batched deferred check: hand-placed NaN/inf in several dtypes (an fp16 sum that overflows to inf
+    counts, as the single check's sum does), interleaved with single flags and rows, over unsampled and sampled
+    steps: the same events, in the same order, and the same first site as flagging tensor by tensor."""
+    INF = float("inf")
+
+    def tensors(step):
+        return [("optim:grad", torch.ones(3)), ("optim:grad", torch.tensor([1.0, NAN]) if step == 1 else torch.ones(2)),
+                ("optim:exp_avg", torch.tensor([-INF, 0.0], dtype=torch.bfloat16) if step == 2 else torch.zeros(2)),
+                ("optim:exp_avg_sq", torch.full((4,), 60000.0, dtype=torch.float16)),   # sum 240000: inf in fp16
+                ("optim:exp_avg", torch.tensor([INF]) if step in (1, 4) else torch.ones(1))]
+
+    one, many = (Telemetry(every=3, check_nonfinite="deferred") for _ in range(2))
+    for step in range(6):
+        for tel in (one, many):
+            tel.record("l:activation", "activation", torch.ones(2),
+                       torch.tensor([NAN, 0.0]) if step == 4 else torch.ones(2))
+            pairs = tensors(step)
+            if tel is one:
+                for site, t in pairs:
+                    tel.flag(site, t)
+            else:
+                tel.flag_many(pairs[:3])
+                tel.flag("optim:exp_avg_sq", pairs[3][1])
+                tel.flag_many(pairs[4:])
+            tel.next_step()
+    assert one.nonfinite_events() == many.nonfinite_events()
+    assert (1, "optim:grad") in many.nonfinite_events() and (2, "optim:exp_avg") in many.nonfinite_events()
+    # unsampled steps 1, 2, 4, 5 (0 and 3 are sampled): the fp16 overflow each, step 1 NaN and inf, step 2 -inf,
+    # step 4 the activation's NaN and an inf
+    assert len(many.nonfinite_events()) == 9
+    assert one.first_nonfinite() == many.first_nonfinite() == "optim:grad"
+    assert many.frame().equals(one.frame())
+
+
 def test_deferred_events_and_first_nonfinite_hand_placed():
     t = Telemetry(every=3, check_nonfinite="deferred")
     for step in range(8):
