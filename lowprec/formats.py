@@ -11,6 +11,7 @@ exponent range inside float32's normal range.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -84,12 +85,12 @@ class Format:
     def is_float(self) -> bool:
         return self.kind != "int"
 
-    @property
+    @functools.cached_property
     def emin(self) -> int:
         """Exponent of the smallest normal number (floats); 0 for integers."""
         return 1 - self.bias if self.kind == "float" else (-self.bias if self.kind == "scale" else 0)
 
-    @property
+    @functools.cached_property
     def emax(self) -> int:
         """Exponent of the largest finite number (floats); floor(log2(max)) for integers."""
         if self.kind == "int":
@@ -99,7 +100,7 @@ class Format:
             top -= 1  # whole top binade reserved
         return top - self.bias
 
-    @property
+    @functools.cached_property
     def max(self) -> float:
         """Largest finite value."""
         if self.kind == "int":
@@ -111,14 +112,14 @@ class Format:
             frac = (2**m - 1) / 2**m
         return math.ldexp(1.0 + frac, self.emax)
 
-    @property
+    @functools.cached_property
     def min(self) -> float:
         """Most negative finite value (``lowest``)."""
         if self.kind == "int":
             return -self.max if self.symmetric else float(-(2 ** (self.bits - 1)))
         return -self.max if self.signed else self.min_subnormal
 
-    @property
+    @functools.cached_property
     def min_normal(self) -> float:
         """Smallest positive normal value (1 for integers)."""
         return 1.0 if self.kind == "int" else math.ldexp(1.0, self.emin)
@@ -127,7 +128,7 @@ class Format:
     def has_subnormals(self) -> bool:
         return self.kind == "float" and self.man_bits > 0
 
-    @property
+    @functools.cached_property
     def min_subnormal(self) -> float:
         """Smallest positive value (the smallest normal when there are no subnormals)."""
         if self.kind == "int":
@@ -136,7 +137,7 @@ class Format:
             return self.min_normal
         return math.ldexp(1.0, self.emin - self.man_bits)
 
-    @property
+    @functools.cached_property
     def eps(self) -> float:
         """Distance from 1 to the next larger value (1 for integers)."""
         return 1.0 if self.kind == "int" else math.ldexp(1.0, -self.man_bits)

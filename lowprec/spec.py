@@ -272,6 +272,15 @@ class QuantSpec:
         return cls(fmt, **kw)
 
     def __str__(self) -> str:
+        # computed once per spec object (every quantized GEMM operand names its spec for telemetry); kept outside
+        # the dataclass fields, so equality, hashing and dataclasses.replace are unaffected
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = self._text_form()
+            object.__setattr__(self, "_text", text)
+        return text
+
+    def _text_form(self) -> str:
         head, parts = self.format.name, []
         sc = self.scaling
         if sc is not None:
