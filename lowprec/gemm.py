@@ -19,6 +19,8 @@ Native and emulated multiply the same values and both accumulate in fp32: they d
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lowprec import hardware
@@ -56,19 +58,31 @@ def native_reason(spec: QuantSpec | None) -> str | None:
 
 
 class Operand:
-    """A quantized 2-D GEMM operand: values ``q``, its ``scale`` (None = 1) and ``spec`` (None = unquantized)."""
+    """A quantized 2-D GEMM operand: values ``q``, its ``scale`` (None = 1) and ``spec`` (None = unquantized).
 
-    __slots__ = ("q", "scale", "spec")
+    ``scale_fn`` (instead of ``scale``): a function computing the scale when ``scale`` is first read (block scales
+    expanded to ``q``'s shape cost a full-size tensor that an emulated GEMM never reads)."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec | None):
-        self.q, self.scale, self.spec = q, scale, spec
+    __slots__ = ("q", "_scale", "_scale_fn", "spec")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec | None,
+                 scale_fn: Callable[[], torch.Tensor | None] | None = None):
+        self.q, self._scale, self._scale_fn, self.spec = q, scale, scale_fn, spec
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        if self._scale_fn is not None:
+            self._scale, self._scale_fn = self._scale_fn(), None
+        return self._scale
 
     def t(self) -> "Operand":
         """The transposed operand (a channel scale column becomes a row)."""
-        s = self.scale
-        if s is not None and s.dim() == 2:
-            s = s.t()
-        return Operand(self.q.t(), s, self.spec)
+        def transposed(s: torch.Tensor | None) -> torch.Tensor | None:
+            return s.t() if s is not None and s.dim() == 2 else s
+        if self._scale_fn is not None:
+            fn = self._scale_fn
+            return Operand(self.q.t(), None, self.spec, scale_fn=lambda: transposed(fn()))
+        return Operand(self.q.t(), transposed(self._scale), self.spec)
 
 
 def use_native(a: Operand, b: Operand, backend: str, accumulator: Accumulator | None) -> bool:

@@ -34,7 +34,8 @@ from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functi
                        round_to_format, saturation_limit, widen_native)
 from .spec import SCALED_FORMATS, QuantSpec, Rounding, Scaling, spec
 
-__all__ = ["Rounding", "Scaling", "QuantSpec", "spec", "quantize", "quantize_with_scale", "round_to_format",
+__all__ = ["Rounding", "Scaling", "QuantSpec", "spec", "quantize", "quantize_with_scale", "quantize_with_scale_fn",
+           "round_to_format",
            "SCALED_FORMATS", "functional_round", "compiled_quantizer", "Rounded", "scale_and_round",
            "native_codes_ok", "check_tensor", "e4m3_to_float32"]
 
@@ -127,12 +128,6 @@ def _unscale(r: Rounded, s: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
     return r.undo(el.mul_(r.info.scale)).to(dtype)
 
 
-def _scale_of(r: Rounded, s: QuantSpec) -> torch.Tensor:
-    """The float32 scale broadcastable to ``x`` (block scales expanded to its shape)."""
-    scale = r.info.scale
-    return r.undo(scale.expand(r.elements.shape)) if s.scaling.mode == "block" else scale
-
-
 def quantize(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: "str | Rounding | None" = None,
              saturate: bool | None = None, scaling: "Scaling | str | None" = None,
              generator: torch.Generator | None = None, flush_subnormals: bool | None = None,
@@ -166,12 +161,32 @@ def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
         scale = torch.as_tensor(scale, dtype=torch.float32)
         if scale.numel() != 1:
             raise ValueError(f"a given scale must have one element (per-tensor), got shape {tuple(scale.shape)}")
+    q, scale_fn = _quantize_scale_fn(x, s, generator, scale)
+    return q, scale_fn()
+
+
+def quantize_with_scale_fn(x: torch.Tensor, spec_: "str | Format | QuantSpec",
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
+    """:func:`quantize_with_scale` as ``(q, scale_fn)``: the same values, and a function returning the same scale
+    when called (block scales are expanded to ``x``'s shape only then, a full-size tensor a caller that only
+    multiplies ``q`` never needs)."""
+    return _quantize_scale_fn(x, spec(spec_), generator, None)
+
+
+def _quantize_scale_fn(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
+                       scale: torch.Tensor | None) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
     f = _fused(x, s, generator) if scale is None else None
     if f is not None:
         q, sc, undo = f
-        return undo(q).to(x.dtype), (undo(sc.expand(q.shape)) if s.scaling.mode == "block" else sc)
+        if s.scaling.mode == "block":
+            shape = q.shape
+            return undo(q).to(x.dtype), lambda: undo(sc.expand(shape))
+        return undo(q).to(x.dtype), lambda: sc
     r = scale_and_round(x, s, generator, scale=scale)
     if r.info is None:
-        return _unscale(r, s, x.dtype), None
-    sc = _scale_of(r, s)
-    return _unscale(r, s, x.dtype), sc
+        return _unscale(r, s, x.dtype), lambda: None
+    if s.scaling.mode == "block":   # the compact scales and the layout only (not the elements)
+        sc, shape, undo = r.info.scale, r.elements.shape, r.undo
+        return _unscale(r, s, x.dtype), lambda: undo(sc.expand(shape))
+    sc = r.info.scale
+    return _unscale(r, s, x.dtype), lambda: sc

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -207,9 +208,10 @@ class Telemetry:
 
     @torch.no_grad()
     def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
-               scale: torch.Tensor | None = None, fmt_max: float | None = None, fmt: str = "",
-               unpacked: bool = False) -> None:
-        """Record one quantization ``x -> q`` (same shape; ``scale`` broadcastable to x, or None).
+               scale: "torch.Tensor | Callable[[], torch.Tensor | None] | None" = None,
+               fmt_max: float | None = None, fmt: str = "", unpacked: bool = False) -> None:
+        """Record one quantization ``x -> q`` (same shape; ``scale`` broadcastable to x, or None, or a function
+        returning it, called only when a row is recorded).
 
         ``fmt_max``: the element format's largest finite value (for ``saturated_frac``). ``unpacked=True``: ``q``
         is a state kept unpacked (column ``unpacked``); recorded on every step.
@@ -221,6 +223,8 @@ class Telemetry:
         acc = self._acc(site, role, fmt, self.sampling)
         if unpacked:
             acc.add("unpacked", q.numel())
+        if callable(scale):
+            scale = scale()
         x = x.detach()
         q = q.detach()
         counts = record_counts(x, q, scale, None if fmt_max is None else fmt_max * (1 + 1e-6))

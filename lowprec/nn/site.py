@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lowprec.delayed import DelayedScaler
 from lowprec.gemm import BACKENDS, Operand, matmul, native_reason
 from lowprec.policy import PrecisionPolicy, is_identity
-from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale
+from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale, quantize_with_scale_fn
 from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
@@ -157,12 +157,18 @@ class Site:
                 if self.update_history:
                     scaler.update(amax)
             q, scale = quantize_with_scale(t, spec, scale=delayed_scale)
+            scale_fn = None
         else:
-            q, scale = quantize_with_scale(t, spec)
+            # the scale only when read: telemetry's rows (sampled steps) and native GEMMs read it, the emulated
+            # GEMM does not (a block spec's scale is a full-size tensor)
+            q, scale_fn = quantize_with_scale_fn(t, spec)
+            scale = None
+        op = Operand(q, scale, spec, scale_fn=scale_fn)
         tel = self.telemetry
         if record and tel is not None and not torch.compiler.is_compiling() and tel.wants():
-            tel.record(f"{self.name}:{role}", role, t, q, scale=scale, fmt_max=spec.format.max, fmt=str(spec))
-        return Operand(q, scale, spec)
+            tel.record(f"{self.name}:{role}", role, t, q, scale=lambda: op.scale, fmt_max=spec.format.max,
+                       fmt=str(spec))
+        return op
 
     def _reduce(self, amax: torch.Tensor) -> torch.Tensor:
         """``amax`` all-reduced (max) over ``amax_group`` (every rank must run the same quantized calls)."""
