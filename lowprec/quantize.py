@@ -78,10 +78,11 @@ def _round(y: torch.Tensor, s: QuantSpec, generator: torch.Generator | None) -> 
 
 
 def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None = None, *,
-                    scale: torch.Tensor | None = None, native: bool = False) -> Rounded:
+                    scale: torch.Tensor | None = None, native: bool = False, contiguous: bool = True) -> Rounded:
     """Scale ``x`` (a checked float tensor) and round it onto ``s``'s element grid: the shared first half of
     :func:`quantize` and ``lowprec.codecs.encode``. ``scale``: a given per-tensor scale (one element) instead of
-    one computed from ``x``. ``native``: return float8 elements where :func:`native_codes_ok`."""
+    one computed from ``x``. ``native``: return float8 elements where :func:`native_codes_ok`. ``contiguous``:
+    that of ``lowprec.scaling.to_scaling_view`` (``undo``'s results)."""
     check_tensor(x)
     x32 = x.detach().float()
     fmt = s.format
@@ -89,7 +90,7 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     if s.scaling is None:
         el = round_native(x32, fmt, s.saturate) if fast else _round(x32, s, generator)
         return Rounded(el, None, _identity)
-    view, undo = _sc.to_scaling_view(x32, s.scaling)
+    view, undo = _sc.to_scaling_view(x32, s.scaling, contiguous=contiguous)
     if scale is not None:
         sc = scale.to(device=x.device, dtype=torch.float32).reshape([1] * x.dim())
         info = _sc.ScaleInfo(sc, sc)
@@ -104,15 +105,15 @@ def scale_and_round(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     return Rounded(el, info, undo)
 
 
-def _fused(x: torch.Tensor, s: QuantSpec,
-           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
+def _fused(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
+           contiguous: bool = True) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
     """The whole scale -> round -> unscale by one native loop or compiled graph (:func:`lowprec.fast.fast_scaled`,
     bit-identical) where it applies: (the quantized view, its scale, undo), else None."""
     if s.scaling is None or x.numel() < fast_min_numel() or not fast_scaled_ok(s):
         return None
     check_tensor(x)
     x32 = x.detach().float()
-    view, undo = _sc.to_scaling_view(x32, s.scaling)
+    view, undo = _sc.to_scaling_view(x32, s.scaling, contiguous=contiguous)
     r = fast_scaled(x32, s, view, generator)
     return None if r is None else (r[0], r[1], undo)
 
@@ -166,23 +167,26 @@ def quantize_with_scale(x: torch.Tensor, spec_: "str | Format | QuantSpec",
 
 
 def quantize_with_scale_fn(x: torch.Tensor, spec_: "str | Format | QuantSpec",
-                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
+                           generator: torch.Generator | None = None, *,
+                           contiguous: bool = True) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
     """:func:`quantize_with_scale` as ``(q, scale_fn)``: the same values, and a function returning the same scale
     when called (block scales are expanded to ``x``'s shape only then, a full-size tensor a caller that only
-    multiplies ``q`` never needs)."""
-    return _quantize_scale_fn(x, spec(spec_), generator, None)
+    multiplies ``q`` never needs). ``contiguous=False``: ``q`` (and the scale) may be strided views in ``x``'s
+    shape (blocks along a leading axis: no transposing copy; a GEMM reads either layout)."""
+    return _quantize_scale_fn(x, spec(spec_), generator, None, contiguous)
 
 
 def _quantize_scale_fn(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None,
-                       scale: torch.Tensor | None) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
-    f = _fused(x, s, generator) if scale is None else None
+                       scale: torch.Tensor | None,
+                       contiguous: bool = True) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
+    f = _fused(x, s, generator, contiguous) if scale is None else None
     if f is not None:
         q, sc, undo = f
         if s.scaling.mode == "block":
             shape = q.shape
             return undo(q).to(x.dtype), lambda: undo(sc.expand(shape))
         return undo(q).to(x.dtype), lambda: sc
-    r = scale_and_round(x, s, generator, scale=scale)
+    r = scale_and_round(x, s, generator, scale=scale, contiguous=contiguous)
     if r.info is None:
         return _unscale(r, s, x.dtype), lambda: None
     if s.scaling.mode == "block":   # the compact scales and the layout only (not the elements)

@@ -50,8 +50,11 @@ def _norm_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def to_scaling_view(x: torch.Tensor, scaling: Scaling, *,
+                    contiguous: bool = True) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Arrange ``x`` so that one scale per group broadcasts over it; returns ``(view, undo)``.
+    ``contiguous=False``: ``undo`` may return a strided view in ``x``'s shape (blocks along a leading axis: no
+    transposing copy), the same values.
 
     tensor/channel: ``x`` itself. block: ``axis`` moved last, padded with zeros to a multiple of ``block_size``,
     reshaped to ``(..., n_blocks, block_size)``; ``undo`` maps a tensor of that shape back to ``x``'s layout.
@@ -68,7 +71,7 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Ca
     ax = _norm_axis(scaling.axis, x.dim())
     bs = scaling.block_size
     if scaling.block_rows > 1:
-        return _tile_view(x, ax, scaling.block_rows, bs)
+        return _tile_view(x, ax, scaling.block_rows, bs, contiguous)
     xm = x.movedim(ax, -1)
     length = xm.shape[-1]
     pad = (-length) % bs
@@ -78,13 +81,14 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling) -> tuple[torch.Tensor, Ca
     view = xm.reshape(*lead, (length + pad) // bs, bs)
 
     def undo(t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(*lead, length + pad)[..., :length]
-        return t.movedim(-1, ax).contiguous()
+        t = t.reshape(*lead, length + pad)[..., :length].movedim(-1, ax)
+        return t.contiguous() if contiguous else t
 
     return view, undo
 
 
-def _tile_view(x: torch.Tensor, ax: int, r: int, c: int) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _tile_view(x: torch.Tensor, ax: int, r: int, c: int,
+               contiguous: bool) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     xm = x.movedim(ax, -1)
     lead, length = xm.shape[:-1], xm.shape[-1]
     x2 = xm.reshape(-1, length)
@@ -97,7 +101,8 @@ def _tile_view(x: torch.Tensor, ax: int, r: int, c: int) -> tuple[torch.Tensor, 
 
     def undo(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(R // r, C // c, r, c).transpose(1, 2).reshape(R, C)[:rows, :length]
-        return t.reshape(*lead, length).movedim(-1, ax).contiguous()
+        t = t.reshape(*lead, length).movedim(-1, ax)
+        return t.contiguous() if contiguous else t
 
     return view, undo
 

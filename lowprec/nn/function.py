@@ -85,6 +85,9 @@ class GemmTable:
     bias_dims: tuple[int, ...]
     rht: bool = False
     """Whether ``policy.wgrad_rht`` applies: 2-D operands whose grad-weight GEMM reduces over axis 0."""
+    strided: bool = False
+    """Whether the products take strided operands (``Site.quant(contiguous=False)``: blocks along a leading axis
+    without a transposing copy); a plain matmul does, and gives the same bits (tests/lowprec/test_lazy_scale.py)."""
 
 
 class QuantGemm(torch.autograd.Function):
@@ -112,19 +115,20 @@ class QuantGemm(torch.autograd.Function):
         g = gy.float()
         grad_x = grad_w = grad_b = None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        c = not table.strided   # operands along a leading axis as strided views where the products take them
         qg = None
         if need_x:
             a = table.g_dgrad
-            qg = site.quant(g, "grad", a.reduce, record=True, channel_axis=a.channel)
+            qg = site.quant(g, "grad", a.reduce, record=True, channel_axis=a.channel, contiguous=c)
             b = table.w_dgrad
-            qw = site.requant(w, "weight", qwq, qws, b.reduce, channel_axis=b.channel)
+            qw = site.requant(w, "weight", qwq, qws, b.reduce, channel_axis=b.channel, contiguous=c)
             grad_x = table.grad_input(site, qg, qw, x, ctx.args)
         if need_w and table.rht and site.wgrad_rht:
             hs = hadamard(site.wgrad_rht, g.device)
             hs = hs * (torch.randint(0, 2, (hs.shape[0],), device=g.device) * 2 - 1).to(hs.dtype)
             gt, xt = random_hadamard_rows(g, hs), random_hadamard_rows(x, hs)
-            qgw = site.quant(gt, "grad", 0, record=qg is None, delayed_scale=_delayed_scale(qg))
-            qx = site.quant(xt, "activation", 0, record=False, delayed_scale=qxs)
+            qgw = site.quant(gt, "grad", 0, record=qg is None, delayed_scale=_delayed_scale(qg), contiguous=c)
+            qx = site.quant(xt, "activation", 0, record=False, delayed_scale=qxs, contiguous=c)
             grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
         elif need_w:
             a = table.g_wgrad
@@ -132,9 +136,9 @@ class QuantGemm(torch.autograd.Function):
                 qgw = qg
             else:
                 qgw = site.quant(g, "grad", a.reduce, record=qg is None, channel_axis=a.channel,
-                                 delayed_scale=_delayed_scale(qg))
+                                 delayed_scale=_delayed_scale(qg), contiguous=c)
             b = table.x_wgrad
-            qx = site.requant(x, "activation", qxq, qxs, b.reduce, channel_axis=b.channel)
+            qx = site.requant(x, "activation", qxq, qxs, b.reduce, channel_axis=b.channel, contiguous=c)
             grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
         if ctx.has_bias and need_b:
             grad_b = g.sum(table.bias_dims)
@@ -168,7 +172,7 @@ def _linear_grad_weight(site: Site, qg: Operand, qx: Operand, w: torch.Tensor, a
 
 LINEAR = GemmTable(x_fwd=Axes(1), w_fwd=Axes(1), g_dgrad=Axes(1), w_dgrad=Axes(0), g_wgrad=Axes(0),
                    x_wgrad=Axes(0), forward=_linear_forward, grad_input=_linear_grad_input,
-                   grad_weight=_linear_grad_weight, bias_dims=(0,), rht=True)
+                   grad_weight=_linear_grad_weight, bias_dims=(0,), rht=True, strided=True)
 """x [M, K], W [N, K], dy [M, N] (2-D: layers flatten the leading dims)."""
 
 __all__ += ["LINEAR"]

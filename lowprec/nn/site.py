@@ -137,8 +137,11 @@ class Site:
         return out
 
     def quant(self, t: torch.Tensor, role: str, reduce_axis: int, record: bool,
-              channel_axis: int | None = None, delayed_scale: torch.Tensor | None = None) -> Operand:
+              channel_axis: int | None = None, delayed_scale: torch.Tensor | None = None,
+              contiguous: bool = True) -> Operand:
         """Quantize ``t`` for a GEMM reducing over ``reduce_axis``; ``record`` sends it to telemetry.
+        ``contiguous=False``: the operand's values may be a strided view (no transposing copy for blocks along a
+        leading axis; ``lowprec.quantize.quantize_with_scale_fn``).
 
         Delayed specs: the scale comes from the role's amax history (calls before this one), then ``amax(t)`` is
         appended (when ``update_history``); ``delayed_scale`` re-quantizes the same operand with the scale already
@@ -161,7 +164,7 @@ class Site:
         else:
             # the scale only when read: telemetry's rows (sampled steps) and native GEMMs read it, the emulated
             # GEMM does not (a block spec's scale is a full-size tensor)
-            q, scale_fn = quantize_with_scale_fn(t, spec)
+            q, scale_fn = quantize_with_scale_fn(t, spec, contiguous=contiguous)
             scale = None
         op = Operand(q, scale, spec, scale_fn=scale_fn)
         tel = self.telemetry
@@ -212,12 +215,12 @@ class Site:
                                 "steps": int(state[f"{role}.steps"])})
 
     def requant(self, t: torch.Tensor, role: str, saved_q: torch.Tensor, saved_scale: torch.Tensor | None,
-                reduce_axis: int, channel_axis: int | None = None) -> Operand:
+                reduce_axis: int, channel_axis: int | None = None, contiguous: bool = True) -> Operand:
         """The operand of a backward GEMM reducing over ``reduce_axis`` (module docstring)."""
         if axis_free(self.specs[role]):
             return Operand(saved_q, saved_scale, self.specs[role])
         return self.quant(t, role, reduce_axis=reduce_axis, record=False, channel_axis=channel_axis,
-                          delayed_scale=saved_scale)
+                          delayed_scale=saved_scale, contiguous=contiguous)
 
     def gemm(self, a: Operand, b: Operand) -> torch.Tensor:
         """``a [M, K] @ b [K, N]`` in fp32 on this site's backend and accumulator (``lowprec.gemm.matmul``)."""

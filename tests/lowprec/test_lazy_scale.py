@@ -89,3 +89,48 @@ def test_a_layer_expands_block_scales_only_on_sampled_steps(policy, monkeypatch)
         else:
             assert made and set(made) == {"block"}   # the sampled step's rows read them
     assert set(tel.frame()["step"]) == {2}
+
+
+@pytest.fixture
+def one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)   # the native loops (whose outputs the strided views are) run on one thread
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("policy", ["nvfp4", "mxfp8", "nvfp4-recipe", "fp8-blockwise",
+                                    "weight=e4m3:block16x16,grad=e5m2:block32"])
+@pytest.mark.parametrize("tokens", [256, 201])
+def test_strided_operands_give_the_contiguous_bits(policy, tokens, monkeypatch, one_thread):
+    """The linear layers hand operands blocked along a leading axis to the GEMM as strided views (no transposing
+    copy): the output and gradients equal those of contiguous operands bit for bit (the BLAS packs either
+    layout into the same panels; this test is what would notice one that does not)."""
+    import dataclasses
+
+    import lowprec.nn.function as fn_mod
+
+    import lowprec.nn.site as site_mod
+
+    layouts = []
+    real = site_mod.quantize_with_scale_fn
+
+    def spy(*a, **k):
+        q, fn = real(*a, **k)
+        layouts.append(q.is_contiguous())
+        return q, fn
+    monkeypatch.setattr(site_mod, "quantize_with_scale_fn", spy)
+    results = []
+    for strided in (True, False):
+        layouts.clear()
+        monkeypatch.setattr(fn_mod, "LINEAR", dataclasses.replace(fn_mod.LINEAR, strided=strided))
+        monkeypatch.setattr("lowprec.nn.linear.LINEAR", fn_mod.LINEAR, raising=False)
+        torch.manual_seed(3)   # nvfp4's stochastic gradients and the Hadamard signs
+        lin = lowprec.nn.QuantLinear(96, 80, policy=policy, backend="emulated")
+        x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        y = lin(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y.detach(), x.grad, lin.weight.grad, lin.bias.grad))
+        assert all(layouts) != strided     # the strided run did hand over strided operands
+    for a, b in zip(*results):
+        assert same(a, b)
