@@ -350,8 +350,9 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
    the rows of v (G x B): g = tensor amax / denom (1 where that is 0 or not finite), each block's scale
    e4m3(min((amax / fmt_max) / g, 448)) * g (RNE by lp_round with ps), then v / scale (1 where the scale is 0)
    rounded with pe, times (scale != 0), times scale: the eager path's float32 operations in its order. */
-void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, int64_t B, float fmt_max,
-           float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
+static inline __attribute__((always_inline)) void
+nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, const int64_t B, float fmt_max,
+        float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
   /* sp != NULL: stochastic rounding of the elements with lp_stochastic's draws from gen (B even: every pass rounds
      an even count, so the words land on the values as one lp_stochastic call over all of v would put them) */
   const int64_t n = G * B;
@@ -403,6 +404,15 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
       }
     }
   }
+}
+void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, int64_t B, float fmt_max,
+           float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
+  /* NVFP4's blocks of 16 with the block length a constant: the row loops unroll and vectorize (the same
+     operations in the same order as any other length) */
+  if (B == 16)
+    nv_body(v, q, scale, G, 16, fmt_max, denom, pe, ps, gen, sp);
+  else
+    nv_body(v, q, scale, G, B, fmt_max, denom, pe, ps, gen, sp);
 }
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize

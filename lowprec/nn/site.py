@@ -19,6 +19,8 @@ Transformer Engine reduces amaxes over its ``fp8_group``.
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 from dataclasses import replace
 from typing import Any
@@ -43,9 +45,10 @@ DELAYED_FIELDS = ("amax_history", "scale", "scale_inv", "steps")
 """The tensors of one delayed-scaling history, as ``delayed_state`` names them (``<role>.<field>``)."""
 
 
+@functools.lru_cache(maxsize=4096)
 def axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
     """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
-    axis; N-d operands pass ``channel_axis``)."""
+    axis; N-d operands pass ``channel_axis``). Cached: every quantized GEMM operand asks for one."""
     sc = spec.scaling
     if sc is None or sc.mode in ("tensor", "delayed"):
         return spec
