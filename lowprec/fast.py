@@ -53,6 +53,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments",
+           "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
@@ -248,6 +249,24 @@ void lp_round(const uint32_t *x, uint32_t *out, int64_t n, const rn_params *p) {
   switch (mode) {
     RN(0, 0, 0, 0) RN(0, 0, 0, 1) RN(0, 0, 1, 0) RN(0, 0, 1, 1) RN(0, 1, 0, 0) RN(0, 1, 0, 1)
     RN(1, 0, 0, 0) RN(1, 0, 0, 1) RN(1, 0, 1, 0) RN(1, 0, 1, 1) RN(1, 1, 0, 0) RN(1, 1, 0, 1)
+  }
+}
+/* lowprec.optim_batch.decode_rows: out[i, k] = table[codes[i, k]] * scale[i, k / bs] (scale NULL: no multiply) for
+   R rows of n uint8 codes: the eager lookup and its one float32 multiply per element. */
+void lp_decode_rows(const uint8_t *restrict codes, const float *restrict table, const float *restrict scale,
+                    float *restrict out, int64_t R, int64_t n, int64_t bs, int64_t nb) {
+  for (int64_t i = 0; i < R; i++) {
+    const uint8_t *restrict c = codes + i * n;
+    float *restrict o = out + i * n;
+    if (scale == NULL) {
+      for (int64_t k = 0; k < n; k++) o[k] = table[c[k]];
+      continue;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+      const float sc = scale[i * nb + b];
+      const int64_t k1 = (b + 1) * bs < n ? (b + 1) * bs : n;
+      for (int64_t k = b * bs; k < k1; k++) o[k] = table[c[k]] * sc;
+    }
   }
 }
 /* lowprec.telemetry.record: every count of one quantization x -> q in one pass (float32, contiguous). scale:
@@ -457,7 +476,7 @@ def _native_lib() -> ctypes.CDLL | None:
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
-                         "lp_nv"):
+                         "lp_nv", "lp_decode_rows"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -693,6 +712,30 @@ class _StatsOut(ctypes.Structure):
     _fields_ = [("nonzero", ctypes.c_int64), ("flushed", ctypes.c_int64), ("saturated", ctypes.c_int64),
                 ("nan", ctypes.c_int64), ("inf", ctypes.c_int64), ("zeros", ctypes.c_int64),
                 ("sig2", ctypes.c_double), ("err2", ctypes.c_double)]
+
+
+def decode_table_rows(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
+                      block: int) -> torch.Tensor | None:
+    """``table[codes] * scale`` per block of ``block`` codes along the rows of 2-D uint8 ``codes`` (``scale``:
+    float32 ``[rows, ceil(n / block)]``, or None for no scale) in one native pass: float32 ``[rows, n]`` with the
+    eager lookup's values and its one multiply per element, or None where that loop does not apply (fast path
+    off, not CPU / contiguous / these dtypes, no native helpers)."""
+    if (not _state["enabled"] or torch.compiler.is_compiling() or codes.device.type != "cpu" or codes.dim() != 2
+            or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.dtype != torch.float32
+            or table.numel() != 256 or not table.is_contiguous() or block < 1):
+        return None
+    R, n = codes.shape
+    nb = -(-n // block)
+    if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (R, nb)
+                              or not scale.is_contiguous() or scale.device.type != "cpu"):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    out = _empty(codes.shape, torch.float32)
+    lib.lp_decode_rows(_ptr(codes), _ptr(table), None if scale is None else _ptr(scale), _ptr(out),
+                       ctypes.c_int64(R), ctypes.c_int64(n), ctypes.c_int64(block), ctypes.c_int64(nb))
+    return out
 
 
 def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,

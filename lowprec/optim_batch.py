@@ -24,7 +24,7 @@ import torch
 from lowprec import codecs as _codecs
 from lowprec import scaling as _sc
 from lowprec.codecs import Encoded, decode, encode
-from lowprec.fast import tensor_scaled_segments
+from lowprec.fast import decode_table_rows, tensor_scaled_segments
 from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
@@ -138,8 +138,17 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
 
 def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:
     """``lowprec.codecs.decode(enc)`` with the element values from the codes' table (unpacked uint8 e4m3 codes,
-    no global scale or expansion; float32 or the state's dtype)."""
-    v = _codecs._lookup(enc.codes, _codecs._table(enc.spec.format, enc.codes.device))
+    no global scale or expansion; float32 or the state's dtype): one native pass where it applies (rows of one
+    float32 scale per block along them), else torch's gather and multiply (the same values)."""
+    table = _codecs._table(enc.spec.format, enc.codes.device)
+    sc = enc.spec.scaling
+    if enc.dtype == torch.float32 and enc.codes.dim() == 2 and (
+            sc is None or (sc.mode == "block" and sc.block_rows == 1 and sc.axis in (-1, 1))):
+        scale = None if sc is None else _codecs._stored_scale(enc).reshape(enc.codes.shape[0], -1)
+        out = decode_table_rows(enc.codes, table, scale, 1 if sc is None else sc.block_size)
+        if out is not None:
+            return out
+    v = _codecs._lookup(enc.codes, table)
     if enc.spec.scaling is None:
         return v.to(enc.dtype)
     view, undo = _sc.to_scaling_view(v, enc.spec.scaling)

@@ -340,3 +340,24 @@ def test_native_nvfp4_stochastic_draws_the_eager_words(fast_everywhere, monkeypa
         assert torch.equal(g_ref.get_state(), g_got.get_state())
     # odd block lengths are left to the compiled / eager path (their passes would round an odd count)
     assert calls and all(calls) == (s.scaling.block_size % 2 == 0)
+
+
+@pytest.mark.parametrize("spec_,n", [("e4m3:block128", 64), ("e4m3:block128", 192), ("e4m3", 96),
+                                     ("e4m3:block32:scale=e8m0", 96), ("e4m3:block16:scale=e4m3", 48),
+                                     ("e4m3:block7", 30)])
+def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch, spec_, n):
+    """The wrapped optimizer's batched state decode (e4m3 codes, a float32 scale per block along the rows): the
+    native table lookup and multiply equals lowprec.codecs.decode of the same codes, every bit."""
+    from lowprec import spec
+    from lowprec.codecs import decode, encode
+    from lowprec.optim_batch import _decode_e4m3_table, _row_spec
+
+    calls = _counting(monkeypatch, "decode_table_rows")
+    monkeypatch.setattr("lowprec.optim_batch.decode_table_rows", fast.decode_table_rows)
+    s = _row_spec(spec(spec_), n)
+    for x in _special_tensors(40 * n):
+        enc = encode(x.reshape(40, n), s)
+        with fast_path_off():
+            ref = decode(enc)
+        assert same(_decode_e4m3_table(enc), ref)
+    assert calls and all(calls)
