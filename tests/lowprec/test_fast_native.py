@@ -361,3 +361,25 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
             ref = decode(enc)
         assert same(_decode_e4m3_table(enc), ref)
     assert calls and all(calls)
+
+
+@pytest.mark.parametrize("spec_", ["nvfp4:axis=0", "mxfp8:axis=0", "nvfp4:stochastic:axis=0", "e3m2:block16:scale=e4m3:axis=0"])
+@pytest.mark.parametrize("shape", [(512, 64), (96, 200), (48, 7)])
+def test_blocks_along_axis_0_through_the_native_transpose(fast_everywhere, monkeypatch, spec_, shape):
+    """Blocks along the rows' axis of a 2-D tensor: the scaling view (its transpose) made by the native tiled
+    transpose, then the native loops; values and scales as the eager path gives them, the generator as it
+    leaves it."""
+    from lowprec import quantize_with_scale, spec
+
+    calls = _counting(monkeypatch, "_transposed")
+    s = spec(spec_)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
+    x[1, 2], x[5, 0] = float("nan"), -float("inf")
+    g_ref, g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with fast_path_off():
+        ref_q, ref_s = quantize_with_scale(x, s, generator=g_ref)
+    q, sc = quantize_with_scale(x, s, generator=g)
+    assert same(ref_q, q) and same(ref_s, sc)
+    assert torch.equal(g_ref.get_state(), g.get_state())
+    # (rows padded to whole blocks make a fresh tensor in the view's layout: nothing to transpose)
+    assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0)
