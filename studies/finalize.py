@@ -49,14 +49,30 @@ def finalize(out_dir: str | Path, targets: dict[str, float]) -> None:
     update_records(out_dir, fill)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere; "unknown" if neither says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def versions() -> dict[str, str]:
-    """Python, torch, numpy, pandas, platform and this package's version."""
+    """Python, torch, numpy, pandas, platform, this package's version, and the CPU: its model and the vector
+    instructions torch's kernels dispatch to (``cpu_capability``). Runs are bit-reproducible on one CPU kind; BLAS
+    and torch pick their kernels by CPU, so another kind sums in another order and a run's numbers move (README,
+    "Results")."""
     import numpy
     import pandas
     import torch
 
     v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
-         "pandas": pandas.__version__, "platform": platform.platform()}
+         "pandas": pandas.__version__, "platform": platform.platform(), "cpu": cpu_model(),
+         "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
     version = package_version()
     if version != "unknown":
         v["lowprec-stosign"] = version
