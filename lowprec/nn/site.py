@@ -19,7 +19,6 @@ Transformer Engine reduces amaxes over its ``fp8_group``.
 """
 from __future__ import annotations
 
-import functools
 
 import contextlib
 from dataclasses import replace
@@ -45,10 +44,23 @@ DELAYED_FIELDS = ("amax_history", "scale", "scale_inv", "steps")
 """The tensors of one delayed-scaling history, as ``delayed_state`` names them (``<role>.<field>``)."""
 
 
-@functools.lru_cache(maxsize=4096)
+_AXIS_SPECS: dict[tuple, QuantSpec] = {}
+
+
 def axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None = None) -> QuantSpec:
     """The spec for an operand whose GEMM reduces over ``reduce_axis`` (2-D: channel scaling keeps the other
-    axis; N-d operands pass ``channel_axis``). Cached: every quantized GEMM operand asks for one."""
+    axis; N-d operands pass ``channel_axis``). Cached (every quantized GEMM operand asks for one), except while
+    torch.compile traces (it then folds the computation into the graph)."""
+    if torch.compiler.is_compiling():
+        return _axis_spec(spec, reduce_axis, channel_axis)
+    key = (spec, reduce_axis, channel_axis)
+    out = _AXIS_SPECS.get(key)
+    if out is None:
+        out = _AXIS_SPECS[key] = _axis_spec(spec, reduce_axis, channel_axis)
+    return out
+
+
+def _axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None) -> QuantSpec:
     sc = spec.scaling
     if sc is None or sc.mode in ("tensor", "delayed"):
         return spec
