@@ -383,3 +383,36 @@ def test_blocks_along_axis_0_through_the_native_transpose(fast_everywhere, monke
     assert torch.equal(g_ref.get_state(), g.get_state())
     # (rows padded to whole blocks make a fresh tensor in the view's layout: nothing to transpose)
     assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0)
+
+
+def test_the_e4m3_table_is_the_arithmetic_decode_bit_for_bit():
+    """The native row decode takes its values from lowprec.codecs' 256-entry table at every size, where decode()
+    of a large tensor uses lowprec.rounding.e4m3_to_float32: the two agree on every code, NaN bits included."""
+    from lowprec import codecs
+    from lowprec.formats import get_format
+    from lowprec.rounding import e4m3_to_float32
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    arith = e4m3_to_float32(codes.view(torch.float8_e4m3fn))
+    table = codecs._table(get_format("e4m3"), CPU)
+    assert torch.equal(arith.view(torch.int32), table.view(torch.int32))
+
+
+def test_large_states_decode_natively_as_decode_does(fast_everywhere, monkeypatch):
+    """States of more than lowprec.codecs._SMALL codes (decode() takes the arithmetic there) through the wrapped
+    optimizer's batched decode: the same values as decode() of each, every bit."""
+    from lowprec import codecs, spec
+    from lowprec.codecs import decode, encode
+    from lowprec.optim_batch import _row_spec, decode_rows
+
+    s = _row_spec(spec("e4m3:block128"), 256)
+    xs = [torch.randn(300, 256, generator=torch.Generator().manual_seed(i)) * 10 ** (i - 2) for i in range(3)]
+    xs[1][3, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, -0.0])
+    encs = [encode(x, s) for x in xs]
+    assert max(e.codes.numel() for e in encs) >= codecs._SMALL
+    calls = _counting(monkeypatch, "decode_table_rows")
+    monkeypatch.setattr("lowprec.optim_batch.decode_table_rows", fast.decode_table_rows)
+    for v, e in zip(decode_rows(encs), encs):
+        with fast_path_off():
+            assert same(v, decode(e))
+    assert calls == [True]
