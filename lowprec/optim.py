@@ -81,6 +81,7 @@ from lowprec.optim_batch import (
     BatchReadback,
     batchable,
     decode_rows,
+    decode_state,
     encode_rows,
     quantize_segments,
     segments_ok,
@@ -481,7 +482,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 and enc.expand_k is None and batchable(enc.spec) and enc.codes.device == p.device):
             groups.setdefault((d["spec"], enc.dtype, p.device, enc.shape[-1]), []).append((st, name, p, enc))
         else:
-            st[name] = decode(enc).to(p.device).reshape(p.shape)
+            st[name] = decode_state(enc).to(p.device).reshape(p.shape)
 
     def _decode_group(self, key: tuple, entries: list[tuple], codes: torch.Tensor | None,
                       scale: torch.Tensor | None) -> None:

@@ -28,7 +28,7 @@ from lowprec.fast import decode_table_rows, tensor_scaled_segments
 from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
-__all__ = ["batchable", "encode_rows", "decode_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
+__all__ = ["batchable", "encode_rows", "decode_rows", "decode_state", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
            "segments_ok", "quantize_segments", "Segments"]
 
 # Only tensors up to this size are batched: for larger ones the launches are a small part of the time and the
@@ -148,6 +148,18 @@ def _decode_e4m3_native(enc: Encoded) -> torch.Tensor | None:
     table = _codecs._table(enc.spec.format, enc.codes.device)
     scale = None if sc is None else _codecs._stored_scale(enc).reshape(enc.codes.shape[0], -1)
     return decode_table_rows(enc.codes, table, scale, 1 if sc is None else sc.block_size)
+
+
+def decode_state(enc: Encoded) -> torch.Tensor:
+    """``lowprec.codecs.decode(enc)`` of one state, by the native e4m3 row decode where it applies (unpacked uint8
+    e4m3 codes of a 2-D state with blocks along its rows, no global scale or expansion; the same bits), else
+    ``decode``."""
+    if (not enc.packed and enc.global_scale is None and enc.expand_k is None and enc.codes.dtype == torch.uint8
+            and torch_dtype(enc.spec.format) == torch.float8_e4m3fn):
+        out = _decode_e4m3_native(enc)
+        if out is not None:
+            return out
+    return decode(enc)
 
 
 def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:

@@ -416,3 +416,29 @@ def test_large_states_decode_natively_as_decode_does(fast_everywhere, monkeypatc
         with fast_path_off():
             assert same(v, decode(e))
     assert calls == [True]
+
+
+@pytest.mark.parametrize("spec_,shape", [("e4m3:block128", (1024, 256)), ("e4m3:block128", (300, 64)),
+                                         ("e4m3:block128", (64, 200)), ("e4m3", (512, 160)),
+                                         ("e4m3:block32:scale=e8m0", (256, 96)), ("e4m3:block128", (4096,)),
+                                         ("e5m2:block128", (256, 256)), ("e4m3:block128:axis=0", (256, 256))])
+def test_a_state_decoded_alone_as_decode_does(fast_everywhere, monkeypatch, spec_, shape):
+    """A state too large to batch is decoded by itself (lowprec.optim_batch.decode_state): natively for e4m3
+    rows, by decode() otherwise; decode()'s values, every bit (NaN, ±inf, subnormal, huge)."""
+    from lowprec import spec
+    from lowprec.codecs import decode, encode
+    from lowprec.optim_batch import decode_state
+
+    calls = _counting(monkeypatch, "decode_table_rows")
+    monkeypatch.setattr("lowprec.optim_batch.decode_table_rows", fast.decode_table_rows)
+    s = spec(spec_)
+    n = 1
+    for d in shape:
+        n *= d
+    for x in _special_tensors(n)[:3] + _special_tensors(n)[-2:]:
+        enc = encode(x.reshape(shape), s)
+        with fast_path_off():
+            ref = decode(enc)
+        assert same(decode_state(enc), ref)
+    native = len(shape) == 2 and s.format.name == "e4m3" and (s.scaling is None or s.scaling.axis in (-1, 1))
+    assert bool(calls) == native and all(calls)
