@@ -31,6 +31,7 @@ import torch
 import studies.tasks as tasks_mod
 from lowprec.fast import fast_path_enabled, set_fast_path
 from studies.config import RunSpec
+from studies.finalize import cpu_model
 from studies.training import Parallel, setup, train_step
 
 __all__ = ["main"]
@@ -120,6 +121,9 @@ def main() -> None:
     print(f"tiny GPT d_model={d} ({n_params:,} params), {args.threads} thread(s), torch {torch.__version__}, "
           f"{'CPU' if args.cpu_time else 'wall'} time, {args.repeats} repeats x {args.steps} steps "
           f"(interleaved), warm-up {warm_s:.1f} s, lowprec fast path {'on' if fast_path_enabled() else 'off'}")
+    # ratios move with the CPU kind (and a noisy machine): say which one measured them
+    print(f"CPU: {cpu_model()} (torch kernels: {torch.backends.cpu.get_cpu_capability()}); baseline spread over the "
+          f"repeats {min(times[0]):.2f}-{max(times[0]):.2f} ms")
     print("| case | ms/step (median) | ms/step (min-max) | ratio to eager (median) | ratio (min-max) | target |")
     print("|---|---:|---:|---:|---:|---:|")
     base = times[0]
