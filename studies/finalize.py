@@ -63,9 +63,9 @@ def cpu_model() -> str:
 
 def versions() -> dict[str, str]:
     """Python, torch, numpy, pandas, platform, this package's version, and the CPU: its model and the vector
-    instructions torch's kernels dispatch to (``cpu_capability``). Runs are bit-reproducible on one CPU kind; BLAS
-    and torch pick their kernels by CPU, so another kind sums in another order and a run's numbers move (README,
-    "Results")."""
+    instructions torch's kernels dispatch to (``cpu_capability``). Runs are bit-reproducible on one machine; on
+    another the same runs gave other numbers (README, "Results"), most likely because torch and the BLAS choose
+    their kernels by CPU."""
     import numpy
     import pandas
     import torch
