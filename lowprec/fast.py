@@ -626,12 +626,18 @@ def _min_native(sto: bool) -> int:
     return min(MIN_NUMEL_NATIVE, _state["min_numel_stochastic" if sto else "min_numel"])
 
 
+def _tensor_scaled_ok(s: QuantSpec) -> bool:
+    """Whether the native tensor-scaling loop (``lp_tensor_scaled``) takes ``s``: one fp32 tensor scale, nearest /
+    toward_zero, an element format with emax < 127, on one torch thread."""
+    return (s.rounding != Rounding.STOCHASTIC and s.scaling is not None and s.scaling.mode == "tensor"
+            and s.scaling.scale_format == "fp32" and s.format.emax < 127 and torch.get_num_threads() == 1)
+
+
 def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """_scaled_kernel for one fp32 tensor scale (nearest / toward_zero, element formats with emax < 127) on
-    contiguous float32 ``v2`` (1 x n) by the native loop: (quantized values, scale (1, 1)), or None where it does
-    not apply (other scalings or roundings, more than one torch thread, no native helpers)."""
-    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "tensor" or s.scaling.scale_format != "fp32"
-            or s.format.emax >= 127 or torch.get_num_threads() != 1):
+    """_scaled_kernel for one fp32 tensor scale (:func:`_tensor_scaled_ok`) on contiguous float32 ``v2`` (1 x n)
+    by the native loop: (quantized values, scale (1, 1)), or None where it does not apply (that, or no native
+    helpers)."""
+    if not _tensor_scaled_ok(s):
         return None
     lib = _native_lib()
     if lib is None:
@@ -651,8 +657,7 @@ def tensor_scaled_segments(buf: torch.Tensor, lens: list[int], s: QuantSpec) -> 
     path is off. Segments of any length (the per-tensor path's size threshold is a cost, not a bit, matter)."""
     if (not _state["enabled"] or torch.compiler.is_compiling() or buf.dtype != torch.float32
             or buf.device.type != "cpu" or buf.dim() != 1 or not buf.is_contiguous() or sum(lens) != buf.numel()
-            or s.rounding == Rounding.STOCHASTIC or s.scaling is None or s.scaling.mode != "tensor"
-            or s.scaling.scale_format != "fp32" or s.format.emax >= 127 or torch.get_num_threads() != 1):
+            or not _tensor_scaled_ok(s)):
         return None
     lib = _native_lib()
     if lib is None:
@@ -744,10 +749,10 @@ def _contiguous_view(view: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     (``view`` = ``x.t()`` in rows of blocks) by the native transpose."""
     if view.is_contiguous():
         return view
-    M = x.shape[0] if x.dim() == 2 else -1
-    if (x.dim() == 2 and view.dim() == 3 and view.shape[0] == x.shape[1] and view.shape[1] * view.shape[2] == M
-            and view.stride() == (1, view.shape[2] * x.shape[1], x.shape[1]) and x.is_contiguous()):
-        t = _transposed(x)
+    if (x.dim() == 2 and view.dim() == 3 and view.shape[0] == x.shape[1]
+            and view.shape[1] * view.shape[2] == x.shape[0]
+            and view.stride() == (1, view.shape[2] * x.shape[1], x.shape[1])):
+        t = _transposed(x)   # (which checks x is contiguous float32 on the CPU)
         if t is not None:
             return t.view(view.shape)
     return view.contiguous()

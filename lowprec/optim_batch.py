@@ -137,13 +137,15 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
 
 
 def _decode_e4m3_native(enc: Encoded) -> torch.Tensor | None:
-    """``lowprec.codecs.decode(enc)`` of unpacked uint8 e4m3 codes in rows of one float32 scale per block along
-    them (or none), float32, in one native pass: the codes' table (bit for bit the values of
+    """``lowprec.codecs.decode(enc)`` of unpacked uint8 e4m3 codes (no expansion) in 2-D rows with one scale per
+    block along them (or none), float32, in one native pass: the codes' table (bit for bit the values of
     ``lowprec.rounding.e4m3_to_float32``, NaNs included, which decode() takes for large tensors) times the
-    block's scale; None where that does not apply."""
+    block's scale as decode() stores it in float32; None where that does not apply."""
     sc = enc.spec.scaling
-    if not (enc.dtype == torch.float32 and enc.codes.dim() == 2 and enc.codes.device.type == "cpu" and (
-            sc is None or (sc.mode == "block" and sc.block_rows == 1 and sc.axis in (-1, 1)))):
+    if not (not enc.packed and enc.expand_k is None and enc.codes.dtype == torch.uint8
+            and torch_dtype(enc.spec.format) == torch.float8_e4m3fn and enc.dtype == torch.float32
+            and enc.codes.dim() == 2 and enc.codes.device.type == "cpu"
+            and (sc is None or (sc.mode == "block" and sc.block_rows == 1 and sc.axis in (-1, 1)))):
         return None
     table = _codecs._table(enc.spec.format, enc.codes.device)
     scale = None if sc is None else _codecs._stored_scale(enc).reshape(enc.codes.shape[0], -1)
@@ -151,24 +153,15 @@ def _decode_e4m3_native(enc: Encoded) -> torch.Tensor | None:
 
 
 def decode_state(enc: Encoded) -> torch.Tensor:
-    """``lowprec.codecs.decode(enc)`` of one state, by the native e4m3 row decode where it applies (unpacked uint8
-    e4m3 codes of a 2-D state with blocks along its rows, no global scale or expansion; the same bits), else
-    ``decode``."""
-    if (not enc.packed and enc.global_scale is None and enc.expand_k is None and enc.codes.dtype == torch.uint8
-            and torch_dtype(enc.spec.format) == torch.float8_e4m3fn):
-        out = _decode_e4m3_native(enc)
-        if out is not None:
-            return out
-    return decode(enc)
+    """``lowprec.codecs.decode(enc)`` of one state: by the native e4m3 row decode where it applies (the same
+    bits), else ``decode``."""
+    out = _decode_e4m3_native(enc)
+    return decode(enc) if out is None else out
 
 
 def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:
-    """``lowprec.codecs.decode(enc)`` with the element values from the codes' table (unpacked uint8 e4m3 codes,
-    no global scale or expansion; float32 or the state's dtype): one native pass where it applies, else torch's
-    gather and multiply (the same values)."""
-    out = _decode_e4m3_native(enc)
-    if out is not None:
-        return out
+    """``lowprec.codecs.decode(enc)`` with the element values from the codes' table by torch's gather and multiply
+    (unpacked uint8 e4m3 codes, no global scale or expansion; float32 or the state's dtype)."""
     table = _codecs._table(enc.spec.format, enc.codes.device)
     v = _codecs._lookup(enc.codes, table)
     if enc.spec.scaling is None:
@@ -191,11 +184,10 @@ def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale
             nb = e0.scale.shape[-1]
             scale = torch.cat([e.scale.reshape(-1, nb) for e in encs]) if len(encs) > 1 else e0.scale.reshape(-1, nb)
     batch = Encoded(codes, scale, _row_spec(e0.spec, n), codes.shape, e0.dtype, None, False)
-    e4m3 = (torch_dtype(e0.spec.format) == torch.float8_e4m3fn and codes.device.type == "cpu"
-            and codes.dtype == torch.uint8)
-    values = _decode_e4m3_native(batch) if e4m3 else None   # any size: the table's bits are the arithmetic's
+    values = _decode_e4m3_native(batch)   # any size: the table's bits are the arithmetic's
     if values is None:
-        if e4m3 and max(e.codes.numel() for e in encs) < _codecs._SMALL:
+        if (torch_dtype(e0.spec.format) == torch.float8_e4m3fn and codes.device.type == "cpu"
+                and codes.dtype == torch.uint8 and max(e.codes.numel() for e in encs) < _codecs._SMALL):
             # decode() of each tensor alone reads e4m3 codes of fewer than _SMALL elements from its 256-entry
             # table (larger ones by lowprec.rounding.e4m3_to_float32): the batch uses that table too (the same
             # bits; also much faster than the arithmetic at the batch's size)

@@ -182,15 +182,14 @@ def _quantize_scale_fn(x: torch.Tensor, s: QuantSpec, generator: torch.Generator
     f = _fused(x, s, generator, contiguous) if scale is None else None
     if f is not None:
         q, sc, undo = f
-        if s.scaling.mode == "block":
-            shape = q.shape
-            return undo(q).to(x.dtype), lambda: undo(sc.expand(shape))
-        return undo(q).to(x.dtype), lambda: sc
-    r = scale_and_round(x, s, generator, scale=scale, contiguous=contiguous)
-    if r.info is None:
-        return _unscale(r, s, x.dtype), lambda: None
-    if s.scaling.mode == "block":   # the compact scales and the layout only (not the elements)
+        out, shape = undo(q).to(x.dtype), q.shape
+    else:
+        r = scale_and_round(x, s, generator, scale=scale, contiguous=contiguous)
+        if r.info is None:
+            return _unscale(r, s, x.dtype), lambda: None
+        # the compact scales and the layout only (the function must not keep the elements alive)
         sc, shape, undo = r.info.scale, r.elements.shape, r.undo
-        return _unscale(r, s, x.dtype), lambda: undo(sc.expand(shape))
-    sc = r.info.scale
-    return _unscale(r, s, x.dtype), lambda: sc
+        out = _unscale(r, s, x.dtype)
+    if s.scaling.mode == "block":
+        return out, lambda: undo(sc.expand(shape))
+    return out, lambda: sc

@@ -187,7 +187,7 @@ class Telemetry:
 
     def _resolve(self) -> None:
         """Read the deferred sums: one stack and one host transfer per device."""
-        by_device: dict[torch.device, list[tuple[int, int, str, torch.Tensor]]] = {}
+        by_device: dict[torch.device, list[tuple[int, int, str | list[str], torch.Tensor]]] = {}
         for entry in self._pending:
             by_device.setdefault(entry[3].device, []).append(entry)
         self._pending, self._pending_n = [], 0

@@ -11,7 +11,8 @@ Fairness rules (the same for every optimizer, so only the update rule differs):
 
 torch's AdamW and SGD run their ``foreach`` implementation (one multi-tensor kernel per operation instead of a
 Python loop over parameters; torch's default on CUDA, not on the CPU). On the CPU it gives the same bits as the
-per-tensor loop (``tests/studies/test_optimizers.py`` checks it), ~25% faster on the study's tiny GPT.
+per-tensor loop (``tests/studies/test_optimizers.py`` checks it); an AdamW step over the tiny GPT's tensor shapes
+measured ~25% faster (1.97 -> 1.51 ms).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowprec.nn.linear import linear
-from lowprec.nn.site import quantized_region, QuantModule, Site, axis_free, is_delayed
+from lowprec.nn.site import quantized_region, QuantModule, Site, axis_free, delayed_scale_of
 from lowprec.policy import PrecisionPolicy
 from lowprec.telemetry import Telemetry
 
@@ -64,7 +64,7 @@ class QuantMatmul(torch.autograd.Function):
             grad_a = first.q @ qb.transpose(-1, -2)
         if ctx.needs_input_grad[1]:   # dB [K, N] = A^T [K, M] @ dC [M, N]: reduction over M
             qg = site.quant(g, "grad", -2, record=first is None, channel_axis=-1,
-                            delayed_scale=first.scale if first is not None and is_delayed(first.spec) else None).q
+                            delayed_scale=delayed_scale_of(first)).q
             qa = qaq if axis_free(site.specs["activation"]) else site.quant(a, "activation", -2, False, -1).q
             grad_b = qa.transpose(-1, -2) @ qg
         return grad_a, grad_b, None, None

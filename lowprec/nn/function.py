@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from lowprec.gemm import Operand
-from lowprec.nn.site import quantized_region, Site, axis_free, is_delayed
+from lowprec.nn.site import quantized_region, Site, axis_free, delayed_scale_of, is_delayed
 
 __all__ = ["Axes", "GemmTable", "QuantGemm", "hadamard", "random_hadamard_rows"]
 
@@ -127,7 +127,7 @@ class QuantGemm(torch.autograd.Function):
             hs = hadamard(site.wgrad_rht, g.device)
             hs = hs * (torch.randint(0, 2, (hs.shape[0],), device=g.device) * 2 - 1).to(hs.dtype)
             gt, xt = random_hadamard_rows(g, hs), random_hadamard_rows(x, hs)
-            qgw = site.quant(gt, "grad", 0, record=qg is None, delayed_scale=_delayed_scale(qg), contiguous=c)
+            qgw = site.quant(gt, "grad", 0, record=qg is None, delayed_scale=delayed_scale_of(qg), contiguous=c)
             qx = site.quant(xt, "activation", 0, record=False, delayed_scale=qxs, contiguous=c)
             grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
         elif need_w:
@@ -136,7 +136,7 @@ class QuantGemm(torch.autograd.Function):
                 qgw = qg
             else:
                 qgw = site.quant(g, "grad", a.reduce, record=qg is None, channel_axis=a.channel,
-                                 delayed_scale=_delayed_scale(qg), contiguous=c)
+                                 delayed_scale=delayed_scale_of(qg), contiguous=c)
             b = table.x_wgrad
             qx = site.requant(x, "activation", qxq, qxs, b.reduce, channel_axis=b.channel, contiguous=c)
             grad_w = table.grad_weight(site, qgw, qx, w, ctx.args)
@@ -149,12 +149,6 @@ def _kept_scale(op: Operand) -> torch.Tensor | None:
     """The scale the backward reads again (``Site.requant``): an axis-free operand's (it is reused as it is) or a
     delayed one's (the step's scale); None otherwise, so a block scale is never expanded just to be saved."""
     return op.scale if axis_free(op.spec) or is_delayed(op.spec) else None
-
-
-def _delayed_scale(op: Operand | None) -> torch.Tensor | None:
-    """The scale a re-quantization of the same operand takes (``Site.quant``'s ``delayed_scale``: read for
-    delayed specs only)."""
-    return op.scale if op is not None and is_delayed(op.spec) else None
 
 
 def _linear_forward(site: Site, qx: Operand, qw: Operand, bias: torch.Tensor | None, args: tuple) -> torch.Tensor:

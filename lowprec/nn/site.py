@@ -19,7 +19,6 @@ Transformer Engine reduces amaxes over its ``fp8_group``.
 """
 from __future__ import annotations
 
-
 import contextlib
 from dataclasses import replace
 from typing import Any
@@ -34,7 +33,8 @@ from lowprec.quantize import QuantSpec, Rounding, quantize_with_scale, quantize_
 from lowprec.scaling import finite_amax
 from lowprec.telemetry import Telemetry
 
-__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "QuantizedRegion", "QUANTIZED", "quantized_region",
+__all__ = ["Site", "GEMM_ROLES", "axis_spec", "axis_free", "is_delayed", "delayed_scale_of", "QuantizedRegion",
+           "QUANTIZED", "quantized_region",
            "WORLD", "DELAYED_FIELDS"]
 
 GEMM_ROLES = ("weight", "activation", "grad")
@@ -69,6 +69,12 @@ def _axis_spec(spec: QuantSpec, reduce_axis: int, channel_axis: int | None) -> Q
     if sc.mode == "channel":  # one scale per index of the kept axis, amax over the reduction axis
         return replace(spec, scaling=replace(sc, axis=1 - reduce_axis if channel_axis is None else channel_axis))
     raise ValueError(f"unknown scaling mode {sc.mode!r}")
+
+
+def delayed_scale_of(op: Operand | None) -> torch.Tensor | None:
+    """The scale a re-quantization of the same operand takes (:meth:`Site.quant`'s ``delayed_scale``, which only
+    delayed specs read): ``op.scale`` for a delayed operand, None otherwise (a lazy block scale stays uncomputed)."""
+    return op.scale if op is not None and is_delayed(op.spec) else None
 
 
 def axis_free(spec: QuantSpec | None) -> bool:

@@ -350,7 +350,7 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
     native table lookup and multiply equals lowprec.codecs.decode of the same codes, every bit."""
     from lowprec import spec
     from lowprec.codecs import decode, encode
-    from lowprec.optim_batch import _decode_e4m3_table, _row_spec
+    from lowprec.optim_batch import _decode_e4m3_native, _row_spec
 
     calls = _counting(monkeypatch, "decode_table_rows")
     monkeypatch.setattr("lowprec.optim_batch.decode_table_rows", fast.decode_table_rows)
@@ -359,7 +359,7 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
         enc = encode(x.reshape(40, n), s)
         with fast_path_off():
             ref = decode(enc)
-        assert same(_decode_e4m3_table(enc), ref)
+        assert same(_decode_e4m3_native(enc), ref)
     assert calls and all(calls)
 
 
