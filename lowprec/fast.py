@@ -339,23 +339,15 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
 /* max |x| over the finite values (NaN, ±inf count as 0), in lanes on the magnitude bits (finite non-negative
    floats order as their bits) */
 static float finite_amax(const float *restrict x, int64_t n) {
-  uint32_t lane[ST_L] = {0};
-  const int64_t full = n - n % ST_L;
-  for (int64_t i = 0; i < full; i += ST_L)
-    for (int j = 0; j < ST_L; j++) {
-      uint32_t b;
-      memcpy(&b, &x[i + j], 4);
-      const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
-      lane[j] = m > lane[j] ? m : lane[j];
-    }
-  for (int64_t i = full; i < n; i++) {
-    uint32_t b;
-    memcpy(&b, &x[i], 4);
-    const uint32_t a = b & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
-    lane[0] = m > lane[0] ? m : lane[0];
+  /* signed int32 magnitudes (all >= 0): gcc vectorizes this max reduction (the unsigned lane form it did not:
+     0.67 vs 0.05 ns a value here) */
+  const int32_t *restrict b = (const int32_t *)x;
+  int32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int32_t a = b[i] & 0x7FFFFFFF;
+    a = a < 0x7F800000 ? a : 0;
+    top = a > top ? a : top;
   }
-  uint32_t top = 0;
-  for (int j = 0; j < ST_L; j++) top = lane[j] > top ? lane[j] : top;
   float amax;
   memcpy(&amax, &top, 4);
   return amax;
@@ -395,11 +387,12 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
   for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
     const int64_t c = G - g0 < CHUNK ? G - g0 : CHUNK;
     for (int64_t j = 0; j < c; j++) {  /* inline: finite_amax called per row measured 390 vs 260 us on 131k values */
-      const uint32_t *row = (const uint32_t *)(v + (g0 + j) * B);
-      uint32_t am = 0;
+      const int32_t *row = (const int32_t *)(v + (g0 + j) * B);
+      int32_t am = 0;  /* signed (magnitudes >= 0): the max vectorizes, as in finite_amax */
       for (int64_t k = 0; k < B; k++) {
-        const uint32_t a = row[k] & 0x7FFFFFFFu, m = a < 0x7F800000u ? a : 0u;
-        am = m > am ? m : am;
+        int32_t a = row[k] & 0x7FFFFFFF;
+        a = a < 0x7F800000 ? a : 0;
+        am = a > am ? a : am;
       }
       float a;
       memcpy(&a, &am, 4);
