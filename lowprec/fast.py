@@ -38,6 +38,7 @@ import functools
 import hashlib
 import mmap
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,23 @@ _NATIVE_SRC = r"""
 #define MT_M 397
 #define CHUNK 4096
 typedef struct { uint32_t s[MT_N]; int32_t left; int32_t next; } mt_t;
+/* torch's CPUGeneratorImplState bytes (get_state): left int32 at 8, next uint64 at 16, state uint64[624] at 24
+   (words < 2**32); the exported functions draw from such bytes in place (the caller set_state()s them after) */
+static void mt_load(const uint8_t *restrict st, mt_t *restrict g) {
+  uint64_t w[MT_N], nx;
+  memcpy(&g->left, st + 8, 4);
+  memcpy(&nx, st + 16, 8);
+  g->next = (int32_t)nx;
+  memcpy(w, st + 24, sizeof w);
+  for (int i = 0; i < MT_N; i++) g->s[i] = (uint32_t)w[i];
+}
+static void mt_store(const mt_t *restrict g, uint8_t *restrict st) {
+  uint64_t w[MT_N], nx = (uint64_t)(uint32_t)g->next;
+  for (int i = 0; i < MT_N; i++) w[i] = g->s[i];
+  memcpy(st + 8, &g->left, 4);
+  memcpy(st + 16, &nx, 8);
+  memcpy(st + 24, w, sizeof w);
+}
 static inline uint32_t twist(uint32_t u, uint32_t v) {
   return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((0u - (v & 1u)) & 0x9908b0dfu);
 }
@@ -123,13 +141,16 @@ static void draws(mt_t *g, uint32_t *restrict out, int64_t count) {
     w[i] = ((v >> 32) | (v << 32)) & 0x7fffffffffffffffull;
   }
 }
-void lp_random_bits(mt_t *g, int32_t *out, int64_t n) {
+void lp_random_bits(uint8_t *st, int32_t *out, int64_t n) {
   uint32_t buf[CHUNK] __attribute__((aligned(64)));
+  mt_t g;
+  mt_load(st, &g);
   for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
     int64_t c = n - i0 < CHUNK ? n - i0 : CHUNK;
-    draws(g, buf, (c + 1) & ~(int64_t)1);
+    draws(&g, buf, (c + 1) & ~(int64_t)1);
     memcpy(out + i0, buf, (size_t)c * 4);
   }
+  mt_store(&g, st);
 }
 static inline uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float bitsf(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -156,7 +177,7 @@ static inline __attribute__((always_inline)) void sr_chunk(const float *restrict
     os[j] = xv != xv ? xv : q;
   }
 }
-void lp_stochastic(const float *restrict x, float *restrict out, int64_t n, mt_t *g, const sr_params *p) {
+static void sr_rows(const float *restrict x, float *restrict out, int64_t n, mt_t *g, const sr_params *p) {
   uint32_t buf[CHUNK] __attribute__((aligned(64)));
   const int mode = (p->saturate ? 4 : 0) | (p->inf_mask ? 2 : 0) | (p->flush ? 1 : 0);
   for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
@@ -171,6 +192,12 @@ void lp_stochastic(const float *restrict x, float *restrict out, int64_t n, mt_t
       default: sr_chunk(x + i0, out + i0, buf, c, p, 1, 0, 1); break;
     }
   }
+}
+void lp_stochastic(const float *restrict x, float *restrict out, int64_t n, uint8_t *st, const sr_params *p) {
+  mt_t g;
+  mt_load(st, &g);
+  sr_rows(x, out, n, &g, p);
+  mt_store(&g, st);
 }
 typedef struct { uint32_t lim, max_b, min_normal_b, over_b, keep, half_less_one, odd_or; int32_t drop;
                  float up, inv_up; int32_t nearest, saturate, inf_mask, flush; uint32_t nan_b; } rn_params;
@@ -376,8 +403,8 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
 static inline __attribute__((always_inline)) void
 nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, const int64_t B, float fmt_max,
         float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
-  /* sp != NULL: stochastic rounding of the elements with lp_stochastic's draws from gen (B even: every pass rounds
-     an even count, so the words land on the values as one lp_stochastic call over all of v would put them) */
+  /* sp != NULL: stochastic rounding of the elements with sr_rows' draws from gen (B even: every pass rounds
+     an even count, so the words land on the values as one sr_rows call over all of v would put them) */
   const int64_t n = G * B;
   const float t_amax = finite_amax(v, n);
   float g = t_amax / denom;
@@ -415,7 +442,7 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
         for (int64_t k = 0; k < kb; k++) yf[r * kb + k] = vr[k] / d;
       }
       if (sp != NULL) {
-        lp_stochastic(yf, of, m, gen, sp);
+        sr_rows(yf, of, m, gen, sp);
       } else {  /* lp_round works on bit patterns */
         memcpy(xb, yf, 4 * m);
         lp_round(xb, rb, m, pe);
@@ -430,13 +457,16 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
   }
 }
 void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, int64_t G, int64_t B, float fmt_max,
-           float denom, const rn_params *pe, const rn_params *ps, mt_t *gen, const sr_params *sp) {
+           float denom, const rn_params *pe, const rn_params *ps, uint8_t *st, const sr_params *sp) {
   /* NVFP4's blocks of 16 with the block length a constant: the row loops unroll and vectorize (the same
-     operations in the same order as any other length) */
+     operations in the same order as any other length); st: generator state bytes (NULL: nearest) */
+  mt_t g, *gen = NULL;
+  if (st) { mt_load(st, &g); gen = &g; }
   if (B == 16)
     nv_body(v, q, scale, G, 16, fmt_max, denom, pe, ps, gen, sp);
   else
     nv_body(v, q, scale, G, B, fmt_max, denom, pe, ps, gen, sp);
+  if (st) mt_store(&g, st);
 }
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
@@ -492,30 +522,24 @@ def _native_lib() -> ctypes.CDLL | None:
 _MT_BYTES = 5056  # torch's CPUGeneratorImplState: seed u64, left i32, seeded i32, next u64, state u64[624], ...
 
 
-def _mt_take(generator: torch.Generator | None) -> tuple[torch.Generator, torch.Tensor, torch.Tensor] | None:
-    """(generator, its state bytes, its mt19937 as int32[624 state, left, next]) for the native draws, or None
-    where the state is not the CPU mt19937 this code knows (the caller then draws with torch)."""
+def _mt_take(generator: torch.Generator | None) -> tuple[torch.Generator, torch.Tensor] | None:
+    """(generator, a copy of its state bytes) for the native draws (which advance the mt19937 in those bytes, for
+    ``_mt_put``), or None where the state is not the CPU mt19937 this code knows (the caller then draws with
+    torch)."""
     g = torch.default_generator if generator is None else generator
     if g.device.type != "cpu":
         return None
     st = g.get_state()
     if st.numel() != _MT_BYTES:
         return None
-    left, nxt = int(st[8:12].view(torch.int32)), int(st[16:24].view(torch.int64))
+    left, nxt = struct.unpack_from("<i4xq", st.numpy(), 8)
     if not (0 < left <= 624 and (left == 1 or left + nxt == 625)):
         return None
-    mt = torch.empty(626, dtype=torch.int32)
-    mt[:624] = st[24:24 + 4992].view(torch.int64)  # words < 2**32: the cast wraps them to int32 bits
-    mt[624], mt[625] = left, nxt
-    return g, st, mt
+    return g, st
 
 
-def _mt_put(g: torch.Generator, st: torch.Tensor, mt: torch.Tensor) -> None:
-    """Write the advanced mt19937 back (``st``'s other fields, the normal-sample caches, unchanged)."""
-    st = st.clone()
-    st[8:12].view(torch.int32)[0] = mt[624]
-    st[16:24].view(torch.int64)[0] = mt[625]
-    st[24:24 + 4992].view(torch.int64).copy_(mt[:624].to(torch.int64) & 0xFFFFFFFF)
+def _mt_put(g: torch.Generator, st: torch.Tensor) -> None:
+    """Give ``g`` the advanced state (``st``'s other fields, the normal-sample caches, unchanged)."""
     g.set_state(st)
 
 
@@ -530,10 +554,9 @@ def _native_random_bits(shape: torch.Size, generator: torch.Generator | None) ->
     taken = _mt_take(generator) if lib is not None else None
     if taken is None:
         return None
-    g, st, mt = taken
     out = _empty(shape, torch.int32)
-    lib.lp_random_bits(_ptr(mt), _ptr(out), ctypes.c_int64(out.numel()))
-    _mt_put(g, st, mt)
+    lib.lp_random_bits(_ptr(taken[1]), _ptr(out), ctypes.c_int64(out.numel()))
+    _mt_put(*taken)
     return out
 
 
@@ -560,11 +583,10 @@ def _native_stochastic(flat: torch.Tensor, fmt: Format, saturate: bool, flush: b
     taken = _mt_take(generator) if lib is not None else None
     if taken is None:
         return None
-    g, st, mt = taken
     p = _sr_params(fmt, saturate, flush, rand_bits)
     out = _empty(flat.shape, torch.float32)
-    lib.lp_stochastic(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), _ptr(mt), ctypes.byref(p))
-    _mt_put(g, st, mt)
+    lib.lp_stochastic(_ptr(flat), _ptr(out), ctypes.c_int64(flat.numel()), _ptr(taken[1]), ctypes.byref(p))
+    _mt_put(*taken)
     return out
 
 
@@ -690,7 +712,7 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
     lib.lp_nv(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]),
               ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn),
               ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)),
-              _ptr(taken[2]) if sto else None,
+              _ptr(taken[1]) if sto else None,
               ctypes.byref(_sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits)) if sto else None)
     if sto:
         _mt_put(*taken)
