@@ -236,24 +236,34 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
 static inline __attribute__((always_inline)) void mx_body(const float *restrict v, float *restrict q,
     float *restrict scale, int64_t G, int64_t B, int32_t emax, const rn_params *p, const int nearest, const int sat,
     const int infm, const int flush) {
-  for (int64_t g = 0; g < G; g++) {
-    const uint32_t *restrict row = (const uint32_t *)(v + g * B);
-    int32_t amax = 0;  /* signed: the max reduction vectorizes */
-    for (int64_t j = 0; j < B; j++) {
-      int32_t a = (int32_t)(row[j] & 0x7fffffffu);
-      a = a >= 0x7f800000 ? 0 : a;
-      amax = a > amax ? a : amax;
+  /* in chunks of whole rows (B <= 1024 <= CHUNK: the caller checks): the rows' scales, then one rn_body over the
+     chunk (per row it was a loop of B: 0.9 vs 0.4 ns a value on 512 x 64), the same operations per element */
+  uint32_t y[CHUNK], t[CHUNK];
+  float scs[CHUNK];
+  const int64_t rows = CHUNK / B;
+  for (int64_t g0 = 0; g0 < G; g0 += rows) {
+    const int64_t nr = G - g0 < rows ? G - g0 : rows;
+    for (int64_t r = 0; r < nr; r++) {
+      const uint32_t *restrict row = (const uint32_t *)(v + (g0 + r) * B);
+      int32_t amax = 0;  /* signed: the max reduction vectorizes */
+      for (int64_t j = 0; j < B; j++) {
+        int32_t a = (int32_t)(row[j] & 0x7fffffffu);
+        a = a >= 0x7f800000 ? 0 : a;
+        amax = a > amax ? a : amax;
+      }
+      int32_t e = (amax >> 23) - (127 + emax);
+      e = e < -127 ? -127 : (e > 127 ? 127 : e);
+      const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+      scale[g0 + r] = scs[r] = sc;
+      const float rec = 1.0f / sc;  /* exact (sc is a power of two): x * rec is x / sc, correctly rounded alike */
+      for (int64_t j = 0; j < B; j++) y[r * B + j] = fbits(bitsf(row[j]) * rec);
     }
-    int32_t e = (amax >> 23) - (127 + emax);
-    e = e < -127 ? -127 : (e > 127 ? 127 : e);
-    const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
-    scale[g] = sc;
-    uint32_t y[1024], t[1024];  /* B <= 1024: the caller checks */
-    const float rec = 1.0f / sc;  /* exact (sc is a power of two): x * rec is x / sc, correctly rounded alike */
-    for (int64_t j = 0; j < B; j++) y[j] = fbits(bitsf(row[j]) * rec);
-    rn_body(y, t, B, p, nearest, sat, infm, flush);
-    float *restrict qr = q + g * B;
-    for (int64_t j = 0; j < B; j++) qr[j] = bitsf(t[j]) * sc;
+    rn_body(y, t, nr * B, p, nearest, sat, infm, flush);
+    for (int64_t r = 0; r < nr; r++) {
+      const float sc = scs[r];
+      float *restrict qr = q + (g0 + r) * B;
+      for (int64_t j = 0; j < B; j++) qr[j] = bitsf(t[r * B + j]) * sc;
+    }
   }
 }
 #define MX(N_, S_, I_, F_, B_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): \
@@ -719,7 +729,7 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
     return q, scale
 
 
-_MX_MAX_BLOCK = 1024  # the native MX loop keeps a block on the stack
+_MX_MAX_BLOCK = 1024  # the native MX loop keeps chunks of whole rows (4096 values) on the stack
 
 
 def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -72,13 +72,21 @@ def to_scaling_view(x: torch.Tensor, scaling: Scaling, *,
     bs = scaling.block_size
     if scaling.block_rows > 1:
         return _tile_view(x, ax, scaling.block_rows, bs, contiguous)
-    xm = x.movedim(ax, -1)
+    last = ax == x.dim() - 1
+    xm = x if last else x.movedim(ax, -1)
     length = xm.shape[-1]
     pad = (-length) % bs
     if pad:
         xm = torch.nn.functional.pad(xm, (0, pad))
     lead = xm.shape[:-1]
     view = xm.reshape(*lead, (length + pad) // bs, bs)
+    if last and not pad:   # the common case: undo is a reshape (the slice and movedim below are identities)
+        shape = x.shape
+
+        def undo_reshape(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(shape)
+            return t.contiguous() if contiguous else t
+        return view, undo_reshape
 
     def undo(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(*lead, length + pad)[..., :length].movedim(-1, ax)
