@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import scaling as _sc
+from .fast import encode_e4m3
 from .formats import FLOAT_DTYPES, Format, torch_dtype
 from .quantize import QuantSpec, scale_and_round, spec as _spec
 from .rounding import e4m3_to_float32
@@ -267,6 +268,9 @@ def encode(x: torch.Tensor, fmt: "str | Format | QuantSpec", *, rounding: Any = 
         enc = encode(y, s, generator=generator, pack=pack)
         enc.shape, enc.dtype, enc.expand_k, enc.expand_center = x.shape, x.dtype, k, c
         return enc
+    native = encode_e4m3(x, s)  # one native pass where it applies (the same codes and scales)
+    if native is not None:
+        return Encoded(native[0], native[1], s, x.shape, x.dtype, None, False)
     r = scale_and_round(x, s, generator, native=True)
     scale = glob = None
     if r.info is not None:

@@ -278,6 +278,58 @@ void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, in
   else if (B == 16) { MX_ALL(16) }
   else { MX_ALL(B) }
 }
+/* the e4m3 code of a float32 value on the e4m3 grid (rn_body's output) or NaN, as torch's float8_e4m3fn cast
+   gives it: sign | exponent + 7 << 3 | 3 mantissa bits; below 2**-6 the subnormal count of 2**-9; NaN 0x7f */
+static inline uint8_t e4m3_code(uint32_t b) {  /* selects, no branches: the loop vectorizes */
+  const uint32_t sign = (b >> 24) & 0x80u, mag = b & 0x7fffffffu;
+  const int low = mag < (121u << 23);
+  const uint32_t sub = (uint32_t)(int32_t)(bitsf(low ? mag : 0u) * 512.0f);   /* exact: 0..7 */
+  const uint32_t nrm = (((mag >> 23) - 120u) << 3) | ((mag >> 20) & 7u);
+  uint32_t c = low ? sub : nrm;
+  c = mag > 0x7f800000u ? 0x7fu : c;
+  return (uint8_t)(c | sign);
+}
+/* lowprec.codecs.encode of float32 rows (G x n) onto e4m3 (nearest, saturating, no flushing) with an fp32 scale
+   per block of `block` along the rows (the last one of a row ragged): the scale amax / fmt_max of the block's
+   finite magnitudes (1 where that is 0 or not finite), the codes those of torch's e4m3 cast of x / scale (RNE;
+   saturating, inf -> 448; NaN -> 0x7f | sign) by rn_body's rounding and e4m3_code. Elements go through a CHUNK
+   buffer in order (the codes are laid out as x) */
+void lp_encode_e4m3(const float *restrict x, uint8_t *restrict codes, float *restrict scale, int64_t G, int64_t n,
+                    int64_t block, float fmt_max, const rn_params *p) {
+  const int64_t nb = (n + block - 1) / block;
+  uint32_t y[CHUNK], t[CHUNK];
+  int64_t fill = 0, start = 0;  /* y holds the elements [start, start + fill) */
+  for (int64_t g = 0; g < G; g++) {
+    for (int64_t b = 0; b < nb; b++) {
+      const int64_t o = b * block, len = n - o < block ? n - o : block;
+      const float *restrict src = x + g * n + o;
+      const int32_t *restrict bits = (const int32_t *)src;
+      int32_t am = 0;  /* signed magnitudes: the max vectorizes (finite_amax) */
+      for (int64_t k = 0; k < len; k++) {
+        int32_t a = bits[k] & 0x7FFFFFFF;
+        a = a < 0x7F800000 ? a : 0;
+        am = a > am ? a : am;
+      }
+      float amax;
+      memcpy(&amax, &am, 4);
+      float sc = amax / fmt_max;
+      sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
+      scale[g * nb + b] = sc;
+      for (int64_t k0 = 0; k0 < len;) {
+        if (fill == CHUNK) {
+          rn_body(y, t, fill, p, 1, 1, 0, 0);
+          for (int64_t k = 0; k < fill; k++) codes[start + k] = e4m3_code(t[k]);
+          start += fill; fill = 0;
+        }
+        const int64_t m = len - k0 < CHUNK - fill ? len - k0 : CHUNK - fill;
+        for (int64_t k = 0; k < m; k++) y[fill + k] = fbits(src[k0 + k] / sc);
+        fill += m; k0 += m;
+      }
+    }
+  }
+  rn_body(y, t, fill, p, 1, 1, 0, 0);
+  for (int64_t k = 0; k < fill; k++) codes[start + k] = e4m3_code(t[k]);
+}
 #define RN(N_, S_, I_, F_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): rn_body(x, out, n, p, N_, S_, I_, F_); break;
 /* lowprec.fast._int_kernel: nearest / toward_zero on float32 bit patterns, one pass */
 void lp_round(const uint32_t *x, uint32_t *out, int64_t n, const rn_params *p) {
@@ -521,7 +573,7 @@ def _native_lib() -> ctypes.CDLL | None:
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
-                         "lp_nv", "lp_decode_rows", "lp_transpose"):
+                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -672,6 +724,43 @@ def _native_tensor_scaled(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor,
     lib.lp_tensor_scaled(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.numel()), ctypes.c_float(s.format.max),
                          ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
     return q, scale
+
+
+def encode_e4m3_ok(x: torch.Tensor, s: QuantSpec) -> bool:
+    """Whether :func:`encode_e4m3` takes ``x`` under ``s``: e4m3 (torch's float8_e4m3fn), nearest, saturating, no
+    flushing, fp32 scales per tensor or per 1-D block along the last axis; contiguous float32 on the CPU of at
+    least the native helpers' size, one torch thread, the fast path on."""
+    sc = s.scaling
+    return (_state["enabled"] and not torch.compiler.is_compiling() and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.dim() >= 1 and x.numel() >= _min_native(False) and x.is_contiguous()
+            and s.rounding == Rounding.NEAREST and s.saturate and not s.flush_subnormals
+            and torch_dtype(s.format) == torch.float8_e4m3fn and sc is not None and sc.scale_format == "fp32"
+            and (sc.mode == "tensor" or (sc.mode == "block" and sc.block_rows == 1
+                                         and sc.axis % x.dim() == x.dim() - 1))
+            and torch.get_num_threads() == 1)
+
+
+def encode_e4m3(x: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The codes (uint8, ``x``'s shape) and fp32 scales (``lowprec.codecs.encode``'s layout: ``x.shape[:-1] +
+    (blocks,)``, or ``[1] * x.dim()`` for a tensor scale) of ``encode(x, s)`` in one native pass, bit for bit, or
+    None where it does not apply (:func:`encode_e4m3_ok`, no native helpers)."""
+    if not encode_e4m3_ok(x, s):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    if s.scaling.mode == "tensor":
+        G, n, block = 1, x.numel(), x.numel()
+        scale = torch.empty([1] * x.dim(), dtype=torch.float32)
+    else:
+        n = x.shape[-1]
+        G, block = x.numel() // n, s.scaling.block_size
+        scale = torch.empty(*x.shape[:-1], -(-n // block), dtype=torch.float32)
+    codes = _empty(x.shape, torch.uint8)
+    lib.lp_encode_e4m3(_ptr(x), _ptr(codes), _ptr(scale), ctypes.c_int64(G), ctypes.c_int64(n),
+                       ctypes.c_int64(block), ctypes.c_float(s.format.max),
+                       ctypes.byref(_rn_params(s.format, Rounding.NEAREST, True, False)))
+    return codes, scale
 
 
 def tensor_scaled_segments(buf: torch.Tensor, lens: list[int], s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -4,6 +4,8 @@ definition; the fused native stochastic rounding against the eager round_to_form
 values beside it, overflow, ±inf, NaN, subnormals, saturate or not, flushing, random bit counts), the generator
 left in the same state, at every chunk and mt19937 block boundary; the huge-page outputs against plain ones."""
 
+import math
+
 import pytest
 import torch
 
@@ -361,6 +363,63 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
             ref = decode(enc)
         assert same(_decode_e4m3_native(enc), ref)
     assert calls and all(calls)
+
+
+def _spy_encode(monkeypatch) -> list[bool]:
+    calls = _counting(monkeypatch, "encode_e4m3")
+    monkeypatch.setattr("lowprec.codecs.encode_e4m3", fast.encode_e4m3)
+    return calls
+
+
+@pytest.mark.parametrize("spec_,shape", [("e4m3:block128", (1050, 1000)), ("e4m3:block32", (1050, 1000)),
+                                         ("e4m3:block7", (1050, 1000)), ("e4m3:tensor", (1050, 1000)),
+                                         ("e4m3:block128", (35, 30, 1000)), ("e4m3:block5000", (50, 21000)),
+                                         ("e4m3:block128:nosat", (1050, 1000)), ("e4m3:block128:axis=0", (1050, 1000)),
+                                         ("e5m2:block128", (1050, 1000)), ("e4m3:block32:scale=e8m0", (1050, 1000))])
+def test_native_e4m3_encode_equals_the_eager_encode(fast_everywhere, monkeypatch, spec_, shape):
+    """lowprec.codecs.encode onto e4m3 with fp32 scales (the optimizer states' encoding) by the native loop: the
+    codes and scales of the eager path (torch's float8 cast of x / scale), every bit, with NaN, ±inf, zeros,
+    subnormal and huge blocks, ragged last blocks and blocks over the loop's 4096-value buffer; other specs
+    (not saturating, other axes, formats or scale formats) are left to the eager path."""
+    from lowprec import spec
+    from lowprec.codecs import encode
+
+    calls = _spy_encode(monkeypatch)
+    x = _edge_rows().reshape(-1)[:math.prod(shape)].reshape(shape) if math.prod(shape) <= 1050000 else (
+        torch.randn(shape) * torch.logspace(-30, 30, shape[-1]))
+    s = spec(spec_)
+    with fast_path_off():
+        ref = encode(x, s)
+    calls.clear()
+    got = encode(x, s)
+    assert torch.equal(ref.codes, got.codes) and ref.codes.shape == got.codes.shape
+    assert same(ref.scale, got.scale) and ref.scale.shape == got.scale.shape and got.scale.dtype == ref.scale.dtype
+    native = (spec_.startswith("e4m3:") and "nosat" not in spec_ and "axis=0" not in spec_ and "e8m0" not in spec_)
+    assert calls and all(calls) == native and any(calls) == native
+
+
+def test_native_e4m3_encode_gives_every_code_as_torchs_cast():
+    """Every e4m3 value, midpoint and the values beside each, overflow, ±inf and NaN, each in a block of 2 with
+    448 (a scale of 1 where |v| <= 448): the codes of torch's float8_e4m3fn cast of x / scale."""
+    from lowprec import spec
+    from lowprec.formats import get_format
+
+    e4m3 = get_format("e4m3")
+    v = probe_inputs(gf_grid(gf_info(e4m3)), e4m3.max)
+    x = torch.stack([torch.full_like(v, 448.0), v], dim=1)
+    was, threads = fast_path_settings(), torch.get_num_threads()
+    set_fast_path(True, min_numel=2)
+    torch.set_num_threads(1)
+    try:
+        got = fast.encode_e4m3(x, spec("e4m3:block2"))
+    finally:
+        set_fast_path(*was)
+        torch.set_num_threads(threads)
+    assert got is not None
+    amax = torch.where(torch.isfinite(x), x.abs(), 0.0).amax(dim=1, keepdim=True)
+    scale = torch.where((amax / 448.0 > 0) & torch.isfinite(amax / 448.0), amax / 448.0, 1.0)
+    assert same(got[1], scale)
+    assert torch.equal(got[0], (x / scale).to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 @pytest.mark.parametrize("spec_", ["nvfp4:axis=0", "mxfp8:axis=0", "nvfp4:stochastic:axis=0", "e3m2:block16:scale=e4m3:axis=0"])
