@@ -1211,6 +1211,34 @@ def _scaled_kernel(s: QuantSpec) -> Callable[..., tuple[torch.Tensor, torch.Tens
     return kernel
 
 
+def native_scaled(v2: torch.Tensor, s: QuantSpec,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The native loop of :func:`fast_scaled` for contiguous float32 rows ``v2`` (one block a row, or one row for a
+    tensor scale; ``s`` passing :func:`fast_scaled_ok`): (quantized rows, scales ``(rows, 1)``), or None where no
+    native loop applies (see :func:`_native_mx`, :func:`_native_nv`, :func:`_native_tensor_scaled`)."""
+    if s.scaling.mode == "block":
+        return _native_mx(v2, s) if s.scaling.scale_format == "e8m0" else _native_nv(v2, s, generator)
+    return _native_tensor_scaled(v2, s)
+
+
+def _scaled_eligible(x: torch.Tensor, s: QuantSpec) -> bool:
+    """:func:`fast_scaled`'s conditions on the settings, ``x`` (float32 on the CPU, large enough) and ``s``."""
+    return (_state["enabled"] and not torch.compiler.is_compiling() and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.numel() >= _min_native(s.rounding == Rounding.STOCHASTIC)
+            and fast_scaled_ok(s))
+
+
+def native_scaled_ok(x: torch.Tensor, s: QuantSpec) -> bool:
+    """Whether :func:`fast_scaled` may take ``x`` under ``s`` now to one of its native loops (the settings, size,
+    dtype and device conditions; the loop itself may still decline)."""
+    return _scaled_eligible(x, s) and _native_lib() is not None
+
+
+def fast_state() -> tuple:
+    """The fast-path settings now (for callers that cache a decision that depends on them)."""
+    return _state["enabled"], _state["min_numel"], _state["min_numel_stochastic"], torch.get_num_threads()
+
+
 def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The scale -> round -> unscale of ``quantize`` for ``view`` (``lowprec.scaling.to_scaling_view`` of float32
@@ -1218,20 +1246,14 @@ def fast_scaled(x: torch.Tensor, s: QuantSpec, view: torch.Tensor,
     bit for bit: (the quantized view, its scale broadcastable to the view), or None where it does not apply
     (:func:`fast_scaled_ok`, size and device as for :func:`fast_round`). Stochastic rounding draws the random bits
     of the view from ``generator`` as the eager path does (the same words, natively where available)."""
-    sto = s.rounding == Rounding.STOCHASTIC
-    if (not _state["enabled"] or torch.compiler.is_compiling() or x.dtype != torch.float32
-            or x.device.type != "cpu" or x.numel() < _min_native(sto) or not fast_scaled_ok(s)):
+    if not _scaled_eligible(x, s):
         return None
+    sto = s.rounding == Rounding.STOCHASTIC
     block = s.scaling.mode == "block"
     v2 = _contiguous_view(view, x).view(-1, view.shape[-1] if block else view.numel())
-    if block:
-        native = _native_mx(v2, s) if s.scaling.scale_format == "e8m0" else _native_nv(v2, s, generator)
-        if native is not None:
-            return native[0].view(view.shape), native[1].view(*view.shape[:-1], 1)
-    else:
-        native = _native_tensor_scaled(v2, s)
-        if native is not None:
-            return native[0].view(view.shape), native[1].view([1] * view.dim())
+    native = native_scaled(v2, s, generator)
+    if native is not None:
+        return native[0].view(view.shape), native[1].view((*view.shape[:-1], 1) if block else [1] * view.dim())
     if x.numel() < _state["min_numel_stochastic" if sto else "min_numel"]:
         return None
     key = ("scaled", s)

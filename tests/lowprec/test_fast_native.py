@@ -4,6 +4,7 @@ definition; the fused native stochastic rounding against the eager round_to_form
 values beside it, overflow, ±inf, NaN, subnormals, saturate or not, flushing, random bit counts), the generator
 left in the same state, at every chunk and mt19937 block boundary; the huge-page outputs against plain ones."""
 
+import importlib
 import math
 
 import pytest
@@ -363,6 +364,35 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
             ref = decode(enc)
         assert same(_decode_e4m3_native(enc), ref)
     assert calls and all(calls)
+
+
+@pytest.mark.parametrize("spec_", ["mxfp8", "mxfp4:flush", "mxfp8:toward_zero", "nvfp4", "nvfp4:stochastic",
+                                   "e4m3:block16:scale=e4m3:stochastic", "e4m3:tensor", "e5m2:tensor:nosat",
+                                   "mxfp8:axis=0", "e4m3:block128", "e2m1:block15:scale=e4m3:stochastic"])
+@pytest.mark.parametrize("shape", [(512, 64), (3, 40, 96), (1050, 1000), (64, 30)])
+def test_planned_quantize_equals_the_unplanned_path(fast_everywhere, monkeypatch, spec_, shape):
+    """lowprec.quantize's plans (a native loop run straight on the rows of a contiguous tensor whose scaling view
+    is a reshape) give the values, scales and generator state of the path that derives the view per call; layouts
+    without a plan (blocks along another axis, ragged blocks, no native loop) take that path."""
+    from lowprec import quantize_with_scale, spec
+
+    lq = importlib.import_module("lowprec.quantize")   # (the package's ``quantize`` is the function)
+    s = spec(spec_)
+    x = _edge_rows().reshape(-1)[:math.prod(shape)].reshape(shape)
+    g_ref, g_got = _advanced(5, 7), _advanced(5, 7)
+    with monkeypatch.context() as m:
+        m.setattr(lq, "_planned", lambda *a: None)
+        ref_q, ref_s = quantize_with_scale(x, s, g_ref)
+        ref_plain = quantize(x, s, generator=g_ref)
+    lq._PLANS.clear()
+    got_q, got_s = quantize_with_scale(x, s, g_got)
+    got_plain = quantize(x, s, generator=g_got)
+    assert same(ref_q, got_q) and same(ref_s, got_s) and same(ref_plain, got_plain)
+    assert ref_s.shape == got_s.shape and got_q.shape == x.shape
+    assert torch.equal(g_ref.get_state(), g_got.get_state())
+    sc = s.scaling
+    planned = (sc.mode == "tensor" or (sc.axis == -1 and shape[-1] % sc.block_size == 0)) and fast.fast_scaled_ok(s)
+    assert any(p is not None for p in lq._PLANS.values()) == planned
 
 
 def _spy_encode(monkeypatch) -> list[bool]:
