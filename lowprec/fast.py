@@ -845,7 +845,7 @@ class _StatsOut(ctypes.Structure):
                 ("sig2", ctypes.c_double), ("err2", ctypes.c_double)]
 
 
-def _transposed(x: torch.Tensor) -> torch.Tensor | None:
+def transposed(x: torch.Tensor) -> torch.Tensor | None:
     """``x.t().contiguous()`` of a contiguous 2-D float32 CPU tensor by the native tiled loop (the same bits;
     torch's strided copy measured ~7x a plain copy), or None where that does not apply."""
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
@@ -866,7 +866,7 @@ def _contiguous_view(view: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if (x.dim() == 2 and view.dim() == 3 and view.shape[0] == x.shape[1]
             and view.shape[1] * view.shape[2] == x.shape[0]
             and view.stride() == (1, view.shape[2] * x.shape[1], x.shape[1])):
-        t = _transposed(x)   # (which checks x is contiguous float32 on the CPU)
+        t = transposed(x)   # (which checks x is contiguous float32 on the CPU)
         if t is not None:
             return t.view(view.shape)
     return view.contiguous()

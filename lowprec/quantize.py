@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 
 from . import scaling as _sc
-from .fast import fast_min_numel, fast_round, fast_scaled, fast_scaled_ok, fast_state, native_scaled, native_scaled_ok
+from . import fast as _fast
+from .fast import fast_min_numel, fast_round, fast_scaled, fast_scaled_ok, fast_state, native_scaled_ok
 from .formats import Format, torch_dtype
 from .rounding import (check_tensor, compiled_quantizer, e4m3_to_float32, functional_round, functional_round_ok,
                        random_bits, round_native,
@@ -180,19 +181,37 @@ def quantize_with_scale_fn(x: torch.Tensor, spec_: "str | Format | QuantSpec",
 
 
 # Plans: for a contiguous float32 tensor whose scaling view is a plain reshape (a tensor scale, or 1-D blocks along
-# the last axis that tile it), what _fused does is decided by the spec, the shape and the fast-path settings alone:
-# one native loop on x's rows. A plan, kept per (spec, shape, settings), runs that loop straight away and shapes
-# its results as _fused and _quantize_scale_fn do (the same calls on the same rows: the same bits), skipping the
-# per-call scaling view, its undo and the eligibility checks (~a third of a small quantized GEMM operand's time).
+# the last axis that tile it) or, in 2-D, the transpose of one (blocks along axis 0 that tile it), what _fused does
+# is decided by the spec, the shape, ``contiguous`` and the fast-path settings alone: one native loop on x's rows
+# (or on its native transpose's). A plan, kept per (spec, shape, contiguous, settings), runs that loop straight
+# away and shapes its results as _fused and _quantize_scale_fn do (the same calls on the same rows: the same bits),
+# skipping the per-call scaling view, its undo and the eligibility checks (~a third of a small quantized GEMM
+# operand's time).
 _PLANS: dict[tuple, Callable | None] = {}
 _PLANS_MAX = 4096   # distinct layouts kept (a model with many shapes starts over rather than grow without end)
 
 
-def _make_plan(x: torch.Tensor, s: QuantSpec) -> Callable | None:
+def _make_plan(x: torch.Tensor, s: QuantSpec, contiguous: bool) -> Callable | None:
     sc = s.scaling
     if sc is None or not native_scaled_ok(x, s) or not x.is_contiguous() or x.dim() == 0:
         return None
     shape = x.shape
+    if (sc.mode == "block" and sc.block_rows == 1 and x.dim() == 2 and sc.axis % 2 == 0
+            and shape[0] % sc.block_size == 0):
+        M, K, B = shape[0], shape[1], sc.block_size
+
+        def undo(t: torch.Tensor) -> torch.Tensor:   # (K, M) rows back to x's layout (to_scaling_view's undo)
+            t = t.t()
+            return t.contiguous() if contiguous else t
+
+        def run_t(x: torch.Tensor, generator: torch.Generator | None):
+            xt = _fast.transposed(x.detach())
+            r = None if xt is None else _fast.native_scaled(xt.view(-1, B), s, generator)
+            if r is None:
+                return None
+            sc_ = r[1]
+            return undo(r[0].view(K, M)), lambda: undo(sc_.view(K, M // B, 1).expand(K, M // B, B).reshape(K, M))
+        return run_t
     if sc.mode == "tensor":
         rows, cols, sshape = 1, x.numel(), [1] * x.dim()
 
@@ -210,22 +229,22 @@ def _make_plan(x: torch.Tensor, s: QuantSpec) -> Callable | None:
         return None
 
     def run(x: torch.Tensor, generator: torch.Generator | None):
-        r = native_scaled(x.detach().view(rows, cols), s, generator)
+        r = _fast.native_scaled(x.detach().view(rows, cols), s, generator)
         return None if r is None else (r[0].view(shape), scale_of(r[1]))
     return run
 
 
-def _planned(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None):
+def _planned(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None, contiguous: bool = True):
     """(q, scale_fn) by the plan for ``x``'s layout under ``s`` (above), or None (no plan, or its loop declined)."""
     check_tensor(x)
     if torch.compiler.is_compiling() or x.dtype != torch.float32 or not x.is_contiguous():
         return None
-    key = (s, x.shape, x.device, fast_state())
+    key = (s, x.shape, x.device, contiguous, fast_state())
     plan = _PLANS.get(key, _make_plan)
     if plan is _make_plan:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(x, s)
+        plan = _PLANS[key] = _make_plan(x, s, contiguous)
     return None if plan is None else plan(x, generator)
 
 
@@ -233,7 +252,7 @@ def _quantize_scale_fn(x: torch.Tensor, s: QuantSpec, generator: torch.Generator
                        scale: torch.Tensor | None,
                        contiguous: bool = True) -> tuple[torch.Tensor, Callable[[], torch.Tensor | None]]:
     if scale is None:
-        p = _planned(x, s, generator)
+        p = _planned(x, s, generator, contiguous)
         if p is not None:
             return p
     f = _fused(x, s, generator, contiguous) if scale is None else None

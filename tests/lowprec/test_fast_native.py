@@ -370,11 +370,13 @@ def test_native_row_decode_equals_the_eager_decode(fast_everywhere, monkeypatch,
                                    "e4m3:block16:scale=e4m3:stochastic", "e4m3:tensor", "e5m2:tensor:nosat",
                                    "mxfp8:axis=0", "e4m3:block128", "e2m1:block15:scale=e4m3:stochastic"])
 @pytest.mark.parametrize("shape", [(512, 64), (3, 40, 96), (1050, 1000), (64, 30)])
-def test_planned_quantize_equals_the_unplanned_path(fast_everywhere, monkeypatch, spec_, shape):
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_planned_quantize_equals_the_unplanned_path(fast_everywhere, monkeypatch, spec_, shape, contiguous):
     """lowprec.quantize's plans (a native loop run straight on the rows of a contiguous tensor whose scaling view
     is a reshape) give the values, scales and generator state of the path that derives the view per call; layouts
     without a plan (blocks along another axis, ragged blocks, no native loop) take that path."""
-    from lowprec import quantize_with_scale, spec
+    from lowprec import spec
+    from lowprec.quantize import quantize_with_scale_fn
 
     lq = importlib.import_module("lowprec.quantize")   # (the package's ``quantize`` is the function)
     s = spec(spec_)
@@ -382,16 +384,20 @@ def test_planned_quantize_equals_the_unplanned_path(fast_everywhere, monkeypatch
     g_ref, g_got = _advanced(5, 7), _advanced(5, 7)
     with monkeypatch.context() as m:
         m.setattr(lq, "_planned", lambda *a: None)
-        ref_q, ref_s = quantize_with_scale(x, s, g_ref)
+        ref_q, ref_fn = quantize_with_scale_fn(x, s, g_ref, contiguous=contiguous)
         ref_plain = quantize(x, s, generator=g_ref)
+        ref_s = ref_fn()
     lq._PLANS.clear()
-    got_q, got_s = quantize_with_scale(x, s, g_got)
+    got_q, got_fn = quantize_with_scale_fn(x, s, g_got, contiguous=contiguous)
     got_plain = quantize(x, s, generator=g_got)
+    got_s = got_fn()
     assert same(ref_q, got_q) and same(ref_s, got_s) and same(ref_plain, got_plain)
     assert ref_s.shape == got_s.shape and got_q.shape == x.shape
+    assert ref_q.stride() == got_q.stride() and ref_s.stride() == got_s.stride()  # the same layouts too
     assert torch.equal(g_ref.get_state(), g_got.get_state())
     sc = s.scaling
-    planned = (sc.mode == "tensor" or (sc.axis == -1 and shape[-1] % sc.block_size == 0)) and fast.fast_scaled_ok(s)
+    planned = fast.fast_scaled_ok(s) and (sc.mode == "tensor" or (sc.axis == -1 and shape[-1] % sc.block_size == 0)
+                                          or (sc.axis == 0 and len(shape) == 2 and shape[0] % sc.block_size == 0))
     assert any(p is not None for p in lq._PLANS.values()) == planned
 
 
@@ -460,7 +466,7 @@ def test_blocks_along_axis_0_through_the_native_transpose(fast_everywhere, monke
     leaves it."""
     from lowprec import quantize_with_scale, spec
 
-    calls = _counting(monkeypatch, "_transposed")
+    calls = _counting(monkeypatch, "transposed")
     s = spec(spec_)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 4
     x[1, 2], x[5, 0] = float("nan"), -float("inf")
