@@ -88,6 +88,7 @@ _NATIVE_SRC = r"""
 #define MT_N 624
 #define MT_M 397
 #define CHUNK 4096
+#define L1_CHUNK 1024  /* values per pass of the MX and e4m3-encode loops: their buffers and rows stay in L1 */
 typedef struct { uint32_t s[MT_N]; int32_t left; int32_t next; } mt_t;
 /* torch's CPUGeneratorImplState bytes (get_state): left int32 at 8, next uint64 at 16, state uint64[624] at 24
    (words < 2**32); the exported functions draw from such bytes in place (the caller set_state()s them after) */
@@ -236,11 +237,11 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
 static inline __attribute__((always_inline)) void mx_body(const float *restrict v, float *restrict q,
     float *restrict scale, int64_t G, int64_t B, int32_t emax, const rn_params *p, const int nearest, const int sat,
     const int infm, const int flush) {
-  /* in chunks of whole rows (B <= 1024 <= CHUNK: the caller checks): the rows' scales, then one rn_body over the
+  /* in chunks of whole rows (B <= 1024 = L1_CHUNK: the caller checks): the rows' scales, then one rn_body over the
      chunk (per row it was a loop of B: 0.9 vs 0.4 ns a value on 512 x 64), the same operations per element */
-  uint32_t y[CHUNK], t[CHUNK];
-  float scs[CHUNK];
-  const int64_t rows = CHUNK / B;
+  uint32_t y[L1_CHUNK], t[L1_CHUNK];
+  float scs[L1_CHUNK];
+  const int64_t rows = L1_CHUNK / B;
   for (int64_t g0 = 0; g0 < G; g0 += rows) {
     const int64_t nr = G - g0 < rows ? G - g0 : rows;
     for (int64_t r = 0; r < nr; r++) {
@@ -278,6 +279,22 @@ void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, in
   else if (B == 16) { MX_ALL(16) }
   else { MX_ALL(B) }
 }
+/* max |x| over the finite values (NaN, ±inf count as 0), on the magnitude bits (finite non-negative floats
+   order as their bits) */
+static float finite_amax(const float *restrict x, int64_t n) {
+  /* signed int32 magnitudes (all >= 0): gcc vectorizes this max reduction (the unsigned lane form it did not:
+     0.67 vs 0.05 ns a value here) */
+  const int32_t *restrict b = (const int32_t *)x;
+  int32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int32_t a = b[i] & 0x7FFFFFFF;
+    a = a < 0x7F800000 ? a : 0;
+    top = a > top ? a : top;
+  }
+  float amax;
+  memcpy(&amax, &top, 4);
+  return amax;
+}
 /* the e4m3 code of a float32 value on the e4m3 grid (rn_body's output) or NaN, as torch's float8_e4m3fn cast
    gives it: sign | exponent + 7 << 3 | 3 mantissa bits; below 2**-6 the subnormal count of 2**-9; NaN 0x7f */
 static inline uint8_t e4m3_code(uint32_t b) {  /* selects, no branches: the loop vectorizes */
@@ -292,36 +309,27 @@ static inline uint8_t e4m3_code(uint32_t b) {  /* selects, no branches: the loop
 /* lowprec.codecs.encode of float32 rows (G x n) onto e4m3 (nearest, saturating, no flushing) with an fp32 scale
    per block of `block` along the rows (the last one of a row ragged): the scale amax / fmt_max of the block's
    finite magnitudes (1 where that is 0 or not finite), the codes those of torch's e4m3 cast of x / scale (RNE;
-   saturating, inf -> 448; NaN -> 0x7f | sign) by rn_body's rounding and e4m3_code. Elements go through a CHUNK
-   buffer in order (the codes are laid out as x) */
+   saturating, inf -> 448; NaN -> 0x7f | sign) by rn_body's rounding and e4m3_code. Elements go through an
+   L1_CHUNK buffer in order (the codes are laid out as x) */
 void lp_encode_e4m3(const float *restrict x, uint8_t *restrict codes, float *restrict scale, int64_t G, int64_t n,
                     int64_t block, float fmt_max, const rn_params *p) {
   const int64_t nb = (n + block - 1) / block;
-  uint32_t y[CHUNK], t[CHUNK];
+  uint32_t y[L1_CHUNK], t[L1_CHUNK];
   int64_t fill = 0, start = 0;  /* y holds the elements [start, start + fill) */
   for (int64_t g = 0; g < G; g++) {
     for (int64_t b = 0; b < nb; b++) {
       const int64_t o = b * block, len = n - o < block ? n - o : block;
       const float *restrict src = x + g * n + o;
-      const int32_t *restrict bits = (const int32_t *)src;
-      int32_t am = 0;  /* signed magnitudes: the max vectorizes (finite_amax) */
-      for (int64_t k = 0; k < len; k++) {
-        int32_t a = bits[k] & 0x7FFFFFFF;
-        a = a < 0x7F800000 ? a : 0;
-        am = a > am ? a : am;
-      }
-      float amax;
-      memcpy(&amax, &am, 4);
-      float sc = amax / fmt_max;
+      float sc = finite_amax(src, len) / fmt_max;
       sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
       scale[g * nb + b] = sc;
       for (int64_t k0 = 0; k0 < len;) {
-        if (fill == CHUNK) {
+        if (fill == L1_CHUNK) {
           rn_body(y, t, fill, p, 1, 1, 0, 0);
           for (int64_t k = 0; k < fill; k++) codes[start + k] = e4m3_code(t[k]);
           start += fill; fill = 0;
         }
-        const int64_t m = len - k0 < CHUNK - fill ? len - k0 : CHUNK - fill;
+        const int64_t m = len - k0 < L1_CHUNK - fill ? len - k0 : L1_CHUNK - fill;
         for (int64_t k = 0; k < m; k++) y[fill + k] = fbits(src[k0 + k] / sc);
         fill += m; k0 += m;
       }
@@ -425,22 +433,6 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
   o->nonzero = tot[0]; o->flushed = tot[1]; o->saturated = tot[2]; o->nan = tot[3];
   o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
 }
-/* max |x| over the finite values (NaN, ±inf count as 0), in lanes on the magnitude bits (finite non-negative
-   floats order as their bits) */
-static float finite_amax(const float *restrict x, int64_t n) {
-  /* signed int32 magnitudes (all >= 0): gcc vectorizes this max reduction (the unsigned lane form it did not:
-     0.67 vs 0.05 ns a value here) */
-  const int32_t *restrict b = (const int32_t *)x;
-  int32_t top = 0;
-  for (int64_t i = 0; i < n; i++) {
-    int32_t a = b[i] & 0x7FFFFFFF;
-    a = a < 0x7F800000 ? a : 0;
-    top = a > top ? a : top;
-  }
-  float amax;
-  memcpy(&amax, &top, 4);
-  return amax;
-}
 /* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
    0) in lanes, scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
    multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
@@ -471,10 +463,10 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
   const float t_amax = finite_amax(v, n);
   float g = t_amax / denom;
   g = g > 0.0f && g < INFINITY ? g : 1.0f;
-  uint32_t xb[CHUNK], rb[CHUNK];
-  float yf[CHUNK], of[CHUNK];
-  for (int64_t g0 = 0; g0 < G; g0 += CHUNK) {
-    const int64_t c = G - g0 < CHUNK ? G - g0 : CHUNK;
+  uint32_t xb[L1_CHUNK], rb[L1_CHUNK];
+  float yf[L1_CHUNK], of[L1_CHUNK];
+  for (int64_t g0 = 0; g0 < G; g0 += L1_CHUNK) {
+    const int64_t c = G - g0 < L1_CHUNK ? G - g0 : L1_CHUNK;
     for (int64_t j = 0; j < c; j++) {  /* inline: finite_amax called per row measured 390 vs 260 us on 131k values */
       const int32_t *row = (const int32_t *)(v + (g0 + j) * B);
       int32_t am = 0;  /* signed (magnitudes >= 0): the max vectorizes, as in finite_amax */
@@ -492,11 +484,11 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
     lp_round(xb, rb, c, ps);
     for (int64_t j = 0; j < c; j++) { float e; memcpy(&e, &rb[j], 4); scale[g0 + j] = e * g; }
   }
-  const int64_t rows = B <= CHUNK ? CHUNK / B : 1;  /* whole rows per chunk (a row over CHUNK: one at a time) */
+  const int64_t rows = B <= L1_CHUNK ? L1_CHUNK / B : 1;  /* whole rows per pass (a row over L1_CHUNK: one at a time) */
   for (int64_t r0 = 0; r0 < G; r0 += rows) {
     const int64_t nr = G - r0 < rows ? G - r0 : rows;
-    for (int64_t off = 0; off < B; off += CHUNK) {  /* one pass unless a row is longer than CHUNK */
-      const int64_t kb = B - off < CHUNK ? B - off : CHUNK;  /* values per row this pass */
+    for (int64_t off = 0; off < B; off += L1_CHUNK) {  /* one pass unless a row is longer than L1_CHUNK */
+      const int64_t kb = B - off < L1_CHUNK ? B - off : L1_CHUNK;  /* values per row this pass */
       const int64_t m = nr * kb;
       for (int64_t r = 0; r < nr; r++) {
         const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
@@ -818,7 +810,7 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
     return q, scale
 
 
-_MX_MAX_BLOCK = 1024  # the native MX loop keeps chunks of whole rows (4096 values) on the stack
+_MX_MAX_BLOCK = 1024  # the native MX loop keeps chunks of whole rows (L1_CHUNK = 1024 values) on the stack
 
 
 def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
