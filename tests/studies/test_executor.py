@@ -1,6 +1,6 @@
 """Executors and processes: submitit's local executor gives the same results as the process pool on a study with a
 tune phase (tune -> LR extension -> main end to end); workers die with their leader; Ctrl-C and SIGTERM stop the
-sweep and its workers within seconds, with a message.
+sweep and its workers within seconds, with a message, and a stop that wedges still ends at the CLI's deadline.
 
 Oracles: the process pool's folder (runs are deterministic: every number must match, wall time aside); the
 kernel's process table (/proc) for which processes are alive."""
@@ -126,3 +126,34 @@ def test_ctrl_c_and_sigterm_stop_within_seconds_with_a_message(tmp_path, sig):
     print(f"stopped {took:.2f} s after the signal")
     assert took < 4, took                                           # ~2 s target; slack for a loaded machine
     assert _wait_gone(kids, 2) == []
+
+
+_WEDGED = """
+import sys, time
+import studies.cli as cli
+
+def wedged(args, argv):
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        time.sleep(60)   # an orderly stop that never ends (as a wedged worker pool would)
+    return 0
+
+cli._cmd_run = wedged
+sys.exit(cli.main(["run", "--quick"]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_wedged_stop_still_ends_within_the_deadline_with_a_message(sig):
+    from studies.cli import STOP_DEADLINE_S
+
+    p = subprocess.Popen([sys.executable, "-c", _WEDGED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    os.kill(p.pid, sig)
+    _, err = p.communicate(timeout=30)
+    took = time.perf_counter() - t0
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert STOP_DEADLINE_S <= took < STOP_DEADLINE_S + 3, took
