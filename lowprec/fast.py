@@ -234,6 +234,22 @@ static inline __attribute__((always_inline)) void rn_body(const uint32_t *restri
 /* MX (1-D blocks, E8M0 scales, OCP floor rule): lowprec.fast._scaled_kernel for the rows of v (G x B), one pass
    per row: the amax of the finite magnitudes (as integers: non-negative floats order as their bits), the scale
    2**clamp(exponent field - 127 - emax, -127, 127) (2**-127 a float32 subnormal), v / scale rounded, times scale */
+/* max |x| over the finite values (NaN, ±inf count as 0), on the magnitude bits (finite non-negative floats
+   order as their bits) */
+static float finite_amax(const float *restrict x, int64_t n) {
+  /* signed int32 magnitudes (all >= 0): gcc vectorizes this max reduction (the unsigned lane form it did not:
+     0.67 vs 0.05 ns a value here) */
+  const int32_t *restrict b = (const int32_t *)x;
+  int32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int32_t a = b[i] & 0x7FFFFFFF;
+    a = a < 0x7F800000 ? a : 0;
+    top = a > top ? a : top;
+  }
+  float amax;
+  memcpy(&amax, &top, 4);
+  return amax;
+}
 static inline __attribute__((always_inline)) void mx_body(const float *restrict v, float *restrict q,
     float *restrict scale, int64_t G, int64_t B, int32_t emax, const rn_params *p, const int nearest, const int sat,
     const int infm, const int flush) {
@@ -246,13 +262,7 @@ static inline __attribute__((always_inline)) void mx_body(const float *restrict 
     const int64_t nr = G - g0 < rows ? G - g0 : rows;
     for (int64_t r = 0; r < nr; r++) {
       const uint32_t *restrict row = (const uint32_t *)(v + (g0 + r) * B);
-      int32_t amax = 0;  /* signed: the max reduction vectorizes */
-      for (int64_t j = 0; j < B; j++) {
-        int32_t a = (int32_t)(row[j] & 0x7fffffffu);
-        a = a >= 0x7f800000 ? 0 : a;
-        amax = a > amax ? a : amax;
-      }
-      int32_t e = (amax >> 23) - (127 + emax);
+      int32_t e = (int32_t)(fbits(finite_amax(v + (g0 + r) * B, B)) >> 23) - (127 + emax);
       e = e < -127 ? -127 : (e > 127 ? 127 : e);
       const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
       scale[g0 + r] = scs[r] = sc;
@@ -278,22 +288,6 @@ void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, in
   if (B == 32) { MX_ALL(32) }  /* the MX block size, then NVFP4's: constant trip counts unroll */
   else if (B == 16) { MX_ALL(16) }
   else { MX_ALL(B) }
-}
-/* max |x| over the finite values (NaN, ±inf count as 0), on the magnitude bits (finite non-negative floats
-   order as their bits) */
-static float finite_amax(const float *restrict x, int64_t n) {
-  /* signed int32 magnitudes (all >= 0): gcc vectorizes this max reduction (the unsigned lane form it did not:
-     0.67 vs 0.05 ns a value here) */
-  const int32_t *restrict b = (const int32_t *)x;
-  int32_t top = 0;
-  for (int64_t i = 0; i < n; i++) {
-    int32_t a = b[i] & 0x7FFFFFFF;
-    a = a < 0x7F800000 ? a : 0;
-    top = a > top ? a : top;
-  }
-  float amax;
-  memcpy(&amax, &top, 4);
-  return amax;
 }
 /* the e4m3 code of a float32 value on the e4m3 grid (rn_body's output) or NaN, as torch's float8_e4m3fn cast
    gives it: sign | exponent + 7 << 3 | 3 mantissa bits; below 2**-6 the subnormal count of 2**-9; NaN 0x7f */
@@ -434,7 +428,7 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
   o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
 }
 /* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
-   0) in lanes, scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
+   0), scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
    multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
 void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
                       float fmt_max, const rn_params *p) {
