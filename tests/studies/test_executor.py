@@ -133,8 +133,8 @@ import sys, time
 import studies.cli as cli
 
 def wedged(args, argv):
-    print("ready", flush=True)
     try:
+        print("ready", flush=True)   # inside the try: a signal that lands during the print is caught here too
         time.sleep(60)
     except KeyboardInterrupt:
         time.sleep(60)   # an orderly stop that never ends (as a wedged worker pool would)
