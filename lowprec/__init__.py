@@ -19,3 +19,7 @@ from lowprec.telemetry import Telemetry
 from lowprec import accumulate, hardware, nn, optim, telemetry
 
 __all__ += ["PrecisionPolicy", "PRESETS", "Telemetry", "accumulate", "hardware", "nn", "optim", "telemetry"]
+
+from lowprec.adamw import NativeAdamW
+
+__all__ += ["NativeAdamW"]

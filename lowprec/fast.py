@@ -53,7 +53,8 @@ from .rounding import inf_needs_mask, overflow_value, random_bits, rounding_limi
 from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
-           "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments",
+           "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
+           "tensor_scaled_in_place", "stochastic_in_place", "native_available", "mark_written",
            "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
@@ -507,6 +508,78 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
     nv_body(v, q, scale, G, B, fmt_max, denom, pe, ps, gen, sp);
   if (st) mt_store(&g, st);
 }
+
+/* In place over T tensors (the wrapped optimizer's gradients and master weights): each tensor gets what the
+   one-tensor loop gives it (lp_tensor_scaled: scales[t] its scale; lp_stochastic: the same draws in tensor order,
+   each tensor starting at an even word as its own call would), read into an L1 buffer before it is overwritten. */
+void lp_tensor_scaled_list(int64_t T, float *const *x, const int64_t *n, float *scale_out, float fmt_max,
+                           const rn_params *p) {
+  uint32_t yb[CHUNK], qb[CHUNK];
+  for (int64_t t = 0; t < T; t++) {
+    float *X = x[t];
+    const int64_t N = n[t];
+    const float amax = finite_amax(X, N);
+    float sc = amax / fmt_max;
+    sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
+    scale_out[t] = sc;
+    for (int64_t i0 = 0; i0 < N; i0 += CHUNK) {
+      const int64_t c = N - i0 < CHUNK ? N - i0 : CHUNK;
+      for (int64_t j = 0; j < c; j++) { const float y = X[i0 + j] / sc; memcpy(&yb[j], &y, 4); }
+      lp_round(yb, qb, c, p);
+      for (int64_t j = 0; j < c; j++) { float q; memcpy(&q, &qb[j], 4); X[i0 + j] = q * sc; }
+    }
+  }
+}
+void lp_stochastic_list(int64_t T, float *const *x, const int64_t *n, uint8_t *st, const sr_params *p) {
+  mt_t g;
+  mt_load(st, &g);
+  float tmp[CHUNK] __attribute__((aligned(64)));
+  for (int64_t t = 0; t < T; t++) {
+    float *X = x[t];
+    const int64_t N = n[t];
+    for (int64_t i0 = 0; i0 < N; i0 += CHUNK) {
+      const int64_t c = N - i0 < CHUNK ? N - i0 : CHUNK;
+      memcpy(tmp, X + i0, (size_t)c * 4);
+      sr_rows(tmp, X + i0, c, &g, p);   /* one chunk: sr_rows' own draws for it */
+    }
+  }
+  mt_store(&g, st);
+}
+
+/* torch's foreach AdamW step (_multi_tensor_adam, decoupled weight decay), float32, in two passes around torch's
+   own sqrt (MKL's, not IEEE's correctly rounded one, so it stays torch's call). Each line is the float operation
+   of the ATen kernel it replaces, in its order (lowprec/adamw.py checks the bits against torch at first use):
+   pass 1: p *= wd_mul (mul_, when weight decay is on); m = lerp(m, g, w1) as ATen's vectorized lerp, one fma of
+   (w1 or w1 - 1) and (g - m) onto (m or g); v = v * b2 + (c2 * g) * g (mul_, then addcmul_ contracted to an fma);
+   pass 2: d = sqrt(v) / bc2s + eps (div_, add_); p = p + (ss * m) / d (addcdiv_). T tensors, pointer arrays. */
+void lp_adam_pass1(int64_t T, float *const *p, const float *const *g, float *const *m, float *const *v,
+                   const int64_t *n, float wd_mul, int32_t do_wd, float w1, float b2, float c2) {
+  const int small = fabsf(w1) < 0.5f;
+  const float coeff = small ? w1 : w1 - 1.0f;
+  for (int64_t t = 0; t < T; t++) {
+    float *restrict P = p[t], *restrict M = m[t], *restrict V = v[t];
+    const float *restrict G = g[t];
+    const int64_t N = n[t];
+    if (do_wd)
+      for (int64_t i = 0; i < N; i++) P[i] = P[i] * wd_mul;
+    if (small)
+      for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, mi); }
+    else
+      for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, gi); }
+    for (int64_t i = 0; i < N; i++) { float gi = G[i]; V[i] = fmaf(c2 * gi, gi, V[i] * b2); }
+  }
+}
+
+void lp_adam_pass2(int64_t T, float *const *p, const float *const *m, const float *const *d, const int64_t *n,
+                   const float *bc2s, const float *ss, float eps) {
+  for (int64_t t = 0; t < T; t++) {
+    float *restrict P = p[t];
+    const float *restrict M = m[t], *restrict D = d[t];
+    const int64_t N = n[t];
+    const float b = bc2s[t], s = ss[t];
+    for (int64_t i = 0; i < N; i++) P[i] = P[i] + (s * M[i]) / (D[i] / b + eps);
+  }
+}
 """
 # no -ffast-math: IEEE float32 arithmetic as torch's; -fno-trapping-math only lets the selects vectorize
 _NATIVE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC")
@@ -550,7 +623,8 @@ def _native_lib() -> ctypes.CDLL | None:
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
-                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3"):
+                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
+                         "lp_stochastic_list"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -871,6 +945,98 @@ def decode_table_rows(codes: torch.Tensor, table: torch.Tensor, scale: torch.Ten
     lib.lp_decode_rows(_ptr(codes), _ptr(table), None if scale is None else _ptr(scale), _ptr(out),
                        ctypes.c_int64(R), ctypes.c_int64(n), ctypes.c_int64(block), ctypes.c_int64(nb))
     return out
+
+
+def native_available() -> bool:
+    """Whether the native helpers are built and loaded in this process (builds them on first call)."""
+    return _native_lib() is not None
+
+
+def _pointers(ts: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def mark_written(ts: list[torch.Tensor]) -> None:
+    """Bump the autograd version counters of tensors a native loop wrote in place (as torch's in-place ops do, so
+    that autograd still refuses a backward through a saved tensor that changed)."""
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None and ts:
+        bump(ts)
+
+
+def _in_place_ok(ts: list[torch.Tensor]) -> bool:
+    return (_state["enabled"] and not torch.compiler.is_compiling()
+            and all(t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided and t.is_contiguous()
+                    for t in ts))
+
+
+def tensor_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec) -> torch.Tensor | None:
+    """``quantize_with_scale(t, s)`` written into every ``t`` (contiguous float32 CPU tensors) by the native
+    tensor-scaling loop, one call for all: their fp32 scales ``[len(ts)]``, or None (nothing changed) where the
+    loop does not take ``s`` (:func:`_tensor_scaled_ok`) or the tensors, or the fast path is off. Any size: the
+    per-tensor path's threshold is a matter of cost, not of bits (:func:`tensor_scaled_segments`)."""
+    if not _tensor_scaled_ok(s) or not _in_place_ok(ts):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    T = len(ts)
+    scale = torch.empty(T, dtype=torch.float32)
+    lib.lp_tensor_scaled_list(ctypes.c_int64(T), _pointers(ts), (ctypes.c_int64 * T)(*[t.numel() for t in ts]),
+                              _ptr(scale), ctypes.c_float(s.format.max),
+                              ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+    mark_written(ts)
+    return scale
+
+
+def stochastic_in_place(ts: list[torch.Tensor], fmt: Format, *, saturate: bool, flush: bool,
+                        rand_bits: int | None, generator: torch.Generator | None) -> bool:
+    """``round_to_format(t, fmt, "stochastic", ...)`` written into every ``t`` (contiguous float32 CPU tensors) in
+    list order, one native call for all: the draws of one call per tensor (each starts on an even word, as
+    ``lowprec.optim_batch``'s batches align them), the generator left where those calls leave it. False (nothing
+    changed, nothing drawn) where the native loop does not apply."""
+    if not fast_round_ok(fmt, Rounding.STOCHASTIC) or not _in_place_ok(ts):
+        return False
+    lib = _native_lib()
+    taken = _mt_take(generator) if lib is not None else None
+    if taken is None:
+        return False
+    T = len(ts)
+    p = _sr_params(fmt, bool(saturate), bool(flush), rand_bits)
+    lib.lp_stochastic_list(ctypes.c_int64(T), _pointers(ts), (ctypes.c_int64 * T)(*[t.numel() for t in ts]),
+                           _ptr(taken[1]), ctypes.byref(p))
+    _mt_put(*taken)
+    mark_written(ts)
+    return True
+
+
+def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+              exp_avg_sqs: list[torch.Tensor], steps: list[float], *, lr: float, beta1: float, beta2: float,
+              eps: float, weight_decay: float) -> bool:
+    """One step of torch's foreach AdamW (decoupled weight decay; no amsgrad, maximize or capturable) on contiguous
+    float32 CPU tensors, in place, by two native passes around ``torch._foreach_sqrt`` (the C source says which
+    ATen operation each line replaces); ``steps``: each parameter's step count after this step's increment (the
+    bias corrections, computed as torch does in double). False where the native helpers are unavailable (nothing
+    was changed). Bit for bit torch's step only where :mod:`lowprec.adamw`'s check at first use passed: call it
+    through :class:`lowprec.adamw.NativeAdamW`."""
+    lib = _native_lib()
+    if lib is None:
+        return False
+    T = len(params)
+    if T == 0:
+        return True
+    n = (ctypes.c_int64 * T)(*[t.numel() for t in params])
+    lib.lp_adam_pass1(ctypes.c_int64(T), _pointers(params), _pointers(grads), _pointers(exp_avgs),
+                      _pointers(exp_avg_sqs), n, ctypes.c_float(1 - lr * weight_decay),
+                      ctypes.c_int32(weight_decay != 0), ctypes.c_float(1 - beta1), ctypes.c_float(beta2),
+                      ctypes.c_float(1 - beta2))
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    bc2s = (ctypes.c_float * T)(*[(1 - beta2 ** s) ** 0.5 for s in steps])
+    ss = (ctypes.c_float * T)(*[(lr / (1 - beta1 ** s)) * -1 for s in steps])
+    lib.lp_adam_pass2(ctypes.c_int64(T), _pointers(params), _pointers(exp_avgs), _pointers(denoms), n, bc2s, ss,
+                      ctypes.c_float(eps))
+    mark_written(params + exp_avgs + exp_avg_sqs)
+    return True
 
 
 def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,

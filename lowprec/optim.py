@@ -76,6 +76,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
+from lowprec.fast import stochastic_in_place, tensor_scaled_in_place
 from lowprec.optim_batch import (
     BATCH_MAX_NUMEL,
     BatchReadback,
@@ -88,6 +89,7 @@ from lowprec.optim_batch import (
 )
 from lowprec.policy import PrecisionPolicy, is_identity
 from lowprec.quantize import QuantSpec, Rounding, quantize, quantize_with_scale
+from lowprec.rounding import saturation_limit
 from lowprec.telemetry import Telemetry
 
 __all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes", "PACKED_KEY"]
@@ -391,6 +393,25 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                     qs[i] = quantize(xs[i], spec, generator=gens[i])
         return qs, scales
 
+    def _in_place(self, xs: list[torch.Tensor], spec: QuantSpec, gens: list[torch.Generator]) -> bool:
+        """``x.copy_(quantize(x, spec, generator=gens[i]))`` for every ``xs[i]``, in order, by one native call
+        where one applies (``fused``; fp32 tensor scaling with nearest / toward-zero rounding, or unscaled
+        stochastic rounding from one CPU generator; :func:`lowprec.fast.tensor_scaled_in_place`,
+        :func:`lowprec.fast.stochastic_in_place`): the same bits, no batch buffer and no copy back. False, with
+        nothing changed, elsewhere."""
+        if not self.fused or not xs:
+            return False
+        sc = spec.scaling
+        if sc is None and spec.rounding == Rounding.STOCHASTIC:
+            if any(g is not gens[0] for g in gens) or (spec.saturate and
+                                                        saturation_limit(spec.format, torch.float32) is not None):
+                return False   # (quantize would clamp to a limit after rounding: left to it)
+            return stochastic_in_place(xs, spec.format, saturate=spec.saturate, flush=spec.flush_subnormals,
+                                       rand_bits=spec.rand_bits, generator=gens[0])
+        if sc is not None and sc.mode == "tensor":
+            return tensor_scaled_in_place(xs, spec) is not None
+        return False
+
     @staticmethod
     def _scale(s: Any) -> torch.Tensor | None:
         return s[0].scale(s[1]) if isinstance(s, tuple) else s
@@ -402,6 +423,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 raise ValueError("lowprec.optim.wrap does not quantize sparse gradients")
         grads = [_atleast_1d(p.grad) for p in params]
         gens = [self._gen(p.device) for p in params]  # created even when unused, so state_dict lists it
+        if (tel is None or not tel.wants() or (tel.deferred and not tel.sampling)) and self._in_place(grads, spec, gens):
+            # nothing reads the unquantized gradients on such a step: quantized where they are, one native call
+            if tel is not None and tel.wants():
+                tel.flag_many([("optim:grad", g) for g in grads])   # the deferred checks record() would make
+            return
         qs, scales = self._quantize_all(grads, spec, gens)
         if tel is not None and tel.wants() and not tel.sampling and tel.deferred:
             # what record() does on such a step: a deferred check of q, nothing else
@@ -427,6 +453,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         sampling = olds is not None
         xs = [_atleast_1d(p) for p in params]   # (under no_grad: no autograd history)
         gens = [self._gen(p.device) for p in params]
+        if not sampling and self._in_place(xs, spec, gens):
+            return
         # sampled steps keep the unrounded values for telemetry (the quantized values are new tensors, so the
         # parameters themselves still hold them until copied)
         qs, _ = self._quantize_all(xs, spec, gens, scales_too=False)

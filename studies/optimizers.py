@@ -41,8 +41,10 @@ class OptimizerEntry:
 
 
 def _torch_adamw(params, lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=WEIGHT_DECAY,
-                             foreach=True)
+    """torch's foreach AdamW; its step runs natively where that gives torch's bits (``lowprec.adamw``)."""
+    from lowprec.adamw import NativeAdamW
+
+    return NativeAdamW(params, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=WEIGHT_DECAY, foreach=True)
 
 
 def _adamw(params, lr, gen):

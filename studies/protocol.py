@@ -449,7 +449,14 @@ def engine_record(cfg: StudyConfig, rows: list[dict[str, Any]]) -> dict[str, Any
     for row in rows:
         e = json.loads(row["config_json"]).get("engine", "eager") if row.get("config_json") else "eager"
         runs[e] = runs.get(e, 0) + 1
+    from lowprec.adamw import native_adamw_status
+    from lowprec.fast import native_available
+
+    adamw_native, why = native_adamw_status()
     return {"setting": cfg.engine, "runs": runs,
+            "native_helpers": native_available(),
+            "adamw_step": ("native two-pass loop, bit-identical to torch's foreach AdamW (checked at first use; "
+                           "lowprec.adamw)" if adamw_native else f"torch's foreach AdamW ({why})"),
             "auto_rule": f"compiled for tasks {', '.join(COMPILED_TASKS)} with >= {AUTO_COMPILED_MIN_STEPS} steps "
                          f"and no delayed scaling; eager otherwise",
             "compiled": "torch.compile'd forward, backward and evaluation on the steps telemetry does not sample "

@@ -106,3 +106,56 @@ def test_batchable_grads_take_the_batched_path(policy, monkeypatch, count_batche
     assert calls["n"] > 0
     assert all(torch.equal(a, b) for a, b in zip(ref, got)) and ref_tel.frame().equals(got_tel.frame())
     assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())
+
+
+def _run_quiet(policy, fused, tel_mode, steps=6):
+    """_run's problem with telemetry off, or deferred checks, plus a NaN and an inf in two gradients: the steps
+    where nothing reads the unquantized gradients (or, unsampled, the unrounded master weights)."""
+    params = _params()
+    opt = wrap(torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1), policy, seed=4, fused=fused,
+               telemetry=None if tel_mode is None else Telemetry(every=3, check_nonfinite=tel_mode))
+    g = torch.Generator().manual_seed(9)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g) * 10.0 ** (i % 4 - 3)
+            if step == 4 and i in (1, 5):
+                grad.view(-1)[3] = float("nan") if i == 1 else float("inf")
+            p.grad = grad
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("tel_mode", [None, "deferred"])
+@pytest.mark.parametrize("policy", ["fp8-all", "fp8-lm-o2", "grad=e5m2:tensor,master=bf16:stochastic",
+                                    "grad=e4m3:tensor:toward_zero,master=fp16:stochastic", "master=e5m2:stochastic"])
+def test_in_place_grads_and_master_equal_the_per_tensor_path(policy, tel_mode, monkeypatch):
+    import lowprec.optim as lo
+
+    taken = {"n": 0}
+    for name in ("tensor_scaled_in_place", "stochastic_in_place"):
+        orig = getattr(lo, name)
+
+        def counted(*a, _orig=orig, **k):
+            out = _orig(*a, **k)
+            taken["n"] += out is not None and out is not False
+            return out
+        monkeypatch.setattr(lo, name, counted)
+    ref_p, ref_opt = _run_quiet(policy, False, tel_mode)
+    assert taken["n"] == 0
+    got_p, got_opt = _run_quiet(policy, True, tel_mode)
+    assert taken["n"] > 0                                    # the in-place path ran
+    for a, b in zip(ref_p, got_p):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())    # generator states included
+    if tel_mode is not None:
+        assert ref_opt.telemetry.nonfinite_events() == got_opt.telemetry.nonfinite_events() != []
+
+
+def test_in_place_bumps_the_autograd_version():
+    import lowprec.fast as fast
+    from lowprec.quantize import spec
+
+    a, b = torch.randn(5000), torch.randn(7)
+    va, vb = a._version, b._version
+    assert fast.tensor_scaled_in_place([a, b], spec("e5m2:tensor")) is not None
+    assert a._version > va and b._version > vb

@@ -28,7 +28,7 @@ def test_chain_follows_the_wrapper_and_sign_converted_base():
     opt, _ = _stepped("stosign-adamw", torch.randn(16), "fp32")
     chain = optimizer_chain(opt)
     sign = opt.optimizer
-    assert [type(o).__name__ for o in chain] == ["LowPrecisionOptimizer", "SignConverted", "AdamW"]
+    assert [type(o).__name__ for o in chain] == ["LowPrecisionOptimizer", "SignConverted", "NativeAdamW"]
     assert chain[1] is sign and chain[2] is sign.base
 
 
