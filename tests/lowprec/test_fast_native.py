@@ -147,8 +147,27 @@ def test_native_nearest_and_toward_zero_equal_eager_bit_for_bit(fast_everywhere,
             for flush in (False, True):
                 ref = round_to_format(x, fmt, rounding, saturate=sat, flush_subnormals=flush)
                 got = fast_round(x, fmt, rounding, saturate=sat, flush_subnormals=flush)
+                if rounding == "nearest" and not sat and fmt.name == "e4m3":
+                    assert got is None   # torch's cast, whose NaNs have no sign, stays the path (next test)
+                    continue
                 assert same(ref, got), (fmt.name, rounding, sat, flush)
     assert calls and all(calls)
+
+
+@pytest.mark.parametrize("spec_", ["e4m3:nosat", "e4m3:tensor:nosat", "e4m3:block32:nosat", "e5m2:nosat"])
+def test_quantize_gives_the_same_nan_signs_at_every_size(fast_everywhere, spec_):
+    """Overflow and ±inf onto a format without inf, not saturating: NaN, with the sign bit the eager path gives
+    (torch's float8 cast: none for e4m3), whether the tensor is small or large."""
+    from lowprec import quantize, spec
+
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan"), 465.0, -480.0, -1e9, 3.0] * 4)
+    big = x.repeat(2048)
+    s = spec(spec_)
+    small_q, big_q = quantize(x, s), quantize(big, s)
+    with fast_path_off():
+        ref = quantize(x, s)
+    assert torch.equal(small_q.view(torch.int32), ref.view(torch.int32))
+    assert torch.equal(big_q.view(torch.int32), ref.repeat(2048).view(torch.int32))
 
 
 def test_native_nearest_on_every_fp16_value_and_only_on_one_thread(fast_everywhere, monkeypatch):
@@ -309,7 +328,7 @@ def test_without_the_native_helpers_the_compiled_scaled_kernel_gives_the_same_bi
 
 
 @pytest.mark.parametrize("spec_", ["nvfp4", "nvfp4:axis=0", "nvfp4:toward_zero", "nvfp4:nosat", "nvfp4:flush",
-                                   "e4m3:block16:scale=e4m3:nosat", "e3m2:block32:scale=e4m3",
+                                   "e3m2:block16:scale=e4m3:nosat", "e3m2:block32:scale=e4m3",
                                    "e2m1:block5000:scale=e4m3"])
 def test_native_nvfp4_equals_eager_bit_for_bit(fast_everywhere, monkeypatch, spec_):
     from lowprec import quantize_with_scale, spec

@@ -50,6 +50,9 @@ def test_fast_round_equals_eager_bit_for_bit(fast_everywhere, fmt, rounding):
                 ref = round_to_format(x, fmt, rounding, saturate=sat, flush_subnormals=flush, rand_bits=rb,
                                       generator=g1)
                 got = fast_round(x, fmt, rounding, saturate=sat, flush_subnormals=flush, rand_bits=rb, generator=g2)
+                if rounding == "nearest" and not sat and fmt.name == "e4m3":
+                    assert got is None   # torch's float8 cast stays the path (its NaNs have no sign)
+                    continue
                 assert got is not None, (fmt.name, rounding)
                 assert same(ref, got), (fmt.name, rounding, sat, flush, rb)
                 assert torch.equal(g1.get_state(), g2.get_state())  # the same stream, drawn alike
