@@ -144,6 +144,12 @@ class Telemetry:
         return acc
 
     # ------------------------------------------------------------------ recording
+    def skip(self, site: str, q: torch.Tensor) -> bool:
+        """What ``record(site, ..., q)`` first does, alone: on a step that is not sampled, the NaN/inf check of ``q``
+        (deferred: kept on the device), and True when that is all ``record`` would do. A caller that gets False
+        calls ``record(..., checked=True)`` (the check is not made twice)."""
+        return self._skip(site, q)
+
     def _skip(self, site: str, q: torch.Tensor) -> bool:
         """True when nothing is to be recorded: not a sampled step, and (if checked) q is all finite.
         The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false alarm from an fp32 overflow
@@ -209,16 +215,17 @@ class Telemetry:
     @torch.no_grad()
     def record(self, site: str, role: str, x: torch.Tensor, q: torch.Tensor, *,
                scale: "torch.Tensor | Callable[[], torch.Tensor | None] | None" = None,
-               fmt_max: float | None = None, fmt: str = "", unpacked: bool = False) -> None:
+               fmt_max: float | None = None, fmt: str = "", unpacked: bool = False, checked: bool = False) -> None:
         """Record one quantization ``x -> q`` (same shape; ``scale`` broadcastable to x, or None, or a function
         returning it, called only when a row is recorded).
 
         ``fmt_max``: the element format's largest finite value (for ``saturated_frac``). ``unpacked=True``: ``q``
-        is a state kept unpacked (column ``unpacked``); recorded on every step.
+        is a state kept unpacked (column ``unpacked``); recorded on every step. ``checked=True``: the caller made
+        this record's NaN/inf check already (:meth:`skip` returned False).
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
-        if not unpacked and self._skip(site, q):
+        if not unpacked and not checked and self._skip(site, q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
         if unpacked:

@@ -190,8 +190,10 @@ class Site:
         op = Operand(q, scale, spec, scale_fn=scale_fn)
         tel = self.telemetry
         if record and tel is not None and not torch.compiler.is_compiling() and tel.wants():
-            tel.record(f"{self.name}:{role}", role, t, q, scale=lambda: op.scale, fmt_max=spec.format.max,
-                       fmt=str(spec))
+            name = f"{self.name}:{role}"
+            if not tel.skip(name, q):   # (an unsampled step: the NaN/inf check, and nothing else to record)
+                tel.record(name, role, t, q, scale=lambda: op.scale, fmt_max=spec.format.max, fmt=str(spec),
+                           checked=True)
         return op
 
     def _reduce(self, amax: torch.Tensor) -> torch.Tensor:
