@@ -54,7 +54,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
-           "tensor_scaled_in_place", "stochastic_in_place", "native_available", "mark_written",
+           "tensor_scaled_in_place", "stochastic_in_place", "native_available", "mark_written", "lost_updates",
            "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
@@ -549,6 +549,20 @@ void lp_stochastic_list(int64_t T, float *const *x, const int64_t *n, uint8_t *s
   mt_store(&g, st);
 }
 
+/* Telemetry.record_update's counts in one pass: intended = (unrounded != old) (NaN != anything), lost = intended
+   and new == old (float comparisons, so -0 == +0 as torch's). */
+void lp_lost_updates(const float *restrict old, const float *restrict unrounded, const float *restrict nw,
+                     int64_t n, int64_t *restrict out) {
+  int64_t intended = 0, lost = 0;
+  for (int64_t i = 0; i < n; i++) {
+    const int in = !(unrounded[i] == old[i]);
+    intended += in;
+    lost += in & (nw[i] == old[i]);
+  }
+  out[0] = intended;
+  out[1] = lost;
+}
+
 /* torch's foreach AdamW step (_multi_tensor_adam, decoupled weight decay), float32, in two passes around torch's
    own sqrt (MKL's, not IEEE's correctly rounded one, so it stays torch's call). Each line is the float operation
    of the ATen kernel it replaces, in its order (lowprec/adamw.py checks the bits against torch at first use):
@@ -627,7 +641,7 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
                          "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list"):
+                         "lp_stochastic_list", "lp_lost_updates"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -1040,6 +1054,23 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: l
                       ctypes.c_float(eps))
     mark_written(params + exp_avgs + exp_avg_sqs)
     return True
+
+
+def lost_updates(old: torch.Tensor, unrounded: torch.Tensor, new: torch.Tensor) -> tuple[int, int] | None:
+    """``Telemetry.record_update``'s counts, (intended, lost) = (#(unrounded != old), #(that and new == old)), in
+    one native pass over float32 CPU tensors of one shape; None where that does not apply (the caller counts
+    with torch)."""
+    ts = (old, unrounded, new)
+    if not _state["enabled"] or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != old.shape
+                                    for t in ts):
+        return None
+    lib = _native_lib()
+    if lib is None:
+        return None
+    old, unrounded, new = (t.detach().contiguous() for t in ts)
+    out = (ctypes.c_int64 * 2)()
+    lib.lp_lost_updates(_ptr(old), _ptr(unrounded), _ptr(new), ctypes.c_int64(old.numel()), out)
+    return int(out[0]), int(out[1])
 
 
 def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,

@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from lowprec.fast import record_counts
+from lowprec.fast import lost_updates, record_counts
 from lowprec.policy import TENSOR_ROLES
 
 __all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS", "COLUMNS"]
@@ -324,6 +324,11 @@ class Telemetry:
         if not self.sampling:
             return
         acc = self._acc(site, "master", fmt, True)
+        counts = lost_updates(old, unrounded, new)   # one native pass; the torch counts below are its reference
+        if counts is not None:
+            acc.add("intended", counts[0])
+            acc.add("lost", counts[1])
+            return
         intended = unrounded != old
         acc.add("intended", intended.sum())
         acc.add("lost", (intended & (new == old)).sum())

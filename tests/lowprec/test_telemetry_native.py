@@ -102,3 +102,20 @@ def test_record_counts_declines_what_it_does_not_cover():
     with fast_path_off():
         assert record_counts(x, x, None, None) is None
     assert record_counts(x, x, None, None) is not None
+
+
+def test_native_lost_update_counts_equal_torchs():
+    """record_update's (intended, lost) by the native pass against the torch counts, with NaN, ±0 and ties."""
+    import lowprec.fast as fast
+
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(10000, generator=g)
+    unrounded = old + torch.randn(10000, generator=g) * 1e-3 * (torch.rand(10000, generator=g) < 0.7)
+    new = torch.where(torch.rand(10000, generator=g) < 0.4, old, unrounded)
+    old[:6] = torch.tensor([0.0, -0.0, float("nan"), 1.0, float("nan"), float("inf")])
+    unrounded[:6] = torch.tensor([-0.0, 0.0, 1.0, float("nan"), float("nan"), float("inf")])
+    new[:6] = torch.tensor([0.0, 0.0, float("nan"), 1.0, float("nan"), 1.0])
+    intended = unrounded != old
+    ref = (int(intended.sum()), int((intended & (new == old)).sum()))
+    assert fast.lost_updates(old, unrounded, new) == ref
+    assert ref[0] > 100 and ref[1] > 50
