@@ -462,7 +462,7 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
   float g = t_amax / denom;
   g = g > 0.0f && g < INFINITY ? g : 1.0f;
   uint32_t xb[L1_CHUNK], rb[L1_CHUNK];
-  float yf[L1_CHUNK], of[L1_CHUNK];
+  float yf[L1_CHUNK], of[L1_CHUNK], se[L1_CHUNK];
   for (int64_t g0 = 0; g0 < G; g0 += L1_CHUNK) {
     const int64_t c = G - g0 < L1_CHUNK ? G - g0 : L1_CHUNK;
     for (int64_t j = 0; j < c; j++) {
@@ -479,22 +479,58 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
     for (int64_t off = 0; off < B; off += L1_CHUNK) {  /* one pass unless a row is longer than L1_CHUNK */
       const int64_t kb = B - off < L1_CHUNK ? B - off : L1_CHUNK;  /* values per row this pass */
       const int64_t m = nr * kb;
+      /* each row's scale spread over its values (one broadcast store a row), so that the division and the
+         product below run as whole-chunk loops (per row of 16 the loop overhead cost more than the division) */
       for (int64_t r = 0; r < nr; r++) {
-        const float sc = scale[r0 + r], d = sc == 0.0f ? 1.0f : sc;
-        const float *restrict vr = v + (r0 + r) * B + off;
-        for (int64_t k = 0; k < kb; k++) yf[r * kb + k] = vr[k] / d;
+        const float sc = scale[r0 + r];
+        for (int64_t k = 0; k < kb; k++) se[r * kb + k] = sc;
       }
-      if (sp != NULL) {
+      /* nearest: the quotients go to lp_round as bit patterns and its results come back as such (memcpy per
+         value: plain stores, no buffer copies); stochastic: sr_rows on floats */
+      const int sto = sp != NULL;
+      if (kb == B) {   /* whole rows: the chunk is contiguous in v and q */
+        const float *restrict vc = v + r0 * B;
+        if (sto)
+          for (int64_t i = 0; i < m; i++) { const float sc = se[i]; yf[i] = vc[i] / (sc == 0.0f ? 1.0f : sc); }
+        else
+          for (int64_t i = 0; i < m; i++) {
+            const float sc = se[i], y = vc[i] / (sc == 0.0f ? 1.0f : sc);
+            memcpy(&xb[i], &y, 4);
+          }
+      } else {
+        for (int64_t r = 0; r < nr; r++) {
+          const float *restrict vr = v + (r0 + r) * B + off;
+          for (int64_t k = 0; k < kb; k++) {
+            const float sc = se[r * kb + k], y = vr[k] / (sc == 0.0f ? 1.0f : sc);
+            if (sto) yf[r * kb + k] = y; else memcpy(&xb[r * kb + k], &y, 4);
+          }
+        }
+      }
+      if (sto)
         sr_rows(yf, of, m, gen, sp);
-      } else {  /* lp_round works on bit patterns */
-        memcpy(xb, yf, 4 * m);
+      else
         lp_round(xb, rb, m, pe);
-        memcpy(of, rb, 4 * m);
-      }
-      for (int64_t r = 0; r < nr; r++) {
-        const float sc = scale[r0 + r], keep = sc != 0.0f ? 1.0f : 0.0f;
-        float *restrict qr = q + (r0 + r) * B + off;
-        for (int64_t k = 0; k < kb; k++) qr[k] = (of[r * kb + k] * keep) * sc;
+      if (kb == B) {
+        float *restrict qc = q + r0 * B;
+        if (sto)
+          for (int64_t i = 0; i < m; i++) { const float sc = se[i]; qc[i] = (of[i] * (sc != 0.0f ? 1.0f : 0.0f)) * sc; }
+        else
+          for (int64_t i = 0; i < m; i++) {
+            const float sc = se[i];
+            float o;
+            memcpy(&o, &rb[i], 4);
+            qc[i] = (o * (sc != 0.0f ? 1.0f : 0.0f)) * sc;
+          }
+      } else {
+        for (int64_t r = 0; r < nr; r++) {
+          float *restrict qr = q + (r0 + r) * B + off;
+          for (int64_t k = 0; k < kb; k++) {
+            const float sc = se[r * kb + k];
+            float o = of[r * kb + k];
+            if (!sto) memcpy(&o, &rb[r * kb + k], 4);
+            qr[k] = (o * (sc != 0.0f ? 1.0f : 0.0f)) * sc;
+          }
+        }
       }
     }
   }
