@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from lowprec import fast
+from lowprec.optim import closure_loss
 
 __all__ = ["NativeAdamW", "native_adamw_status"]
 
@@ -85,10 +86,7 @@ class NativeAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if not (self._checked or native_adamw_status()[0]) or not self._native_step():
             super().step()
         return loss

@@ -92,7 +92,7 @@ from lowprec.quantize import QuantSpec, Rounding, quantize, quantize_with_scale
 from lowprec.rounding import saturation_limit
 from lowprec.telemetry import Telemetry
 
-__all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes", "PACKED_KEY"]
+__all__ = ["wrap", "LowPrecisionOptimizer", "state_bytes", "PACKED_KEY", "closure_loss"]
 
 PACKED_KEY = "lowprec_packed"  # state[p][name] == {PACKED_KEY: Encoded.to_dict()} for a packed state
 
@@ -316,10 +316,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         tel = self.telemetry
         sampling = tel is not None and tel.sampling
         params = [p for p in self._params() if p.grad is not None]
@@ -702,6 +699,14 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 self._generators[key] = g
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """A torch optimizer step's closure, evaluated with autograd on (None without one): its loss."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def wrap(optimizer: torch.optim.Optimizer, policy: PrecisionPolicy | str, *,
