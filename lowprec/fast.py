@@ -54,7 +54,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
-           "tensor_scaled_in_place", "stochastic_in_place", "native_available", "mark_written", "lost_updates",
+           "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_available", "mark_written", "lost_updates",
            "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
@@ -585,6 +585,31 @@ void lp_stochastic_list(int64_t T, float *const *x, const int64_t *n, uint8_t *s
   mt_store(&g, st);
 }
 
+/* In place over T tensors of rows of B values (the wrapped optimizer's block-scaled gradients): lp_mx_e8m0 / lp_nv
+   on each, into a scratch buffer copied back (each tensor exactly as its own call: the stochastic draws continue
+   from one tensor to the next as consecutive calls would draw them). */
+void lp_mx_list(int64_t T, float *const *x, const int64_t *G, int64_t B, float *restrict scratch,
+                float *restrict sscratch, int32_t emax, const rn_params *p) {
+  for (int64_t t = 0; t < T; t++) {
+    lp_mx_e8m0(x[t], scratch, sscratch, G[t], B, emax, p);
+    memcpy(x[t], scratch, (size_t)(G[t] * B) * 4);
+  }
+}
+void lp_nv_list(int64_t T, float *const *x, const int64_t *G, int64_t B, float *restrict scratch,
+                float *restrict sscratch, float fmt_max, float denom, const rn_params *pe, const rn_params *ps,
+                uint8_t *st, const sr_params *sp) {
+  mt_t g, *gen = NULL;
+  if (st) { mt_load(st, &g); gen = &g; }
+  for (int64_t t = 0; t < T; t++) {
+    if (B == 16)
+      nv_body(x[t], scratch, sscratch, G[t], 16, fmt_max, denom, pe, ps, gen, sp);
+    else
+      nv_body(x[t], scratch, sscratch, G[t], B, fmt_max, denom, pe, ps, gen, sp);
+    memcpy(x[t], scratch, (size_t)(G[t] * B) * 4);
+  }
+  if (st) mt_store(&g, st);
+}
+
 /* Telemetry.record_update's counts in one pass: intended = (unrounded != old) (NaN != anything), lost = intended
    and new == old (float comparisons, so -0 == +0 as torch's). */
 void lp_lost_updates(const float *restrict old, const float *restrict unrounded, const float *restrict nw,
@@ -677,7 +702,7 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
                          "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list", "lp_lost_updates"):
+                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -1040,6 +1065,52 @@ def tensor_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec) -> torch.Tensor
                               ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
     mark_written(ts)
     return scale
+
+
+def block_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec, generator: torch.Generator | None) -> bool:
+    """``quantize_with_scale(t, s, generator)`` written into every ``t`` in list order, by the native MX or NVFP4
+    loop, one call for all: what each tensor's own quantize runs (its plan: the loop on its rows of one block),
+    the stochastic draws in the same order. Contiguous float32 CPU tensors whose last axis the blocks tile; False
+    (nothing changed, nothing drawn) where a tensor, the spec or the settings do not give that plan."""
+    sc = s.scaling
+    if (sc is None or sc.mode != "block" or sc.block_rows != 1 or not fast_scaled_ok(s) or not _in_place_ok(ts)
+            or torch.get_num_threads() != 1 or not ts):
+        return False
+    B, sto = sc.block_size, s.rounding == Rounding.STOCHASTIC
+    if any(t.dim() == 0 or sc.axis % t.dim() != t.dim() - 1 or t.shape[-1] % B or t.numel() < _min_native(sto)
+           for t in ts):
+        return False
+    lib = _native_lib()
+    if lib is None:
+        return False
+    T = len(ts)
+    G = (ctypes.c_int64 * T)(*[t.numel() // B for t in ts])
+    big = max(t.numel() for t in ts)
+    scratch, sscratch = torch.empty(big, dtype=torch.float32), torch.empty(big // B, dtype=torch.float32)
+    if sc.scale_format == "e8m0":
+        if sto or B > _MX_MAX_BLOCK:
+            return False
+        lib.lp_mx_list(ctypes.c_int64(T), _pointers(ts), G, ctypes.c_int64(B), _ptr(scratch), _ptr(sscratch),
+                       ctypes.c_int32(s.format.emax),
+                       ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+    elif sc.scale_format == "e4m3":
+        if sto and B % 2:
+            return False
+        taken = _mt_take(generator) if sto else None
+        if sto and taken is None:
+            return False
+        rn = _rn_params(s.format, Rounding.NEAREST if sto else s.rounding, s.saturate, s.flush_subnormals)
+        lib.lp_nv_list(ctypes.c_int64(T), _pointers(ts), G, ctypes.c_int64(B), _ptr(scratch), _ptr(sscratch),
+                       ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn),
+                       ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)),
+                       _ptr(taken[1]) if sto else None,
+                       ctypes.byref(_sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits)) if sto else None)
+        if sto:
+            _mt_put(*taken)
+    else:
+        return False
+    mark_written(ts)
+    return True
 
 
 def stochastic_in_place(ts: list[torch.Tensor], fmt: Format, *, saturate: bool, flush: bool,

@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
-from lowprec.fast import stochastic_in_place, tensor_scaled_in_place
+from lowprec.fast import block_scaled_in_place, stochastic_in_place, tensor_scaled_in_place
 from lowprec.optim_batch import (
     BATCH_MAX_NUMEL,
     BatchReadback,
@@ -392,10 +392,11 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
 
     def _in_place(self, xs: list[torch.Tensor], spec: QuantSpec, gens: list[torch.Generator]) -> bool:
         """``x.copy_(quantize(x, spec, generator=gens[i]))`` for every ``xs[i]``, in order, by one native call
-        where one applies (``fused``; fp32 tensor scaling with nearest / toward-zero rounding, or unscaled
-        stochastic rounding from one CPU generator; :func:`lowprec.fast.tensor_scaled_in_place`,
-        :func:`lowprec.fast.stochastic_in_place`): the same bits, no batch buffer and no copy back. False, with
-        nothing changed, elsewhere."""
+        where one applies (``fused``; fp32 tensor scaling with nearest / toward-zero rounding, unscaled stochastic
+        rounding from one CPU generator, or MX / NVFP4 blocks tiling the last axis;
+        :func:`lowprec.fast.tensor_scaled_in_place`, :func:`lowprec.fast.stochastic_in_place`,
+        :func:`lowprec.fast.block_scaled_in_place`): the same bits, no batch buffer. False, with nothing changed,
+        elsewhere."""
         if not self.fused or not xs:
             return False
         sc = spec.scaling
@@ -407,6 +408,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                                        rand_bits=spec.rand_bits, generator=gens[0])
         if sc is not None and sc.mode == "tensor":
             return tensor_scaled_in_place(xs, spec) is not None
+        if sc is not None and sc.mode == "block" and all(g is gens[0] for g in gens):
+            return block_scaled_in_place(xs, spec, gens[0])
         return False
 
     @staticmethod

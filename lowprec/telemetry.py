@@ -198,7 +198,10 @@ class Telemetry:
             by_device.setdefault(entry[3].device, []).append(entry)
         self._pending, self._pending_n = [], 0
         for entries in by_device.values():
-            finite = torch.isfinite(torch.cat([e[3].float().reshape(-1) for e in entries])).tolist()
+            ok = torch.isfinite(torch.cat([e[3].float().reshape(-1) for e in entries]))
+            if bool(ok.all()):   # the usual case: no event, and no per-check reading in Python
+                continue
+            finite = ok.tolist()
             i = 0
             for seq, step, site, _ in entries:
                 sites = site if isinstance(site, list) else [site]

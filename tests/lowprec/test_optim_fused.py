@@ -127,12 +127,17 @@ def _run_quiet(policy, fused, tel_mode, steps=6):
 
 @pytest.mark.parametrize("tel_mode", [None, "deferred"])
 @pytest.mark.parametrize("policy", ["fp8-all", "fp8-lm-o2", "grad=e5m2:tensor,master=bf16:stochastic",
-                                    "grad=e4m3:tensor:toward_zero,master=fp16:stochastic", "master=e5m2:stochastic"])
+                                    "grad=e4m3:tensor:toward_zero,master=fp16:stochastic", "master=e5m2:stochastic",
+                                    "grad=mxfp8", "grad=nvfp4:stochastic", "grad=nvfp4", "grad=mxfp4",
+                                    "grad=e3m2:block32:scale=e4m3:stochastic"])
 def test_in_place_grads_and_master_equal_the_per_tensor_path(policy, tel_mode, monkeypatch):
     import lowprec.optim as lo
 
     taken = {"n": 0}
-    for name in ("tensor_scaled_in_place", "stochastic_in_place"):
+    if "block" in policy or "mx" in policy or "nvfp4" in policy:   # blocks that tile every last axis
+        monkeypatch.setattr(sys.modules[__name__], "SHAPES", [(40, 64), (64, 64), (64,), (3, 5, 64), (64, 256),
+                                                              (256,), (300, 256)])
+    for name in ("tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place"):
         orig = getattr(lo, name)
 
         def counted(*a, _orig=orig, **k):
