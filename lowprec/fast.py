@@ -936,15 +936,24 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
         return None
     q = _empty(v2.shape, torch.float32)
     scale = torch.empty(v2.shape[0], 1, dtype=torch.float32)
-    rn = _rn_params(s.format, Rounding.NEAREST if sto else s.rounding, s.saturate, s.flush_subnormals)
-    lib.lp_nv(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]),
-              ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn),
-              ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)),
-              _ptr(taken[1]) if sto else None,
-              ctypes.byref(_sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits)) if sto else None)
+    fmax, denom, rn, ps, sp = _nv_args(s)
+    lib.lp_nv(_ptr(v2), _ptr(q), _ptr(scale), ctypes.c_int64(v2.shape[0]), ctypes.c_int64(v2.shape[1]), fmax, denom,
+              rn, ps, _ptr(taken[1]) if sto else None, sp)
     if sto:
         _mt_put(*taken)
     return q, scale
+
+
+@functools.lru_cache(maxsize=256)
+def _nv_args(s: QuantSpec) -> tuple:
+    """lp_nv's constant arguments for ``s`` (format max, the tensor-scale denominator, the element and e4m3 block
+    scale rounding constants, the stochastic constants or None), made once per spec (read-only in C)."""
+    sto = s.rounding == Rounding.STOCHASTIC
+    rn = _rn_params(s.format, Rounding.NEAREST if sto else s.rounding, s.saturate, s.flush_subnormals)
+    ps = _rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)
+    sp = _sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits) if sto else None
+    return (ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn), ctypes.byref(ps),
+            None if sp is None else ctypes.byref(sp))
 
 
 _MX_MAX_BLOCK = 1024  # the native MX loop keeps chunks of whole rows (L1_CHUNK = 1024 values) on the stack
@@ -1099,12 +1108,9 @@ def block_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec, generator: torch
         taken = _mt_take(generator) if sto else None
         if sto and taken is None:
             return False
-        rn = _rn_params(s.format, Rounding.NEAREST if sto else s.rounding, s.saturate, s.flush_subnormals)
+        fmax, denom, rn, ps, sp = _nv_args(s)
         lib.lp_nv_list(ctypes.c_int64(T), _pointers(ts), G, ctypes.c_int64(B), _ptr(scratch), _ptr(sscratch),
-                       ctypes.c_float(s.format.max), ctypes.c_float(448.0 * s.format.max), ctypes.byref(rn),
-                       ctypes.byref(_rn_params(get_format("e4m3"), Rounding.NEAREST, True, False)),
-                       _ptr(taken[1]) if sto else None,
-                       ctypes.byref(_sr_params(s.format, s.saturate, s.flush_subnormals, s.rand_bits)) if sto else None)
+                       fmax, denom, rn, ps, _ptr(taken[1]) if sto else None, sp)
         if sto:
             _mt_put(*taken)
     else:
