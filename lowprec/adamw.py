@@ -7,15 +7,16 @@ correctly rounded one, so it stays torch's call), over all tensors of a group in
 
 Where it runs: every group with ``foreach`` on (not ``fused``), no ``amsgrad``, ``maximize``, ``capturable`` or
 ``differentiable``, float ``lr``/betas; every parameter with a gradient, the gradient and both states contiguous
-dense float32 on the CPU; one torch thread; the native helpers built; and the check below passed. Anywhere else,
-and for the whole step if one group does not qualify, it is ``torch.optim.AdamW.step`` itself.
+dense float32 on the CPU; one torch thread; not while torch.compile traces; the native helpers built; and the
+check below passed. Anywhere else, and for the whole step if one group does not qualify, it is
+``torch.optim.AdamW.step`` itself.
 
 The check: the first time a process would use the native step, it runs both on a fixed small problem (tensor
 sizes that exercise the vector bodies and tails, both branches of lerp, with and without weight decay, 4 steps)
 and compares every bit of parameters and states. Whether ATen contracts a product into an fma is a property of
 the torch build and CPU; a build where the bits differ keeps torch's step for the whole process
-(``native_adamw_status()`` says which and why). ``tests/lowprec/test_native_adamw.py`` compares the two on the
-study's models and on edge values.
+(``native_adamw_status()`` says which and why). ``tests/lowprec/test_native_adamw.py`` compares the two over many
+steps, shapes, hyperparameters and edge values.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class NativeAdamW(torch.optim.AdamW):
 
     def _native_step(self, any_threads: bool = False) -> bool:
         """The native step of every group, or False (nothing changed) where one group or tensor does not qualify."""
-        if (torch.get_num_threads() != 1 and not any_threads) or not fast.native_available():
+        if ((torch.get_num_threads() != 1 and not any_threads) or torch.compiler.is_compiling()
+                or not fast.native_available()):
             return False
         work = []
         for group in self.param_groups:
