@@ -54,7 +54,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
-           "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_available", "mark_written", "lost_updates",
+           "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_scaled_t", "native_available", "mark_written", "lost_updates",
            "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
@@ -292,6 +292,65 @@ void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, in
   if (B == 32) { MX_ALL(32) }  /* the MX block size, then NVFP4's: constant trip counts unroll */
   else if (B == 16) { MX_ALL(16) }
   else { MX_ALL(B) }
+}
+/* lp_mx_e8m0 on the rows of x^T without making x^T: x is M x K (row-major), the blocks run along M (B rows of one
+   column); q is written as K x M and scale as K x (M / B), the layout lp_mx_e8m0 gives on x.t().contiguous(). Tiles
+   of B rows x up to L1_CHUNK / B columns: the column amaxes (int32 maxima, as finite_amax), the scales as mx_body's,
+   x * (1 / scale) rounded by one rn_body over the tile (elementwise, no draws: any order gives the same bits), and
+   the products written column by column (B contiguous values each). */
+static inline __attribute__((always_inline)) void mx_t_body(const float *restrict x, float *restrict q,
+    float *restrict scale, int64_t M, int64_t K, const int64_t B, int32_t emax, const rn_params *p, const int nearest,
+    const int sat, const int infm, const int flush) {
+  uint32_t y[L1_CHUNK], t[L1_CHUNK];
+  int32_t top[L1_CHUNK];
+  float scs[L1_CHUNK], recs[L1_CHUNK];
+  const int64_t KC = L1_CHUNK / B, nb = M / B;
+  for (int64_t i0 = 0; i0 < M; i0 += B) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = K - k0 < KC ? K - k0 : KC;
+      for (int64_t kk = 0; kk < kc; kk++) top[kk] = 0;
+      for (int64_t i = 0; i < B; i++) {
+        const int32_t *restrict row = (const int32_t *)(x + (i0 + i) * K + k0);
+        for (int64_t kk = 0; kk < kc; kk++) {
+          int32_t a = row[kk] & 0x7FFFFFFF;
+          a = a < 0x7F800000 ? a : 0;
+          top[kk] = a > top[kk] ? a : top[kk];
+        }
+      }
+      for (int64_t kk = 0; kk < kc; kk++) {
+        int32_t e = (int32_t)((uint32_t)top[kk] >> 23) - (127 + emax);
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+        scs[kk] = sc;
+        recs[kk] = 1.0f / sc;
+        scale[(k0 + kk) * nb + i0 / B] = sc;
+      }
+      for (int64_t i = 0; i < B; i++) {
+        const float *restrict row = x + (i0 + i) * K + k0;
+        for (int64_t kk = 0; kk < kc; kk++) y[i * kc + kk] = fbits(row[kk] * recs[kk]);
+      }
+      rn_body(y, t, B * kc, p, nearest, sat, infm, flush);
+      for (int64_t kk = 0; kk < kc; kk++) {
+        const float sc = scs[kk];
+        float *restrict qc = q + (k0 + kk) * M + i0;
+        for (int64_t i = 0; i < B; i++) qc[i] = bitsf(t[i * kc + kk]) * sc;
+      }
+    }
+  }
+}
+#define MXT(N_, S_, I_, F_, B_) case (N_ << 3 | S_ << 2 | I_ << 1 | F_): \
+  mx_t_body(x, q, scale, M, K, B_, emax, p, N_, S_, I_, F_); break;
+#define MXT_ALL(B_) switch (mode) { \
+    MXT(0, 0, 0, 0, B_) MXT(0, 0, 0, 1, B_) MXT(0, 0, 1, 0, B_) MXT(0, 0, 1, 1, B_) MXT(0, 1, 0, 0, B_) \
+    MXT(0, 1, 0, 1, B_) MXT(1, 0, 0, 0, B_) MXT(1, 0, 0, 1, B_) MXT(1, 0, 1, 0, B_) MXT(1, 0, 1, 1, B_) \
+    MXT(1, 1, 0, 0, B_) MXT(1, 1, 0, 1, B_) }
+void lp_mx_e8m0_t(const float *x, float *q, float *scale, int64_t M, int64_t K, int64_t B, int32_t emax,
+                  const rn_params *p) {
+  const int mode = (p->nearest ? 8 : 0) | (p->saturate ? 4 : 0) | (p->inf_mask && !p->saturate ? 2 : 0)
+                   | (p->flush ? 1 : 0);
+  if (B == 32) { MXT_ALL(32) }
+  else if (B == 16) { MXT_ALL(16) }
+  else { MXT_ALL(B) }
 }
 /* the e4m3 code of a float32 value on the e4m3 grid (rn_body's output) or NaN, as torch's float8_e4m3fn cast
    gives it: sign | exponent + 7 << 3 | 3 mantissa bits; below 2**-6 the subnormal count of 2**-9; NaN 0x7f */
@@ -702,7 +761,7 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
                          "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list"):
+                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -975,6 +1034,31 @@ def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tens
                    ctypes.c_int32(s.format.emax), ctypes.byref(_rn_params(s.format, s.rounding, s.saturate,
                                                                           s.flush_subnormals)))
     return q, scale
+
+
+def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`native_scaled` of ``x.t().contiguous()`` viewed as rows of one block, for contiguous float32 2-D ``x``
+    with blocks along axis 0 (``x.shape[0] % B == 0``): (quantized rows, scales ``(rows, 1)``) in that transposed
+    layout, the same bits. MX (E8M0, nearest / toward_zero) reads ``x`` in place, with no transposed copy
+    (``lp_mx_e8m0_t``); other block specs go through :func:`transposed` then :func:`native_scaled` (stochastic
+    draws follow the transposed order). None where neither applies."""
+    sc = s.scaling
+    M, K = x.shape
+    B = sc.block_size
+    if (sc.scale_format == "e8m0" and s.rounding != Rounding.STOCHASTIC and B <= _MX_MAX_BLOCK
+            and torch.get_num_threads() == 1 and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
+            and x.device.type == "cpu" and M % B == 0):
+        lib = _native_lib()
+        if lib is not None:
+            q = _empty((K * M // B, B), torch.float32)
+            scale = torch.empty(K * M // B, 1, dtype=torch.float32)
+            lib.lp_mx_e8m0_t(_ptr(x), _ptr(q), _ptr(scale), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(B),
+                             ctypes.c_int32(s.format.emax),
+                             ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+            return q, scale
+    xt = transposed(x)
+    return None if xt is None else native_scaled(xt.view(-1, B), s, generator)
 
 
 class _StatsOut(ctypes.Structure):

@@ -205,8 +205,7 @@ def _make_plan(x: torch.Tensor, s: QuantSpec, contiguous: bool) -> Callable | No
             return t.contiguous() if contiguous else t
 
         def run_t(x: torch.Tensor, generator: torch.Generator | None):
-            xt = _fast.transposed(x.detach())
-            r = None if xt is None else _fast.native_scaled(xt.view(-1, B), s, generator)
+            r = _fast.native_scaled_t(x.detach(), s, generator)
             if r is None:
                 return None
             sc_ = r[1]

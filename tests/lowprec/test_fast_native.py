@@ -495,8 +495,33 @@ def test_blocks_along_axis_0_through_the_native_transpose(fast_everywhere, monke
     q, sc = quantize_with_scale(x, s, generator=g)
     assert same(ref_q, q) and same(ref_s, sc)
     assert torch.equal(g_ref.get_state(), g.get_state())
-    # (rows padded to whole blocks make a fresh tensor in the view's layout: nothing to transpose)
-    assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0)
+    # (rows padded to whole blocks make a fresh tensor in the view's layout: nothing to transpose; MX nearest reads
+    # x in place, lp_mx_e8m0_t: no transpose either)
+    mx_in_place = s.scaling.scale_format == "e8m0" and s.rounding.value != "stochastic"
+    assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0 and not mx_in_place)
+
+
+@pytest.mark.parametrize("spec_", ["mxfp8:axis=0", "mxfp6:axis=0", "mxfp4:axis=0", "mxfp8:axis=0:toward_zero",
+                                   "mxfp8:axis=0:nosat", "e3m2:block16:scale=e8m0:axis=0"])
+@pytest.mark.parametrize("shape", [(512, 64), (64, 1000), (96, 7), (32, 1)])
+def test_mx_blocks_along_axis_0_without_a_transpose(fast_everywhere, spec_, shape):
+    """lp_mx_e8m0_t (the MX loop reading x in place, tiles of B rows by up to 1,024 / B columns): the values,
+    scales and their layouts of lp_mx_e8m0 on x.t().contiguous(), and of the eager path, with NaN, ±inf, zeros,
+    subnormals and huge values."""
+    from lowprec import quantize_with_scale, spec
+
+    s = spec(spec_)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g) * torch.logspace(-40, 38, shape[1]).clamp(max=3e38)
+    x.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-42])[:x.numel()]
+    got = fast.native_scaled_t(x, s)
+    ref = fast.native_scaled(x.t().contiguous().view(-1, s.scaling.block_size), s)
+    assert torch.equal(got[0].view(torch.int32), ref[0].view(torch.int32)) and torch.equal(got[1], ref[1])
+    assert got[0].shape == ref[0].shape and got[1].shape == ref[1].shape
+    with fast_path_off():
+        eager_q, eager_s = quantize_with_scale(x, s)
+    q, sc = quantize_with_scale(x, s)
+    assert same(eager_q, q) and same(eager_s, sc) and q.stride() == eager_q.stride()
 
 
 def test_the_e4m3_table_is_the_arithmetic_decode_bit_for_bit():
