@@ -131,6 +131,7 @@ def test_strided_operands_give_the_contiguous_bits(policy, tokens, monkeypatch, 
         y = lin(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append((y.detach(), x.grad, lin.weight.grad, lin.bias.grad))
-        assert all(layouts) != strided     # the strided run did hand over strided operands
+        if lowprec.fast.native_available():   # (the eager path, without native helpers, hands over copies)
+            assert all(layouts) != strided     # the strided run did hand over strided operands
     for a, b in zip(*results):
         assert same(a, b)
