@@ -644,6 +644,59 @@ void lp_stochastic_list(int64_t T, float *const *x, const int64_t *n, uint8_t *s
   mt_store(&g, st);
 }
 
+/* lp_nv (nearest / toward_zero: no draws, so any order gives the same bits) on the rows of x^T without making x^T,
+   as lp_mx_e8m0_t does for MX: x is M x K, blocks of B along M; q as K x M, scale as K x (M / B). The tensor amax
+   over all of x, then per tile of B rows x up to L1_CHUNK / B columns nv_body's operations: the block scales
+   e4m3(min((amax / fmt_max) / g, 448)) * g, x / scale (1 where it is 0) rounded, times (scale != 0), times scale. */
+void lp_nv_t(const float *restrict x, float *restrict q, float *restrict scale, int64_t M, int64_t K, int64_t B,
+             float fmt_max, float denom, const rn_params *pe, const rn_params *ps) {
+  const float t_amax = finite_amax(x, M * K);
+  float g = t_amax / denom;
+  g = g > 0.0f && g < INFINITY ? g : 1.0f;
+  uint32_t y[L1_CHUNK], t[L1_CHUNK], sb[L1_CHUNK], sr[L1_CHUNK];
+  int32_t top[L1_CHUNK];
+  float scs[L1_CHUNK];
+  const int64_t KC = L1_CHUNK / B, nb = M / B;
+  for (int64_t i0 = 0; i0 < M; i0 += B) {
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = K - k0 < KC ? K - k0 : KC;
+      for (int64_t kk = 0; kk < kc; kk++) top[kk] = 0;
+      for (int64_t i = 0; i < B; i++) {
+        const int32_t *restrict row = (const int32_t *)(x + (i0 + i) * K + k0);
+        for (int64_t kk = 0; kk < kc; kk++) {
+          int32_t a = row[kk] & 0x7FFFFFFF;
+          a = a < 0x7F800000 ? a : 0;
+          top[kk] = a > top[kk] ? a : top[kk];
+        }
+      }
+      for (int64_t kk = 0; kk < kc; kk++) {
+        float tv = (bitsf((uint32_t)top[kk]) / fmt_max) / g;
+        tv = tv > 448.0f ? 448.0f : tv;
+        sb[kk] = fbits(tv);
+      }
+      lp_round(sb, sr, kc, ps);
+      for (int64_t kk = 0; kk < kc; kk++) {
+        const float sc = bitsf(sr[kk]) * g;
+        scs[kk] = sc;
+        scale[(k0 + kk) * nb + i0 / B] = sc;
+      }
+      for (int64_t i = 0; i < B; i++) {
+        const float *restrict row = x + (i0 + i) * K + k0;
+        for (int64_t kk = 0; kk < kc; kk++) {
+          const float sc = scs[kk];
+          y[i * kc + kk] = fbits(row[kk] / (sc == 0.0f ? 1.0f : sc));
+        }
+      }
+      lp_round(y, t, B * kc, pe);
+      for (int64_t kk = 0; kk < kc; kk++) {
+        const float sc = scs[kk], keep = sc != 0.0f ? 1.0f : 0.0f;
+        float *restrict qc = q + (k0 + kk) * M + i0;
+        for (int64_t i = 0; i < B; i++) qc[i] = (bitsf(t[i * kc + kk]) * keep) * sc;
+      }
+    }
+  }
+}
+
 /* In place over T tensors of rows of B values (the wrapped optimizer's block-scaled gradients): lp_mx_e8m0 / lp_nv
    on each, into a scratch buffer copied back (each tensor exactly as its own call: the stochastic draws continue
    from one tensor to the next as consecutive calls would draw them). */
@@ -761,7 +814,7 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
                          "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t"):
+                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t"):
                 getattr(lib, name).restype = None
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
@@ -1040,9 +1093,9 @@ def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`native_scaled` of ``x.t().contiguous()`` viewed as rows of one block, for contiguous float32 2-D ``x``
     with blocks along axis 0 (``x.shape[0] % B == 0``): (quantized rows, scales ``(rows, 1)``) in that transposed
-    layout, the same bits. MX (E8M0, nearest / toward_zero) reads ``x`` in place, with no transposed copy
-    (``lp_mx_e8m0_t``); other block specs go through :func:`transposed` then :func:`native_scaled` (stochastic
-    draws follow the transposed order). None where neither applies."""
+    layout, the same bits. MX and NVFP4-style E4M3 blocks with nearest / toward_zero rounding read ``x`` in place,
+    with no transposed copy (``lp_mx_e8m0_t``, ``lp_nv_t``); stochastic rounding goes through :func:`transposed`
+    then :func:`native_scaled` (its draws follow the transposed order). None where neither applies."""
     sc = s.scaling
     M, K = x.shape
     B = sc.block_size
@@ -1056,6 +1109,17 @@ def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
             lib.lp_mx_e8m0_t(_ptr(x), _ptr(q), _ptr(scale), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(B),
                              ctypes.c_int32(s.format.emax),
                              ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
+            return q, scale
+    if (sc.scale_format == "e4m3" and s.rounding != Rounding.STOCHASTIC and torch.get_num_threads() == 1
+            and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+            and M % B == 0 and B <= _MX_MAX_BLOCK):
+        lib = _native_lib()
+        if lib is not None:
+            q = _empty((K * M // B, B), torch.float32)
+            scale = torch.empty(K * M // B, 1, dtype=torch.float32)
+            fmax, denom, rn, ps, _ = _nv_args(s)
+            lib.lp_nv_t(_ptr(x), _ptr(q), _ptr(scale), ctypes.c_int64(M), ctypes.c_int64(K), ctypes.c_int64(B),
+                        fmax, denom, rn, ps)
             return q, scale
     xt = transposed(x)
     return None if xt is None else native_scaled(xt.view(-1, B), s, generator)

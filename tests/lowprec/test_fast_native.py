@@ -497,17 +497,19 @@ def test_blocks_along_axis_0_through_the_native_transpose(fast_everywhere, monke
     assert torch.equal(g_ref.get_state(), g.get_state())
     # (rows padded to whole blocks make a fresh tensor in the view's layout: nothing to transpose; MX nearest reads
     # x in place, lp_mx_e8m0_t: no transpose either)
-    mx_in_place = s.scaling.scale_format == "e8m0" and s.rounding.value != "stochastic"
-    assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0 and not mx_in_place)
+    in_place = s.rounding.value != "stochastic"   # MX and NVFP4 nearest read x in place (lp_mx_e8m0_t, lp_nv_t)
+    assert all(calls) and bool(calls) == (shape[0] % s.scaling.block_size == 0 and not in_place)
 
 
 @pytest.mark.parametrize("spec_", ["mxfp8:axis=0", "mxfp6:axis=0", "mxfp4:axis=0", "mxfp8:axis=0:toward_zero",
-                                   "mxfp8:axis=0:nosat", "e3m2:block16:scale=e8m0:axis=0"])
+                                   "mxfp8:axis=0:nosat", "e3m2:block16:scale=e8m0:axis=0", "nvfp4:axis=0",
+                                   "nvfp4:axis=0:toward_zero", "nvfp4:axis=0:nosat", "nvfp4:axis=0:flush",
+                                   "e3m2:block32:scale=e4m3:axis=0"])
 @pytest.mark.parametrize("shape", [(512, 64), (64, 1000), (96, 7), (32, 1)])
-def test_mx_blocks_along_axis_0_without_a_transpose(fast_everywhere, spec_, shape):
-    """lp_mx_e8m0_t (the MX loop reading x in place, tiles of B rows by up to 1,024 / B columns): the values,
-    scales and their layouts of lp_mx_e8m0 on x.t().contiguous(), and of the eager path, with NaN, ±inf, zeros,
-    subnormals and huge values."""
+def test_blocks_along_axis_0_without_a_transpose(fast_everywhere, spec_, shape):
+    """lp_mx_e8m0_t and lp_nv_t (the MX and NVFP4 loops reading x in place, tiles of B rows by up to 1,024 / B
+    columns): the values, scales and their layouts of the row loops on x.t().contiguous(), and of the eager path,
+    with NaN, ±inf, zeros, subnormals and huge values."""
     from lowprec import quantize_with_scale, spec
 
     s = spec(spec_)
