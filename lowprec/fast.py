@@ -293,6 +293,20 @@ void lp_mx_e8m0(const float *v, float *q, float *scale, int64_t G, int64_t B, in
   else if (B == 16) { MX_ALL(16) }
   else { MX_ALL(B) }
 }
+/* The finite amax bits (finite_amax's int32 maxima) of kc columns over B rows of a row-major tile whose rows are K
+   apart: the blocks along axis 0 of the _t loops below (vectorized along the columns). */
+static inline __attribute__((always_inline)) void column_amax(const float *restrict x, int64_t K, const int64_t B,
+                                                               int64_t kc, int32_t *restrict top) {
+  for (int64_t kk = 0; kk < kc; kk++) top[kk] = 0;
+  for (int64_t i = 0; i < B; i++) {
+    const int32_t *restrict row = (const int32_t *)(x + i * K);
+    for (int64_t kk = 0; kk < kc; kk++) {
+      int32_t a = row[kk] & 0x7FFFFFFF;
+      a = a < 0x7F800000 ? a : 0;
+      top[kk] = a > top[kk] ? a : top[kk];
+    }
+  }
+}
 /* lp_mx_e8m0 on the rows of x^T without making x^T: x is M x K (row-major), the blocks run along M (B rows of one
    column); q is written as K x M and scale as K x (M / B), the layout lp_mx_e8m0 gives on x.t().contiguous(). Tiles
    of B rows x up to L1_CHUNK / B columns: the column amaxes (int32 maxima, as finite_amax), the scales as mx_body's,
@@ -308,15 +322,7 @@ static inline __attribute__((always_inline)) void mx_t_body(const float *restric
   for (int64_t i0 = 0; i0 < M; i0 += B) {
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
-      for (int64_t kk = 0; kk < kc; kk++) top[kk] = 0;
-      for (int64_t i = 0; i < B; i++) {
-        const int32_t *restrict row = (const int32_t *)(x + (i0 + i) * K + k0);
-        for (int64_t kk = 0; kk < kc; kk++) {
-          int32_t a = row[kk] & 0x7FFFFFFF;
-          a = a < 0x7F800000 ? a : 0;
-          top[kk] = a > top[kk] ? a : top[kk];
-        }
-      }
+      column_amax(x + i0 * K + k0, K, B, kc, top);
       for (int64_t kk = 0; kk < kc; kk++) {
         int32_t e = (int32_t)((uint32_t)top[kk] >> 23) - (127 + emax);
         e = e < -127 ? -127 : (e > 127 ? 127 : e);
@@ -660,15 +666,7 @@ void lp_nv_t(const float *restrict x, float *restrict q, float *restrict scale, 
   for (int64_t i0 = 0; i0 < M; i0 += B) {
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
-      for (int64_t kk = 0; kk < kc; kk++) top[kk] = 0;
-      for (int64_t i = 0; i < B; i++) {
-        const int32_t *restrict row = (const int32_t *)(x + (i0 + i) * K + k0);
-        for (int64_t kk = 0; kk < kc; kk++) {
-          int32_t a = row[kk] & 0x7FFFFFFF;
-          a = a < 0x7F800000 ? a : 0;
-          top[kk] = a > top[kk] ? a : top[kk];
-        }
-      }
+      column_amax(x + i0 * K + k0, K, B, kc, top);
       for (int64_t kk = 0; kk < kc; kk++) {
         float tv = (bitsf((uint32_t)top[kk]) / fmt_max) / g;
         tv = tv > 448.0f ? 448.0f : tv;
