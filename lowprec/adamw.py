@@ -148,5 +148,4 @@ def _group_ok(group: dict) -> bool:
 
 
 def _dense_f32(t: Any) -> bool:
-    return (isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
-            and t.is_contiguous())
+    return isinstance(t, torch.Tensor) and fast.dense_cpu_f32(t)

@@ -54,7 +54,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
-           "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_scaled_t", "native_available", "mark_written", "lost_updates",
+           "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_scaled_t", "native_available", "mark_written", "lost_updates", "dense_cpu_f32",
            "decode_table_rows",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
@@ -254,6 +254,13 @@ static float finite_amax(const float *restrict x, int64_t n) {
   memcpy(&amax, &top, 4);
   return amax;
 }
+/* The MX scale of a block whose finite amax has the bits amax_b: 2**clamp(exponent field - 127 - emax, -127, 127)
+   (2**-127 a float32 subnormal) */
+static inline float e8m0_scale(uint32_t amax_b, int32_t emax) {
+  int32_t e = (int32_t)(amax_b >> 23) - (127 + emax);
+  e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  return bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+}
 static inline __attribute__((always_inline)) void mx_body(const float *restrict v, float *restrict q,
     float *restrict scale, int64_t G, int64_t B, int32_t emax, const rn_params *p, const int nearest, const int sat,
     const int infm, const int flush) {
@@ -266,9 +273,7 @@ static inline __attribute__((always_inline)) void mx_body(const float *restrict 
     const int64_t nr = G - g0 < rows ? G - g0 : rows;
     for (int64_t r = 0; r < nr; r++) {
       const uint32_t *restrict row = (const uint32_t *)(v + (g0 + r) * B);
-      int32_t e = (int32_t)(fbits(finite_amax(v + (g0 + r) * B, B)) >> 23) - (127 + emax);
-      e = e < -127 ? -127 : (e > 127 ? 127 : e);
-      const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+      const float sc = e8m0_scale(fbits(finite_amax(v + (g0 + r) * B, B)), emax);
       scale[g0 + r] = scs[r] = sc;
       const float rec = 1.0f / sc;  /* exact (sc is a power of two): x * rec is x / sc, correctly rounded alike */
       for (int64_t j = 0; j < B; j++) y[r * B + j] = fbits(bitsf(row[j]) * rec);
@@ -324,9 +329,7 @@ static inline __attribute__((always_inline)) void mx_t_body(const float *restric
       const int64_t kc = K - k0 < KC ? K - k0 : KC;
       column_amax(x + i0 * K + k0, K, B, kc, top);
       for (int64_t kk = 0; kk < kc; kk++) {
-        int32_t e = (int32_t)((uint32_t)top[kk] >> 23) - (127 + emax);
-        e = e < -127 ? -127 : (e > 127 ? 127 : e);
-        const float sc = bitsf(e == -127 ? 0x00400000u : (uint32_t)(e + 127) << 23);
+        const float sc = e8m0_scale((uint32_t)top[kk], emax);
         scs[kk] = sc;
         recs[kk] = 1.0f / sc;
         scale[(k0 + kk) * nb + i0 / B] = sc;
@@ -499,8 +502,8 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
 /* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
    0), scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
    multiplied back, in chunks; float32 IEEE throughout, as the eager path. */
-void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
-                      float fmt_max, const rn_params *p) {
+/* (out may be x: each chunk is read into yb before it is written) */
+static void tensor_scaled(const float *x, float *out, float *scale_out, int64_t n, float fmt_max, const rn_params *p) {
   const float amax = finite_amax(x, n);
   float sc = amax / fmt_max;
   sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
@@ -512,6 +515,10 @@ void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restr
     lp_round(yb, qb, c, p);
     for (int64_t j = 0; j < c; j++) { float q; memcpy(&q, &qb[j], 4); out[i0 + j] = q * sc; }
   }
+}
+void lp_tensor_scaled(const float *restrict x, float *restrict out, float *restrict scale_out, int64_t n,
+                      float fmt_max, const rn_params *p) {
+  tensor_scaled(x, out, scale_out, n, fmt_max, p);
 }
 /* lowprec.fast._scaled_kernel for E4M3 block scales under an fp32 tensor scale (NVFP4; nearest / toward_zero) on
    the rows of v (G x B): g = tensor amax / denom (1 where that is 0 or not finite), each block's scale
@@ -618,21 +625,7 @@ void lp_nv(const float *restrict v, float *restrict q, float *restrict scale, in
    each tensor starting at an even word as its own call would), read into an L1 buffer before it is overwritten. */
 void lp_tensor_scaled_list(int64_t T, float *const *x, const int64_t *n, float *scale_out, float fmt_max,
                            const rn_params *p) {
-  uint32_t yb[CHUNK], qb[CHUNK];
-  for (int64_t t = 0; t < T; t++) {
-    float *X = x[t];
-    const int64_t N = n[t];
-    const float amax = finite_amax(X, N);
-    float sc = amax / fmt_max;
-    sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
-    scale_out[t] = sc;
-    for (int64_t i0 = 0; i0 < N; i0 += CHUNK) {
-      const int64_t c = N - i0 < CHUNK ? N - i0 : CHUNK;
-      for (int64_t j = 0; j < c; j++) { const float y = X[i0 + j] / sc; memcpy(&yb[j], &y, 4); }
-      lp_round(yb, qb, c, p);
-      for (int64_t j = 0; j < c; j++) { float q; memcpy(&q, &qb[j], 4); X[i0 + j] = q * sc; }
-    }
-  }
+  for (int64_t t = 0; t < T; t++) tensor_scaled(x[t], x[t], scale_out + t, n[t], fmt_max, p);
 }
 void lp_stochastic_list(int64_t T, float *const *x, const int64_t *n, uint8_t *st, const sr_params *p) {
   mt_t g;
@@ -1028,6 +1021,20 @@ def tensor_scaled_segments(buf: torch.Tensor, lens: list[int], s: QuantSpec) -> 
     return q, scale
 
 
+def _mx_loop_ok(s: QuantSpec, B: int) -> bool:
+    """Whether the native MX loops (``lp_mx_e8m0`` and its ``_t`` and ``_list`` forms) take ``s`` with blocks of
+    ``B``: E8M0 block scales, nearest / toward_zero, ``B <=`` :data:`_MX_MAX_BLOCK`, one torch thread."""
+    return (s.rounding != Rounding.STOCHASTIC and s.scaling.mode == "block" and s.scaling.scale_format == "e8m0"
+            and B <= _MX_MAX_BLOCK and torch.get_num_threads() == 1)
+
+
+def _nv_loop_ok(s: QuantSpec, B: int) -> bool:
+    """Whether the native NVFP4 loops (``lp_nv`` and its ``_t`` and ``_list`` forms) take ``s`` with blocks of
+    ``B``: E4M3 block scales, one torch thread, and for stochastic rounding blocks of even length."""
+    return (s.scaling.mode == "block" and s.scaling.scale_format == "e4m3" and torch.get_num_threads() == 1
+            and not (s.rounding == Rounding.STOCHASTIC and B % 2))
+
+
 def _native_nv(v2: torch.Tensor, s: QuantSpec,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """_scaled_kernel for E4M3 block scales (NVFP4-style; any rounding, stochastic drawing from ``generator`` the
@@ -1035,8 +1042,7 @@ def _native_nv(v2: torch.Tensor, s: QuantSpec,
     1)), or None where it does not apply (stochastic rounding of odd-length blocks, more than one torch thread, a
     generator that is not the CPU mt19937, no native helpers)."""
     sto = s.rounding == Rounding.STOCHASTIC
-    if (s.scaling.mode != "block" or s.scaling.scale_format != "e4m3" or torch.get_num_threads() != 1
-            or (sto and v2.shape[1] % 2)):
+    if not _nv_loop_ok(s, v2.shape[1]):
         return None
     lib = _native_lib()
     if lib is None:
@@ -1073,8 +1079,7 @@ def _native_mx(v2: torch.Tensor, s: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     """_scaled_kernel for E8M0 block scales (nearest / toward_zero) on contiguous float32 rows ``v2`` by the
     native loop: (quantized rows, scales (G, 1)), or None where it does not apply (stochastic rounding, E4M3 or
     fp32 scales, blocks over :data:`_MX_MAX_BLOCK`, more than one torch thread, no native helpers)."""
-    if (s.rounding == Rounding.STOCHASTIC or s.scaling.mode != "block" or s.scaling.scale_format != "e8m0"
-            or v2.shape[-1] > _MX_MAX_BLOCK or torch.get_num_threads() != 1):
+    if not _mx_loop_ok(s, v2.shape[-1]):
         return None
     lib = _native_lib()
     if lib is None:
@@ -1094,12 +1099,11 @@ def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
     layout, the same bits. MX and NVFP4-style E4M3 blocks with nearest / toward_zero rounding read ``x`` in place,
     with no transposed copy (``lp_mx_e8m0_t``, ``lp_nv_t``); stochastic rounding goes through :func:`transposed`
     then :func:`native_scaled` (its draws follow the transposed order). None where neither applies."""
-    sc = s.scaling
     M, K = x.shape
-    B = sc.block_size
-    if (sc.scale_format == "e8m0" and s.rounding != Rounding.STOCHASTIC and B <= _MX_MAX_BLOCK
-            and torch.get_num_threads() == 1 and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()
-            and x.device.type == "cpu" and M % B == 0):
+    B = s.scaling.block_size
+    tiles = (x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+             and M % B == 0)
+    if tiles and _mx_loop_ok(s, B):
         lib = _native_lib()
         if lib is not None:
             q = _empty((K * M // B, B), torch.float32)
@@ -1108,10 +1112,8 @@ def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
                              ctypes.c_int32(s.format.emax),
                              ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
             return q, scale
-    if (sc.scale_format == "e4m3" and s.rounding != Rounding.STOCHASTIC and torch.get_num_threads() == 1
-            and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu"
-            and M % B == 0 and B <= _MX_MAX_BLOCK):
-        lib = _native_lib()
+    if tiles and s.rounding != Rounding.STOCHASTIC and B <= _MX_MAX_BLOCK and _nv_loop_ok(s, B):
+        lib = _native_lib()   # (tiles of B rows: the loop's buffers hold L1_CHUNK = _MX_MAX_BLOCK values)
         if lib is not None:
             q = _empty((K * M // B, B), torch.float32)
             scale = torch.empty(K * M // B, 1, dtype=torch.float32)
@@ -1197,10 +1199,13 @@ def mark_written(ts: list[torch.Tensor]) -> None:
         bump(ts)
 
 
+def dense_cpu_f32(t: torch.Tensor) -> bool:
+    """A contiguous dense float32 CPU tensor: what the native loops read and write through its data pointer."""
+    return t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided and t.is_contiguous()
+
+
 def _in_place_ok(ts: list[torch.Tensor]) -> bool:
-    return (_state["enabled"] and not torch.compiler.is_compiling()
-            and all(t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided and t.is_contiguous()
-                    for t in ts))
+    return _state["enabled"] and not torch.compiler.is_compiling() and all(dense_cpu_f32(t) for t in ts)
 
 
 def tensor_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec) -> torch.Tensor | None:
@@ -1231,7 +1236,9 @@ def block_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec, generator: torch
     if (sc is None or sc.mode != "block" or sc.block_rows != 1 or not fast_scaled_ok(s) or not _in_place_ok(ts)
             or torch.get_num_threads() != 1 or not ts):
         return False
-    B, sto = sc.block_size, s.rounding == Rounding.STOCHASTIC
+    B, sto, mx = sc.block_size, s.rounding == Rounding.STOCHASTIC, sc.scale_format == "e8m0"
+    if not (_mx_loop_ok(s, B) if mx else _nv_loop_ok(s, B)):
+        return False
     if any(t.dim() == 0 or sc.axis % t.dim() != t.dim() - 1 or t.shape[-1] % B or t.numel() < _min_native(sto)
            for t in ts):
         return False
@@ -1242,15 +1249,11 @@ def block_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec, generator: torch
     G = (ctypes.c_int64 * T)(*[t.numel() // B for t in ts])
     big = max(t.numel() for t in ts)
     scratch, sscratch = torch.empty(big, dtype=torch.float32), torch.empty(big // B, dtype=torch.float32)
-    if sc.scale_format == "e8m0":
-        if sto or B > _MX_MAX_BLOCK:
-            return False
+    if mx:
         lib.lp_mx_list(ctypes.c_int64(T), _pointers(ts), G, ctypes.c_int64(B), _ptr(scratch), _ptr(sscratch),
                        ctypes.c_int32(s.format.emax),
                        ctypes.byref(_rn_params(s.format, s.rounding, s.saturate, s.flush_subnormals)))
-    elif sc.scale_format == "e4m3":
-        if sto and B % 2:
-            return False
+    else:
         taken = _mt_take(generator) if sto else None
         if sto and taken is None:
             return False
@@ -1259,8 +1262,6 @@ def block_scaled_in_place(ts: list[torch.Tensor], s: QuantSpec, generator: torch
                        fmax, denom, rn, ps, _ptr(taken[1]) if sto else None, sp)
         if sto:
             _mt_put(*taken)
-    else:
-        return False
     mark_written(ts)
     return True
 

@@ -145,15 +145,11 @@ class Telemetry:
 
     # ------------------------------------------------------------------ recording
     def skip(self, site: str, q: torch.Tensor) -> bool:
-        """What ``record(site, ..., q)`` first does, alone: on a step that is not sampled, the NaN/inf check of ``q``
-        (deferred: kept on the device), and True when that is all ``record`` would do. A caller that gets False
-        calls ``record(..., checked=True)`` (the check is not made twice)."""
-        return self._skip(site, q)
-
-    def _skip(self, site: str, q: torch.Tensor) -> bool:
-        """True when nothing is to be recorded: not a sampled step, and (if checked) q is all finite.
-        The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false alarm from an fp32 overflow
-        of the sum only costs a full record). Deferred: the sum is kept on the device, to be read later."""
+        """What ``record(site, ..., q)`` first does: True when nothing is to be recorded, i.e. not a sampled step
+        and (if checked) q all finite. The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false
+        alarm from an fp32 overflow of the sum only costs a full record). Deferred: the sum is kept on the device,
+        to be read later. A caller that makes the check itself and gets False calls ``record(..., checked=True)``
+        (the check is not made twice)."""
         if self.sampling:
             return False
         if not self.check_nonfinite:
@@ -228,7 +224,7 @@ class Telemetry:
         """
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; valid roles: {ROLES}")
-        if not unpacked and not checked and self._skip(site, q):
+        if not unpacked and not checked and self.skip(site, q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
         if unpacked:
@@ -312,7 +308,7 @@ class Telemetry:
     @torch.no_grad()
     def record_zeros(self, site: str, role: str, q: torch.Tensor, fmt: str = "") -> None:
         """Record only the zero fraction and NaN/inf of a stored tensor (an unquantized optimizer state)."""
-        if self._skip(site, q):
+        if self.skip(site, q):
             return
         acc = self._acc(site, role, fmt, self.sampling)
         acc.add("numel", q.numel())
