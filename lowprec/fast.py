@@ -55,7 +55,7 @@ from .spec import QuantSpec, Rounding
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
            "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_scaled_t", "native_available", "mark_written", "lost_updates", "dense_cpu_f32",
-           "decode_table_rows",
+           "decode_table_rows", "sum_finite", "sums_finite", "SUM_FINITE", "SUM_NONFINITE", "SUM_UNDECIDED",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
 
 # below these a compiled call (~50 us here) and, for stochastic rounding, the random-bit draw (the same in both
@@ -713,6 +713,28 @@ void lp_nv_list(int64_t T, float *const *x, const int64_t *G, int64_t B, float *
   if (st) mt_store(&g, st);
 }
 
+/* lowprec.telemetry's NaN/inf checks (is the float32 sum of x finite?) decided without the sum where that is
+   certain: 0 when every value is finite, n <= 2^24 and 4 n max|x| <= FLT_MAX (no partial sum, in any order, can
+   overflow: each is at most n max|x| (1 + 2^-24)^n < e n max|x|), 1 when a value is NaN or ±inf (any sum is then
+   NaN or ±inf), 2 when neither is certain (the caller sums). The max on the magnitude bits, as finite_amax. */
+static inline int sum_finite(const float *restrict x, int64_t n) {
+  const int32_t *restrict b = (const int32_t *)x;
+  int32_t top = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int32_t a = b[i] & 0x7FFFFFFF;
+    top = a > top ? a : top;
+  }
+  if (top >= 0x7F800000)
+    return 1;
+  float amax;
+  memcpy(&amax, &top, 4);
+  return (n <= ((int64_t)1 << 24) && 4.0 * (double)n * (double)amax <= 3.4028234663852886e38) ? 0 : 2;
+}
+int lp_sum_finite(const float *restrict x, int64_t n) { return sum_finite(x, n); }
+void lp_sum_finite_list(int64_t T, const float *const *x, const int64_t *n, int8_t *out) {
+  for (int64_t t = 0; t < T; t++)
+    out[t] = (int8_t)sum_finite(x[t], n[t]);
+}
 /* Telemetry.record_update's counts in one pass: intended = (unrounded != old) (NaN != anything), lost = intended
    and new == old (float comparisons, so -0 == +0 as torch's). */
 void lp_lost_updates(const float *restrict old, const float *restrict unrounded, const float *restrict nw,
@@ -805,8 +827,10 @@ def _native_lib() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
                          "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t"):
+                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t",
+                         "lp_sum_finite_list"):
                 getattr(lib, name).restype = None
+            lib.lp_sum_finite.restype = ctypes.c_int
         except (OSError, subprocess.SubprocessError) as e:
             lib, _native["error"] = None, f"{type(e).__name__}: {e}"  # (for a reader wondering why it is off)
     _native["lib"] = lib
@@ -1159,11 +1183,12 @@ def _contiguous_view(view: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_table_rows(codes: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None,
-                      block: int) -> torch.Tensor | None:
+                      block: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``table[codes] * scale`` per block of ``block`` codes along the rows of 2-D uint8 ``codes`` (``scale``:
     float32 ``[rows, ceil(n / block)]``, or None for no scale) in one native pass: float32 ``[rows, n]`` with the
-    eager lookup's values and its one multiply per element, or None where that loop does not apply (fast path
-    off, not CPU / contiguous / these dtypes, no native helpers)."""
+    eager lookup's values and its one multiply per element (into ``out``, a contiguous float32 CPU tensor of that
+    shape, if given), or None where that loop does not apply (fast path off, not CPU / contiguous / these dtypes,
+    no native helpers)."""
     if (not _state["enabled"] or torch.compiler.is_compiling() or codes.device.type != "cpu" or codes.dim() != 2
             or codes.dtype != torch.uint8 or not codes.is_contiguous() or table.dtype != torch.float32
             or table.numel() != 256 or not table.is_contiguous() or block < 1):
@@ -1173,10 +1198,14 @@ def decode_table_rows(codes: torch.Tensor, table: torch.Tensor, scale: torch.Ten
     if scale is not None and (scale.dtype != torch.float32 or tuple(scale.shape) != (R, nb)
                               or not scale.is_contiguous() or scale.device.type != "cpu"):
         return None
+    if out is not None and (out.dtype != torch.float32 or out.shape != codes.shape or not out.is_contiguous()
+                            or out.device.type != "cpu"):
+        return None
     lib = _native_lib()
     if lib is None:
         return None
-    out = _empty(codes.shape, torch.float32)
+    if out is None:
+        out = _empty(codes.shape, torch.float32)
     lib.lp_decode_rows(_ptr(codes), _ptr(table), None if scale is None else _ptr(scale), _ptr(out),
                        ctypes.c_int64(R), ctypes.c_int64(n), ctypes.c_int64(block), ctypes.c_int64(nb))
     return out
@@ -1314,6 +1343,38 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: l
                       ctypes.c_float(eps))
     mark_written(params + exp_avgs + exp_avg_sqs)
     return True
+
+
+SUM_FINITE, SUM_NONFINITE, SUM_UNDECIDED = 0, 1, 2
+
+
+def sum_finite(t: torch.Tensor) -> int:
+    """Whether ``t.sum()`` (float32, torch's, whatever its order) is finite, without summing where that is
+    certain, in one native pass: ``SUM_FINITE`` (every value finite, and ``4 n max|t|`` within float32's range, so
+    no partial sum can overflow), ``SUM_NONFINITE`` (a NaN or ±inf value: any sum is NaN or ±inf), or
+    ``SUM_UNDECIDED`` (larger values; or not a dense float32 CPU tensor, the fast path off, no native helpers):
+    the caller then sums."""
+    if not (_state["enabled"] and dense_cpu_f32(t)) or torch.compiler.is_compiling():
+        return SUM_UNDECIDED
+    lib = _native_lib()
+    if lib is None:
+        return SUM_UNDECIDED
+    return lib.lp_sum_finite(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(t.numel()))
+
+
+def sums_finite(ts: list[torch.Tensor]) -> list[int]:
+    """``[sum_finite(t) for t in ts]`` in one native call."""
+    if not _state["enabled"] or torch.compiler.is_compiling():
+        return [SUM_UNDECIDED] * len(ts)
+    lib = _native_lib()
+    if lib is None:
+        return [SUM_UNDECIDED] * len(ts)
+    dense = [dense_cpu_f32(t) for t in ts]
+    T = len(ts)
+    out = (ctypes.c_int8 * T)()
+    lib.lp_sum_finite_list(ctypes.c_int64(T), (ctypes.c_void_p * T)(*[t.data_ptr() if d else 0 for t, d in zip(ts, dense)]),
+                           (ctypes.c_int64 * T)(*[t.numel() if d else 0 for t, d in zip(ts, dense)]), out)
+    return [k if d else SUM_UNDECIDED for k, d in zip(out, dense)]
 
 
 def lost_updates(old: torch.Tensor, unrounded: torch.Tensor, new: torch.Tensor) -> tuple[int, int] | None:

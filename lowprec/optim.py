@@ -53,6 +53,14 @@ generator's random words and their order, telemetry rows; ``tests/lowprec/test_o
   buffer without concatenating them again. (Memory: one more copy of the small tensors' codes and scales; the
   caches are not pickled and ``load_state_dict`` drops them.)
 * on unsampled steps with exact NaN/inf checks (``check_nonfinite=True``), one host read per part of the step.
+* the state part of the step is *replayed* (``_StatePlan``): once a step has laid its batches out, the following
+  steps decode each batch into the same fp32 buffer and write the new codes and scales into each state's existing
+  tensors (as torch optimizers update their states in place; a ``state_dict()`` taken earlier holds these same
+  tensors, so copy it to keep a snapshot), for as long as nothing changed between steps: the same parameters with
+  gradients, the same state dicts and entries, every batched state still the packed dict, codes and scale this
+  wrapper left (not modified: their version counters), the base step's states still the decoded views, the same
+  telemetry. Anything else ends the replay for that step (the general path runs and lays the batches out again).
+  The values, random words and telemetry are those of the general path.
 
 Channel scaling, 2-D blocks, NVFP4/4-bit *states*, COAT expansion and tensors above 64k stay per tensor.
 ``wrap(..., fused=False)`` (or setting ``.fused = False`` at any time) turns all of it off.
@@ -75,12 +83,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from lowprec.codecs import _SMALL as _SMALL_E4M3
 from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
 from lowprec.fast import block_scaled_in_place, stochastic_in_place, tensor_scaled_in_place
 from lowprec.optim_batch import (
     BATCH_MAX_NUMEL,
+    _row_spec,
     BatchReadback,
     batchable,
+    decode_batch,
     decode_rows,
     decode_state,
     encode_rows,
@@ -160,6 +171,71 @@ def state_bytes(state_dict: dict) -> int:
     return walk(state_dict["state"])
 
 
+class _Member:
+    """One state of a planned group: where it lives (``st[name]``), its packed dict and ``Encoded`` (codes and
+    scale updated in place each step), its fp32 view of the group's values, and the versions its codes and scale
+    had after this wrapper last wrote them."""
+    __slots__ = ("st", "name", "packed", "inner", "enc", "view", "versions")
+
+    def __init__(self, st: dict, name: str, packed: dict, enc: Encoded, view: torch.Tensor) -> None:
+        self.st, self.name, self.packed, self.inner, self.enc, self.view = st, name, packed, packed[PACKED_KEY], enc, view
+        self.versions = self._versions()
+
+    def _versions(self) -> tuple[int, int]:
+        return self.enc.codes._version, -1 if self.enc.scale is None else self.enc.scale._version
+
+    def intact(self) -> bool:
+        """Still in place and unmodified: the same packed dict holding the same codes and scale, not written since."""
+        inner = self.inner
+        return (self.st.get(self.name) is self.packed and inner["codes"] is self.enc.codes
+                and inner["scale"] is self.enc.scale and self._versions() == self.versions)
+
+
+class _Group:
+    """A batch of states encoded together (one ``encode_rows`` group), kept between steps: its codes and scales
+    as one batch (what the next decode reads) and split into each state's own tensors, and the fp32 values buffer
+    the decoded states are views of."""
+    __slots__ = ("spec", "row_spec", "dtype", "small", "codes", "scale", "values", "code_rows", "scale_rows",
+                 "batch_code_rows", "batch_scale_rows", "members", "encs")
+
+    def __init__(self, spec: QuantSpec, codes: torch.Tensor, scale: torch.Tensor | None, values: torch.Tensor,
+                 members: list[_Member]) -> None:
+        n = codes.shape[1]
+        self.spec, self.row_spec, self.dtype = spec, _row_spec(spec, n), members[0].enc.dtype
+        self.small = max(m.enc.codes.numel() for m in members) < _SMALL_E4M3
+        self.codes, self.scale, self.values, self.members = codes, scale, values, members
+        self.encs = [m.enc for m in members]
+        ks = [m.enc.codes.numel() // n for m in members]
+        self.code_rows = [m.enc.codes.view(-1, n) for m in members]
+        self.batch_code_rows = list(codes.split(ks))
+        if scale is not None:
+            nb = scale.shape[1]
+            self.scale_rows = [m.enc.scale.view(-1, nb) for m in members]
+            self.batch_scale_rows = list(scale.split(ks))
+
+
+class _StatePlan:
+    """The state part of a fused step (decode, then encode after the base step) as the last general step laid it
+    out, replayed while it still holds: the same parameters with gradients, the same state dicts with the same
+    entries, every batched state still the packed dict and codes this wrapper left (unmodified), the same
+    telemetry. Each step's encode then writes its codes and scales into the states' existing tensors, as torch
+    optimizers update their states in place, instead of new dicts of new tensors; values, random words and
+    telemetry are those of the general path. ``order``: the states in the general path's order (telemetry's)."""
+    __slots__ = ("params", "lens", "order", "groups", "tel", "zero_states", "decoded")
+
+    def __init__(self, params: list[torch.Tensor], lens: list[tuple[torch.Tensor, dict, int]], order: list[tuple],
+                 groups: list[_Group], tel: Telemetry | None) -> None:
+        self.params, self.lens, self.order, self.groups = params, lens, order, groups
+        self.tel, self.zero_states = tel, (tel.zero_states if tel is not None else None)
+        self.decoded = False   # the states are this plan's views now (between its decode and its encode)
+
+    def same_layout(self, state: dict) -> bool:
+        for p, st, n in self.lens:
+            if state.get(p) is not st or (st is not None and len(st) != n):
+                return False
+        return True
+
+
 def _shared(name: str, doc: str) -> property:
     """An attribute of the base optimizer, shared (the same object). During ``Optimizer.__init__`` (before
     ``_sharing`` is set) torch's setup writes to a private local copy that is dropped afterwards."""
@@ -214,6 +290,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         # the codes split from them) and of this step's decode (the fp32 buffer the states are views of)
         self._encoded: dict[tuple, tuple] = {}
         self._decoded: dict[tuple, tuple] = {}
+        self._plan: _StatePlan | None = None      # fused: the state part of the step, replayed while it holds
         self._expand = self.policy.state_expand   # COAT dynamic range expansion of packed states (0: none)
         self._sharing = False
         # torch's own setup (hook dicts, step profiling, group checks) on copies of the base's groups ...
@@ -261,12 +338,13 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch's Optimizer pickles only defaults/state/param_groups: here they live in the base optimizer
         # (the batch caches are left out: a copy starts without them, as after load_state_dict)
-        return {**self.__dict__, "_encoded": {}, "_decoded": {}, "_gen_of": {}}
+        return {**self.__dict__, "_encoded": {}, "_decoded": {}, "_gen_of": {}, "_plan": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         for name in ("_encoded", "_decoded", "_gen_of", "_spec_texts"):   # (pickled before these existed)
             self.__dict__.setdefault(name, {})
+        self.__dict__.setdefault("_plan", None)
         self._spec_texts.update({k: str(v) for k, v in self._state_specs.items() if k not in self._spec_texts})
         self._patch_step_function()
 
@@ -472,6 +550,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         # whose entries are all still in place (the same dict objects, codes and scales unmodified) is decoded
         # from its batch codes as they are; the rest is read entry by entry and grouped again. ``_decoded``: the
         # buffers decoded now (the states are views of them) for this step's encode.
+        if self._decode_planned(params):
+            return
         cache, self._encoded = self._encoded, {}
         self._decoded = {}
         fused = self.fused
@@ -502,6 +582,37 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         for key, entries in groups.items():
             self._decode_group(key, entries, None, None)
 
+    def _decode_planned(self, params: list[torch.Tensor]) -> bool:
+        """The decode of ``self._plan`` if it still holds (``_StatePlan``); False (and the plan dropped) if not."""
+        plan, self._plan = self._plan, None
+        if plan is None or not self.fused:
+            return False
+        live = [p for p in params if p.numel()]     # (the parameters the encode saw)
+        if len(live) != len(plan.params):
+            return False
+        for a, b in zip(live, plan.params):
+            if a is not b:
+                return False
+        if not plan.same_layout(self.state):
+            return False
+        for g in plan.groups:
+            for m in g.members:
+                if not m.intact():
+                    return False
+        singles = [(st, name, p, st.get(name)) for kind, name, st, p, _ in plan.order if kind == "single"]
+        for *_, value in singles:
+            if not _is_packed(value):
+                return False
+        for g in plan.groups:
+            decode_batch(g.codes, g.scale, g.row_spec, g.dtype, g.small, out=g.values)
+            for m in g.members:
+                m.st[m.name] = m.view
+        for st, name, p, value in singles:
+            self._decode_entry(st, name, p, value, {}, False)
+        self._encoded, self._decoded = {}, {}
+        plan.decoded, self._plan = True, plan
+        return True
+
     def _decode_entry(self, st: dict, name: str, p: torch.Tensor, value: dict, groups: dict, fused: bool) -> None:
         """Decode one packed state now, or add it to its batch in ``groups``."""
         d = value[PACKED_KEY]
@@ -527,12 +638,19 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         """Encode the states of ``params`` (batched where ``fused``), then record telemetry in state order."""
         sampling = tel is not None and tel.sampling
         checking = tel is not None and not sampling and tel.check_nonfinite
+        if self._encode_planned(tel, sampling, checking):
+            return
         todo: list[list[Any]] = []        # [kind, name, value, spec, enc] in state order, for telemetry
         groups: dict[tuple, list[tuple[dict, str, torch.Tensor, list[Any]]]] = {}
         zero_states = tel.zero_states if tel is not None else ()
         batch = self.fused and not self._expand
+        # for a _StatePlan of this layout: the states in todo order, and each parameter's state dict and size
+        plannable = batch
+        order: list[tuple] = []
+        lens: list[tuple[torch.Tensor, dict, int]] = []
         for p in params:
             st = self.state.get(p)
+            lens.append((p, st, len(st) if st else 0))
             if not st:
                 continue
             for name, value in list(st.items()):
@@ -542,28 +660,35 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 if spec is None:
                     if name in zero_states:
                         todo.append(["zeros", name, value, None, None])
+                        order.append(("zeros", name, st, p, None))
                     continue
                 if not spec.format.has_nan and not bool(torch.isfinite(value).all()):
                     # the format would turn NaN/inf into numbers (or refuse them): keep fp32, visibly
                     todo.append(["unpacked", name, value, spec, None])
+                    plannable = False
                     continue
                 x = _atleast_1d(value)
                 item = ["state", name, value, spec, None]
                 todo.append(item)
                 gen = self._gen(p.device)  # created even when unused, so state_dict lists it either way
                 if batch and x.numel() <= BATCH_MAX_NUMEL and batchable(spec):
-                    groups.setdefault((self._spec_texts[name], x.dtype, x.device, x.shape[-1]), []).append(
-                        (st, name, x, item, p))
+                    key = (self._spec_texts[name], x.dtype, x.device, x.shape[-1])
+                    order.append(("group", name, st, p, (key, len(groups.get(key, ())))))
+                    groups.setdefault(key, []).append((st, name, x, item, p))
                 else:
                     item[4] = encode(x, spec, generator=gen, expand=self._expand)
                     st[name] = {PACKED_KEY: item[4].to_dict()}
+                    order.append(("single", name, st, p, spec))
+                    plannable = plannable and spec.format.has_nan   # (never kept unpacked)
         decoded, self._decoded = self._decoded, {}
+        planned: dict[tuple, _Group] = {}
         for key, entries in groups.items():
             spec = entries[0][3][3]
             xs = [e[2] for e in entries]
+            values = [e[3][2] for e in entries]     # (xs but 0-dim states, which are reshaped views of these)
             dec = decoded.get(key)
             big = None
-            if dec is not None and len(dec[1]) == len(xs) and all(a is b for a, b in zip(xs, dec[1])):
+            if dec is not None and len(dec[1]) == len(xs) and all(a is b for a, b in zip(values, dec[1])):
                 big = dec[0]          # the states still are the views of this step's decoded buffer, in order
             kept: dict[str, torch.Tensor] = {}
             encs = encode_rows(xs, spec, big=big, keep=kept)
@@ -580,8 +705,65 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                                 None if enc.scale is None else enc.scale._version))
             if kept:
                 self._encoded[key] = (kept["codes"], kept["scale"], members)
+            if plannable and kept and big is not None:
+                planned[key] = _Group(spec, kept["codes"], kept["scale"], big,
+                                      [_Member(m[0], m[1], m[2], m[4], v) for m, v in zip(members, values)])
+            else:
+                plannable = False
+        if plannable:
+            keys = list(planned)
+            order = [o if o[0] != "group" else o[:4] + ((keys.index(o[4][0]), o[4][1]),) for o in order]
+            self._plan = _StatePlan([p for p, *_ in lens], lens, order, [planned[k] for k in keys], tel)
         if tel is not None:
             self._record_states(tel, todo, sampling, checking)
+
+    def _encode_planned(self, tel: Telemetry | None, sampling: bool, checking: bool | str) -> bool:
+        """The encode of ``self._plan`` after its decode, if it still holds (the base step left the states in
+        place, the same telemetry): the general path's codes, scales, random words and telemetry, written into
+        the states' existing tensors. False (and the plan dropped) otherwise."""
+        plan = self._plan
+        if plan is None:
+            return False
+        if (not plan.decoded or tel is not plan.tel or (tel is not None and tel.zero_states is not plan.zero_states)
+                or not plan.same_layout(self.state)):
+            self._plan = None
+            return False
+        plan.decoded = False
+        for g in plan.groups:
+            for m in g.members:
+                if m.st.get(m.name) is not m.view:   # the base step replaced the tensor
+                    self._plan = None
+                    return False
+        readbacks = [BatchReadback(g.encs, g.codes, g.scale) for g in plan.groups] if tel is not None else None
+        todo: list[list[Any]] = []
+        for kind, name, st, p, ref in plan.order:
+            value = st[name]
+            if kind == "zeros":
+                todo.append(["zeros", name, value, None, None])
+            elif kind == "single":
+                item = ["state", name, value, ref, None]
+                item[4] = encode(_atleast_1d(value), ref, generator=self._gen(p.device), expand=self._expand)
+                st[name] = {PACKED_KEY: item[4].to_dict()}
+                todo.append(item)
+            else:
+                g = plan.groups[ref[0]]
+                item = ["state", name, value, g.spec, g.members[ref[1]].enc]
+                if readbacks is not None:
+                    item.append((readbacks[ref[0]], ref[1]))
+                todo.append(item)
+        for g in plan.groups:
+            enc = encode(g.values, g.row_spec)
+            g.codes.copy_(enc.codes)
+            torch._foreach_copy_(g.code_rows, g.batch_code_rows)
+            if g.scale is not None:
+                g.scale.copy_(enc.scale)
+                torch._foreach_copy_(g.scale_rows, g.batch_scale_rows)
+            for m in g.members:
+                m.st[m.name] = m.packed
+                m.versions = m._versions()
+        if tel is not None:
+            self._record_states(tel, todo, sampling, checking)
+        return True
 
     def _record_states(self, tel: Telemetry, todo: list[list[Any]], sampling: bool, checking: bool) -> None:
         exact = checking and not tel.deferred
@@ -682,7 +864,7 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             plain_state[pid] = {k: v for k, v in st.items() if not _is_packed(v)}
             packed[pid] = {k: v for k, v in st.items() if _is_packed(v)}
         sd["state"] = plain_state
-        self._encoded, self._decoded = {}, {}
+        self._encoded, self._decoded, self._plan = {}, {}, None
         self.optimizer.load_state_dict(sd)
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         id_to_param = dict(zip(saved_ids, self._params()))

@@ -28,7 +28,7 @@ from lowprec.fast import decode_table_rows, tensor_scaled_segments
 from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
-__all__ = ["batchable", "encode_rows", "decode_rows", "decode_state", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
+__all__ = ["batchable", "encode_rows", "decode_rows", "decode_batch", "decode_state", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
            "segments_ok", "quantize_segments", "Segments"]
 
 # Only tensors up to this size are batched: for larger ones the launches are a small part of the time and the
@@ -136,7 +136,7 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
     return out
 
 
-def _decode_e4m3_native(enc: Encoded) -> torch.Tensor | None:
+def _decode_e4m3_native(enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """``lowprec.codecs.decode(enc)`` of unpacked uint8 e4m3 codes (no expansion) in 2-D rows with one scale per
     block along them (or none), float32, in one native pass: the codes' table (bit for bit the values of
     ``lowprec.rounding.e4m3_to_float32``, NaNs included, which decode() takes for large tensors) times the
@@ -149,7 +149,7 @@ def _decode_e4m3_native(enc: Encoded) -> torch.Tensor | None:
         return None
     table = _codecs._table(enc.spec.format, enc.codes.device)
     scale = None if sc is None else _codecs._stored_scale(enc).reshape(enc.codes.shape[0], -1)
-    return decode_table_rows(enc.codes, table, scale, 1 if sc is None else sc.block_size)
+    return decode_table_rows(enc.codes, table, scale, 1 if sc is None else sc.block_size, out)
 
 
 def decode_state(enc: Encoded) -> torch.Tensor:
@@ -170,6 +170,28 @@ def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:
     return undo(view.mul_(_codecs._stored_scale(enc))).to(enc.dtype)
 
 
+def decode_batch(codes: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec, dtype: torch.dtype, small: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The values of a batch of rows (``codes`` ``[rows, n]``, one ``scale`` per block along them, ``spec`` a row
+    spec of ``_row_spec``): ``decode_rows``'s buffer; ``small``: every tensor of the batch has fewer than
+    ``_codecs._SMALL`` codes (what ``decode()`` of each alone would branch on); ``out``: a float32 ``[rows, n]``
+    buffer to write them into (returned)."""
+    batch = Encoded(codes, scale, spec, codes.shape, dtype, None, False)
+    values = _decode_e4m3_native(batch, out)   # any size: the table's bits are the arithmetic's
+    if values is None:
+        if (torch_dtype(spec.format) == torch.float8_e4m3fn and codes.device.type == "cpu"
+                and codes.dtype == torch.uint8 and small):
+            # decode() of each tensor alone reads e4m3 codes of fewer than _SMALL elements from its 256-entry
+            # table (larger ones by lowprec.rounding.e4m3_to_float32): the batch uses that table too (the same
+            # bits; also much faster than the arithmetic at the batch's size)
+            values = _decode_e4m3_table(batch)
+        else:
+            values = decode(batch)
+        if out is not None:
+            values = out.copy_(values)
+    return values
+
+
 def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                 keep: dict | None = None) -> list[torch.Tensor]:
     """``[decode(e) for e in encs]`` in one call (``encs`` from ``encode_rows`` or the per-tensor path with one
@@ -183,17 +205,8 @@ def decode_rows(encs: list[Encoded], *, codes: torch.Tensor | None = None, scale
         if e0.scale is not None:
             nb = e0.scale.shape[-1]
             scale = torch.cat([e.scale.reshape(-1, nb) for e in encs]) if len(encs) > 1 else e0.scale.reshape(-1, nb)
-    batch = Encoded(codes, scale, _row_spec(e0.spec, n), codes.shape, e0.dtype, None, False)
-    values = _decode_e4m3_native(batch)   # any size: the table's bits are the arithmetic's
-    if values is None:
-        if (torch_dtype(e0.spec.format) == torch.float8_e4m3fn and codes.device.type == "cpu"
-                and codes.dtype == torch.uint8 and max(e.codes.numel() for e in encs) < _codecs._SMALL):
-            # decode() of each tensor alone reads e4m3 codes of fewer than _SMALL elements from its 256-entry
-            # table (larger ones by lowprec.rounding.e4m3_to_float32): the batch uses that table too (the same
-            # bits; also much faster than the arithmetic at the batch's size)
-            values = _decode_e4m3_table(batch)
-        else:
-            values = decode(batch)
+    small = max(e.codes.numel() for e in encs) < _codecs._SMALL
+    values = decode_batch(codes, scale, _row_spec(e0.spec, n), e0.dtype, small)
     if keep is not None:
         keep["values"] = values
     pieces = values.split([e.codes.numel() // n for e in encs])    # (rows, n): a 2-D tensor's own shape

@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from lowprec.fast import lost_updates, record_counts
+from lowprec.fast import SUM_FINITE, SUM_UNDECIDED, lost_updates, record_counts, sum_finite, sums_finite
 from lowprec.policy import TENSOR_ROLES
 
 __all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS", "COLUMNS"]
@@ -147,7 +147,8 @@ class Telemetry:
     def skip(self, site: str, q: torch.Tensor) -> bool:
         """What ``record(site, ..., q)`` first does: True when nothing is to be recorded, i.e. not a sampled step
         and (if checked) q all finite. The check is one sum (a NaN/inf anywhere makes it nonfinite; a rare false
-        alarm from an fp32 overflow of the sum only costs a full record). Deferred: the sum is kept on the device,
+        alarm from an fp32 overflow of the sum only costs a full record), decided without summing where a native
+        pass shows it (``lowprec.fast.sum_finite``: the same answer). Deferred: the sum is kept on the device,
         to be read later. A caller that makes the check itself and gets False calls ``record(..., checked=True)``
         (the check is not made twice)."""
         if self.sampling:
@@ -157,22 +158,28 @@ class Telemetry:
         if self.deferred:
             self.flag(site, q)
             return True
-        return bool(torch.isfinite(q.sum()))
+        known = sum_finite(q)
+        return known == SUM_FINITE if known != SUM_UNDECIDED else bool(torch.isfinite(q.sum()))
 
     def flag(self, site: str, t: torch.Tensor) -> None:
-        """Deferred NaN/inf check of ``t`` at this step: one device-side sum, no host synchronisation. Does
-        nothing unless ``check_nonfinite="deferred"`` and the step is not sampled (``record`` calls it itself)."""
+        """Deferred NaN/inf check of ``t`` at this step: one device-side sum, no host synchronisation (no sum at
+        all where a native pass over a CPU tensor shows it finite: ``lowprec.fast.sum_finite``; the same events).
+        Does nothing unless ``check_nonfinite="deferred"`` and the step is not sampled (``record`` calls it
+        itself)."""
         if not self.deferred or self.sampling:
             return
         self._seq += 1
+        if sum_finite(t) == SUM_FINITE:   # certainly finite (the native pre-check): no sum to read later
+            return
         self._pending.append((self._seq, self.step, site, t.detach().sum()))
         self._pending_n += 1
         if self._pending_n >= _MAX_PENDING:
             self._resolve()
 
     def flag_many(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
-        """``flag(site, t)`` for every ``(site, t)`` in ``pairs``, in order: the same sums and the same events,
-        kept as one stacked tensor (one entry instead of one per tensor)."""
+        """``flag(site, t)`` for every ``(site, t)`` in ``pairs``, in order: the same events, from one native
+        pre-check of all of them (CPU float32) or else from their sums kept as one stacked tensor (one entry
+        instead of one per tensor)."""
         if not self.deferred or self.sampling or not pairs:
             return
         dev = pairs[0][1].device
@@ -180,10 +187,19 @@ class Telemetry:
             for site, t in pairs:
                 self.flag(site, t)
             return
-        sums = torch.stack([t.detach().sum().float() for _, t in pairs])
-        self._pending.append((self._seq + 1, self.step, [site for site, _ in pairs], sums))
+        known = sums_finite([t for _, t in pairs])
+        if SUM_UNDECIDED not in known:
+            # the native pre-check decided every one: sums only of the non-finite ones (none, as a rule), each
+            # its own entry with its place in the sequence
+            for k, ((site, t), kind) in enumerate(zip(pairs, known)):
+                if kind != SUM_FINITE:
+                    self._pending.append((self._seq + 1 + k, self.step, site, t.detach().sum()))
+                    self._pending_n += 1
+        else:
+            sums = torch.stack([t.detach().sum().float() for _, t in pairs])
+            self._pending.append((self._seq + 1, self.step, [site for site, _ in pairs], sums))
+            self._pending_n += len(pairs)
         self._seq += len(pairs)
-        self._pending_n += len(pairs)
         if self._pending_n >= _MAX_PENDING:
             self._resolve()
 

@@ -119,3 +119,71 @@ def test_native_lost_update_counts_equal_torchs():
     ref = (int(intended.sum()), int((intended & (new == old)).sum()))
     assert fast.lost_updates(old, unrounded, new) == ref
     assert ref[0] > 100 and ref[1] > 50
+
+
+def _sum_cases():
+    g = torch.Generator().manual_seed(5)
+    big = 3.4028234663852886e38
+    cases = [torch.randn(n, generator=g) * 10.0 ** e for n in (0, 1, 7, 64, 1000, 4099) for e in (-40, 0, 30)]
+    for n in (1, 2, 17, 1000):
+        for v in (float("nan"), float("inf"), -float("inf")):
+            x = torch.randn(n, generator=g)
+            x[n // 2] = v
+            cases.append(x)
+        cases.append(torch.full((n,), big / (4 * n)))                # at the bound: decided finite
+        cases.append(torch.full((n,), big / (4 * n) * (1 + 2**-20)))  # just past it: torch sums
+        cases.append(torch.full((n,), big / n * 0.99))               # finite values, a finite sum, undecided
+        cases.append(torch.full((n,), min(big / n * 1.01, big)))     # finite values whose sum overflows
+    nan_bits = torch.tensor([0x7FC00001, -0x400000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    cases.append(nan_bits)                                           # NaN payloads, a negative NaN
+    cases.append(torch.tensor([-0.0, 1e-45, -1e-45]))                # signed zero, subnormals
+    return cases
+
+
+def test_sum_finite_agrees_with_torchs_sum():
+    from lowprec.fast import SUM_FINITE, SUM_NONFINITE, SUM_UNDECIDED, sum_finite, sums_finite
+    cases = _sum_cases()
+    kinds = [sum_finite(x) for x in cases]
+    assert sums_finite(cases) == kinds
+    for x, kind in zip(cases, kinds):
+        finite_sum = bool(torch.isfinite(x.sum()))
+        if kind == SUM_FINITE:
+            assert finite_sum
+        elif kind == SUM_NONFINITE:
+            assert not finite_sum and not bool(torch.isfinite(x).all())
+        else:
+            assert kind == SUM_UNDECIDED and bool(torch.isfinite(x).all())
+            assert 4 * x.numel() * float(x.abs().max()) > 3.4028234663852886e38
+    assert kinds.count(SUM_FINITE) > 20 and kinds.count(SUM_NONFINITE) == 13 and kinds.count(SUM_UNDECIDED) == 12
+    # what the native pass does not read is left to torch's sum
+    x = torch.randn(8, 8)
+    assert sum_finite(x.t()) == SUM_UNDECIDED and sum_finite(x.double()) == SUM_UNDECIDED
+    assert sums_finite([x, x.t(), x[:, :3]]) == [SUM_FINITE, SUM_UNDECIDED, SUM_UNDECIDED]
+    with fast_path_off():
+        assert sum_finite(x) == SUM_UNDECIDED and sums_finite([x]) == [SUM_UNDECIDED]
+
+
+@pytest.mark.parametrize("mode", ["deferred", True])
+def test_nonfinite_checks_with_the_pre_check_equal_the_sums(mode):
+    cases = _sum_cases()
+
+    def events(ctx):
+        t = Telemetry(every=1000, check_nonfinite=mode)
+        out = []
+        with ctx():
+            for step in range(1, 4):
+                t.set_step(step)
+                for i, x in enumerate(cases):
+                    if mode == "deferred":
+                        t.flag(f"one:{i}", x)
+                    else:
+                        out.append(t.skip(f"one:{i}", x))
+                t.flag_many([(f"many:{i}", x) for i, x in enumerate(cases[step::2])])
+                t.flag_many([(f"big:{i}", x) for i, x in enumerate(cases[-20:])] + [("t", torch.randn(3, 3).t())])
+                t.next_step()
+        return out, t.nonfinite_events()
+
+    native, ref = events(contextlib.nullcontext), events(fast_path_off)
+    assert native == ref
+    if mode == "deferred":
+        assert len(native[1]) > 30         # the NaN/inf values and the overflowing sums
