@@ -130,7 +130,10 @@ def test_a_compiled_run_tracks_the_eager_run(tmp_path, one_thread):
     assert len(le) == len(lc) == 30
     assert (losses["again"] == lc).all()                      # one thread: the compiled run is reproducible
     rel = abs(lc - le) / abs(le)
-    assert (rel[:4] <= 1e-5).all(), rel[:4]
+    # the first steps close: inductor's vectorized reductions round in another order than ATen's, and a 1-ulp
+    # difference can flip an fp8 rounding decision; measured 0 / 1e-7 / 1.08e-5 / 1.09e-5 on an AVX-512 Xeon (the
+    # flip at step 3), under 1e-5 on an AMD EPYC; a wrong compiled graph moves the loss by far more
+    assert (rel[:4] <= 1e-4).all(), rel[:4]
     assert (rel <= 5e-3).all(), rel.max()
     assert rel.max() > 0                                      # it did run the compiled graphs
     # the sampled steps ran eagerly: telemetry has the same (step, site) rows
