@@ -536,19 +536,18 @@ nv_body(const float *restrict v, float *restrict q, float *restrict scale, int64
   g = g > 0.0f && g < INFINITY ? g : 1.0f;
   uint32_t xb[L1_CHUNK], rb[L1_CHUNK];
   float yf[L1_CHUNK], of[L1_CHUNK], se[L1_CHUNK];
-  for (int64_t g0 = 0; g0 < G; g0 += L1_CHUNK) {
-    const int64_t c = G - g0 < L1_CHUNK ? G - g0 : L1_CHUNK;
-    for (int64_t j = 0; j < c; j++) {
-      float t = (finite_amax(v + (g0 + j) * B, B) / fmt_max) / g;
-      t = t > 448.0f ? 448.0f : t;
-      memcpy(&xb[j], &t, 4);
-    }
-    lp_round(xb, rb, c, ps);
-    for (int64_t j = 0; j < c; j++) { float e; memcpy(&e, &rb[j], 4); scale[g0 + j] = e * g; }
-  }
   const int64_t rows = B <= L1_CHUNK ? L1_CHUNK / B : 1;  /* whole rows per pass (a row over L1_CHUNK: one at a time) */
   for (int64_t r0 = 0; r0 < G; r0 += rows) {
     const int64_t nr = G - r0 < rows ? G - r0 : rows;
+    /* these rows' block scales, then their elements while the rows are in L1 (one read of v after the amax,
+       not two; the scales are elementwise, so computing them chunk by chunk gives the same bits) */
+    for (int64_t j = 0; j < nr; j++) {
+      float t = (finite_amax(v + (r0 + j) * B, B) / fmt_max) / g;
+      t = t > 448.0f ? 448.0f : t;
+      memcpy(&xb[j], &t, 4);
+    }
+    lp_round(xb, rb, nr, ps);
+    for (int64_t j = 0; j < nr; j++) { float e; memcpy(&e, &rb[j], 4); scale[r0 + j] = e * g; }
     for (int64_t off = 0; off < B; off += L1_CHUNK) {  /* one pass unless a row is longer than L1_CHUNK */
       const int64_t kb = B - off < L1_CHUNK ? B - off : L1_CHUNK;  /* values per row this pass */
       const int64_t m = nr * kb;
