@@ -1,4 +1,5 @@
-"""The independent oracle of the format tests: ml_dtypes' types for our format names."""
+"""The independent oracle of the format tests (ml_dtypes' types for our format names), the eager reference switch,
+and a bit-exact comparison of nested optimizer states."""
 import contextlib
 import ml_dtypes
 
@@ -24,3 +25,20 @@ def fast_path_off():
         yield
     finally:
         set_fast_path(*was)
+
+
+def same_tree(a, b) -> bool:
+    """Whether two nested structures (tensors, dicts, lists, tuples, scalars) are equal bit for bit: tensors of the
+    same dtype and shape, uint8 codes compared as they are, other tensors as float32 with NaN mapped to one value (so
+    NaN equals NaN, and a NaN where the other side has a number does not)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.uint8 else a.float().nan_to_num(123.0),
+            b.view(torch.uint8) if b.dtype == torch.uint8 else b.float().nan_to_num(123.0))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    return a == b

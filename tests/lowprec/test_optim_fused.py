@@ -10,6 +10,8 @@ import lowprec.optim_batch as ob
 from lowprec.optim import wrap
 from lowprec.telemetry import Telemetry
 
+from .oracles import same_tree
+
 torch.set_num_threads(1)
 
 # a tiny-GPT-like mix: 2-D of several widths, 1-D, a 0-dim scalar, a 3-D tensor, ragged widths (block padding),
@@ -44,18 +46,6 @@ def _run(policy, kind, fused, steps=5, check=True):
     return params, opt, tel
 
 
-def _same_tree(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.view(torch.uint8) if a.dtype == torch.uint8 else a.float().nan_to_num(123.0),
-            b.view(torch.uint8) if b.dtype == torch.uint8 else b.float().nan_to_num(123.0))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("kind", ["adamw", "sgd", "stosign"])
 @pytest.mark.parametrize("policy", [
     "fp8-all", "fp8-states", "mxfp8", "state=e4m3", "state=e5m2:block32:scale=e8m0", "state=bf16",
@@ -69,7 +59,7 @@ def test_fused_equals_per_tensor_path(policy, kind, count_batched):
     got_p, got_opt, got_tel = _run(policy, kind, fused=True)
     for a, b in zip(ref_p, got_p):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())
+    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
     assert ref_tel.frame().equals(got_tel.frame())
     assert ref_tel.first_nonfinite() == got_tel.first_nonfinite()
     any_batchable = any(ob.batchable(s) for s in [got_opt.policy.state_spec(n) for n in
@@ -105,7 +95,7 @@ def test_batchable_grads_take_the_batched_path(policy, monkeypatch, count_batche
     got, got_opt, got_tel = _run(policy, "adamw", fused=True)
     assert calls["n"] > 0
     assert all(torch.equal(a, b) for a, b in zip(ref, got)) and ref_tel.frame().equals(got_tel.frame())
-    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())
+    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
 
 
 def _run_quiet(policy, fused, tel_mode, steps=6):
@@ -152,7 +142,7 @@ def test_in_place_grads_and_master_equal_the_per_tensor_path(policy, tel_mode, m
     assert (taken["n"] > 0) == lowprec.fast.native_available()   # the in-place path ran (it is native)
     for a, b in zip(ref_p, got_p):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
-    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())    # generator states included
+    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())    # generator states included
     if tel_mode is not None:
         assert ref_opt.telemetry.nonfinite_events() == got_opt.telemetry.nonfinite_events() != []
 

@@ -14,24 +14,14 @@ import lowprec.optim as lo
 from lowprec.optim import PACKED_KEY, wrap
 from lowprec.telemetry import Telemetry
 
+from .oracles import same_tree
+
 torch.set_num_threads(1)
 
 # batched widths (64, 256, a ragged 100), a 1-D and a 3-D tensor, one above BATCH_MAX_NUMEL (encoded alone), one
 # below the policies' state_min_numel where set, and a 0-dim scalar
 SHAPES = [(40, 64), (64, 64), (64,), (), (3, 5, 64), (64, 256), (256,), (7, 100), (100,), (300, 256)]
 STEPS = 12
-
-
-def _same_tree(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.view(torch.uint8) if a.dtype == torch.uint8 else a.float().nan_to_num(123.0),
-            b.view(torch.uint8) if b.dtype == torch.uint8 else b.float().nan_to_num(123.0))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same_tree(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 class _Replacing(torch.optim.Optimizer):
@@ -90,7 +80,7 @@ def _assert_same(ref, got):
     (ref_p, ref_opt, ref_tel), (got_p, got_opt, got_tel) = ref, got
     for a, b in zip(ref_p, got_p):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    assert _same_tree(ref_opt.state_dict(), got_opt.state_dict())
+    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
     if ref_tel is not None:
         assert ref_tel.frame().equals(got_tel.frame())
         assert ref_tel.nonfinite_events() == got_tel.nonfinite_events()
