@@ -106,7 +106,8 @@ def use_native(a: Operand, b: Operand, backend: str, accumulator: Accumulator | 
 
 
 def matmul(a: Operand, b: Operand, backend: str = "auto", accumulator: Accumulator | None = None) -> torch.Tensor:
-    """``a [M, K] @ b [K, N]`` in fp32 by the native, accumulated or emulated path (module docstring)."""
+    """``a [M, K] @ b [K, N]`` in fp32 by the native, accumulated or emulated path (module docstring), as a new
+    tensor of its own (callers may write into it)."""
     if use_native(a, b, backend, accumulator):
         return scaled_mm(a, b)
     if accumulator is not None:

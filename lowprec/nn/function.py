@@ -153,7 +153,7 @@ def _kept_scale(op: Operand) -> torch.Tensor | None:
 
 def _linear_forward(site: Site, qx: Operand, qw: Operand, bias: torch.Tensor | None, args: tuple) -> torch.Tensor:
     y = site.gemm(qx, qw.t())                      # y [M, N] = x [M, K] @ W^T [K, N]
-    return y if bias is None else y + bias
+    return y if bias is None else y.add_(bias)     # (the GEMM's own new tensor: the same sums, no second buffer)
 
 
 def _linear_grad_input(site: Site, qg: Operand, qw: Operand, x: torch.Tensor, args: tuple) -> torch.Tensor:

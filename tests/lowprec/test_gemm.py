@@ -60,3 +60,22 @@ def test_native_backend_refuses_unquantized_operands():
     assert use_native(a, b, "native", None) is False     # the layer refuses such policies up front (Site)
     with pytest.raises(ValueError, match="activation: operand not quantized"):
         Site("weight=e4m3:tensor", "native")
+
+
+@pytest.mark.parametrize("backend,accumulator", [("emulated", None), ("emulated", "bf16"), ("emulated", "fp32"),
+                                                 ("auto", None)])
+def test_matmul_returns_a_new_tensor_of_its_own(backend, accumulator):
+    # the quantized linear layer adds its bias into the GEMM's result in place (lowprec.nn.function): that must
+    # never write into an operand or into a tensor another caller holds
+    spec = QuantSpec.parse("e4m3:tensor")
+    a = Operand(*quantize_with_scale(torch.randn(5, 8), spec), spec)
+    b = Operand(*quantize_with_scale(torch.randn(8, 3), spec), spec)
+    ref = a.q @ b.q
+    acc = None if accumulator is None else Accumulator.parse(accumulator)
+    y = matmul(a, b, backend, acc)
+    y2 = matmul(a, b, backend, acc)
+    assert y.dtype == torch.float32 and y.shape == (5, 3)
+    held = {a.q.untyped_storage().data_ptr(), b.q.untyped_storage().data_ptr(), y2.untyped_storage().data_ptr()}
+    assert y.untyped_storage().data_ptr() not in held
+    if accumulator in (None, "fp32"):
+        assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
