@@ -1,7 +1,9 @@
 """The independent oracle of the format tests (ml_dtypes' types for our format names), the eager reference switch,
 and a bit-exact comparison of nested optimizer states."""
 import contextlib
+
 import ml_dtypes
+import torch
 
 ML_DTYPES = {
     "e4m3": ml_dtypes.float8_e4m3fn,
@@ -31,8 +33,6 @@ def same_tree(a, b) -> bool:
     """Whether two nested structures (tensors, dicts, lists, tuples, scalars) are equal bit for bit: tensors of the
     same dtype and shape, uint8 codes compared as they are, other tensors as float32 with NaN mapped to one value (so
     NaN equals NaN, and a NaN where the other side has a number does not)."""
-    import torch
-
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
             a.view(torch.uint8) if a.dtype == torch.uint8 else a.float().nan_to_num(123.0),
