@@ -45,6 +45,10 @@ def test_paths_emulated_accumulated_native(scaled_mm_calls):
     native = matmul(A, B, "native")
     assert len(scaled_mm_calls) == 1
     torch.testing.assert_close(native, qa @ qb, rtol=2e-6, atol=2e-6)    # summation order only
+    # auto never takes the CPU's software _scaled_mm (hundreds of times slower than the fp32 matmul); on a CUDA
+    # device it takes the native path where possible (tests/lowprec/test_nn.py, gpu)
+    assert use_native(A, B, "auto", None) is False
+    assert torch.equal(matmul(A, B, "auto"), qa @ qb) and len(scaled_mm_calls) == 1
     acc = Accumulator(QuantSpec.parse("bf16"), chunk=8)
     assert use_native(A, B, "auto", acc) is False
     assert torch.equal(matmul(A, B, "auto", acc), acc_matmul(qa, qb, acc))
@@ -63,7 +67,7 @@ def test_native_backend_refuses_unquantized_operands():
 
 
 @pytest.mark.parametrize("backend,accumulator", [("emulated", None), ("emulated", "bf16"), ("emulated", "fp32"),
-                                                 ("auto", None)])
+                                                 ("auto", None), ("native", None)])
 def test_matmul_returns_a_new_tensor_of_its_own(backend, accumulator):
     # the quantized linear layer adds its bias into the GEMM's result in place (lowprec.nn.function): that must
     # never write into an operand or into a tensor another caller holds
