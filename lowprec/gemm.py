@@ -17,9 +17,11 @@ Native and emulated multiply the same values and both accumulate in fp32: they d
 ``backend``: ``"auto"`` picks native where possible on a CUDA device (FP8 tensor cores) and never on the CPU,
 ``"native"`` insists (a RuntimeError names the reason; on the CPU too), ``"emulated"`` never uses it.
 
-Why ``"auto"`` stays emulated on the CPU: torch's CPU ``_scaled_mm`` is a software loop with no FP8 arithmetic
-to gain from. With tensor-wise scales it took 480 ms for a 256 x 256 x 256 product (torch 2.13, one thread, Intel
-Xeon) where the fp32 matmul of the same values took 0.1 ms, and 31 s at 1024^3; with row-wise scales 1.2 ms.
+Why ``"auto"`` stays emulated on the CPU: torch's CPU ``_scaled_mm`` is a software path with no FP8 arithmetic
+to gain from, never faster than the fp32 matmul of the same values and on some CPUs far slower: with tensor-wise
+scales it took 480 ms for a 256 x 256 x 256 product (torch 2.13, one thread, an Intel Xeon, Sapphire Rapids) where
+the fp32 matmul took 0.1 ms, and 31 s at 1024^3; with row-wise scales 1.2 ms (on an AMD EPYC a whole training step
+through it was 1.73x the emulated one, README).
 A converted 256 -> 256 ``fp8-all`` linear layer's forward on 512 rows took 2,632 ms through it, 0.95 ms emulated
 (``python benchmarks/bench_gpu.py --device cpu --small --sections timing`` prints the GEMM rows).
 """

@@ -140,15 +140,17 @@ def test_native_matches_emulated_and_really_calls_scaled_mm(scaled_mm_calls):
         x = torch.randn(50, 96)
         gy = torch.randn(50, 80)
         outs = {}
-        for backend in ("emulated", "native"):
+        for backend in ("emulated", "native", "auto"):
             calls.clear()
-            q = convert(copy.deepcopy(lin), policy, backend=backend)
+            q = convert(copy.deepcopy(lin), policy, **({} if backend == "auto" else {"backend": backend}))
             xi = x.clone().requires_grad_()
             torch.manual_seed(7)                   # same stochastic-rounding draws for both backends
             y = q(xi)
             y.backward(gy)
             outs[backend] = (y.detach(), xi.grad, q.weight.grad)
+            # convert's default ("auto") multiplies emulated on the CPU: its _scaled_mm is software, slower
             assert len(calls) == (3 if backend == "native" else 0)
+        assert all(torch.equal(a, b) for a, b in zip(outs["emulated"], outs["auto"]))
         # identical quantized operands and fp32 accumulation on both paths: only the summation order may
         # differ, a few fp32 ulps of the sum of |products|
         for a, b in zip(outs["emulated"], outs["native"]):
