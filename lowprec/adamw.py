@@ -84,16 +84,32 @@ class NativeAdamW(torch.optim.AdamW):
                  **kwargs: Any) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach, **kwargs)
         self._checked = _checked   # (the self-check's own instance: no check of the check)
+        self._packed: tuple[dict[torch.Tensor, fast.PackedMoments], Callable[[], None]] | None = None
+
+    def defer_moment_decode(self, packed: dict[torch.Tensor, fast.PackedMoments] | None,
+                            decode: Callable[[], None] | None = None) -> None:
+        """For the next :meth:`step` only (``lowprec.optim``'s wrapper calls this just before it): the parameters
+        in ``packed`` have ``exp_avg`` / ``exp_avg_sq`` tensors of the right shape whose values are still only
+        the codes in their :class:`lowprec.fast.PackedMoments`. The native step decodes them as it updates them
+        and writes the new encodings (``done``); a step that cannot be native calls ``decode()`` first (which
+        must put the decoded values in the states) and then runs torch's. ``None`` withdraws the request."""
+        self._packed = None if packed is None else (packed, decode)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
-        if not (self._checked or native_adamw_status()[0]) or not self._native_step():
+        packed, self._packed = self._packed, None
+        if (not (self._checked or native_adamw_status()[0])
+                or not self._native_step(packed=None if packed is None else packed[0])):
+            if packed is not None:
+                packed[1]()
             super().step()
         return loss
 
-    def _native_step(self, any_threads: bool = False) -> bool:
-        """The native step of every group, or False (nothing changed) where one group or tensor does not qualify."""
+    def _native_step(self, any_threads: bool = False,
+                     packed: dict[torch.Tensor, fast.PackedMoments] | None = None) -> bool:
+        """The native step of every group, or False (nothing changed) where one group or tensor does not qualify
+        (or a parameter in ``packed`` would not be stepped: it has no gradient here)."""
         if ((torch.get_num_threads() != 1 and not any_threads) or torch.compiler.is_compiling()
                 or not fast.native_available()):
             return False
@@ -114,6 +130,8 @@ class NativeAdamW(torch.optim.AdamW):
                             and m.shape == p.shape and v.shape == p.shape):
                         return False
             work.append((group, params))
+        if packed and sum(p in packed for _, params in work for p in params) != len(packed):
+            return False
         for group, params in work:
             steps, ms, vs = [], [], []
             for p in params:
@@ -130,7 +148,8 @@ class NativeAdamW(torch.optim.AdamW):
             torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
             beta1, beta2 = group["betas"]
             fast.adam_step(params, [p.grad for p in params], ms, vs, [s.item() for s in steps], lr=group["lr"],
-                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           packed=[packed.get(p) for p in params] if packed else None)
         return True
 
 

@@ -55,6 +55,7 @@ from .spec import QuantSpec, Rounding
 
 __all__ = ["fast_round", "fast_scaled", "fast_scaled_ok", "fast_round_ok", "set_fast_path", "fast_path_enabled",
            "fast_path_settings", "fast_min_numel", "record_counts", "tensor_scaled_segments", "adam_step",
+           "PackedMoments", "packed_moments_ok",
            "tensor_scaled_in_place", "stochastic_in_place", "block_scaled_in_place", "native_scaled_t", "native_available", "mark_written", "lost_updates", "dense_cpu_f32",
            "decode_table_rows", "sum_finite", "sums_finite", "SUM_FINITE", "SUM_NONFINITE", "SUM_UNDECIDED",
            "MIN_NUMEL", "MIN_NUMEL_STOCHASTIC", "MIN_NUMEL_NATIVE"]
@@ -773,6 +774,57 @@ void lp_adam_pass1(int64_t T, float *const *p, const float *const *g, float *con
   }
 }
 
+/* lp_encode_e4m3 of one block (len <= L1_CHUNK): its scale, then its codes, by the same operations */
+static inline __attribute__((always_inline)) void encode_e4m3_block(const float *restrict x, int64_t len,
+    uint8_t *restrict codes, float *restrict scale, float fmt_max, const rn_params *p, uint32_t *restrict y,
+    uint32_t *restrict t) {
+  float sc = finite_amax(x, len) / fmt_max;
+  sc = sc > 0.0f && sc < INFINITY ? sc : 1.0f;
+  *scale = sc;
+  for (int64_t k = 0; k < len; k++) y[k] = fbits(x[k] / sc);
+  rn_body(y, t, len, p, 1, 1, 0, 0);
+  for (int64_t k = 0; k < len; k++) codes[k] = e4m3_code(t[k]);
+}
+/* lowprec.optim's fused state step for lowprec.adamw.NativeAdamW: pass 1 on states kept as e4m3 codes with one
+   fp32 scale per block of bs[t] along rows of rl[t] values (the last block of a row ragged). Per block, in this
+   order: lp_decode_rows' decode of m's and v's codes (table[code] * scale) into m and v, lp_adam_pass1's
+   operations on the block's elements, and lp_encode_e4m3's encode of the new m and v (their block amax, scale
+   and codes) into mc2/ms2 and vc2/vs2. Every element gets the same float32 operations as in the three separate
+   passes (each depends on its own inputs and its block's amax only), the block staying in L1 throughout. */
+void lp_adam_pass1_e4m3(int64_t T, float *const *p, const float *const *g, float *const *m, float *const *v,
+                        const int64_t *n, const int64_t *rl, const int64_t *bs, const uint8_t *const *mc,
+                        const float *const *ms, const uint8_t *const *vc, const float *const *vs,
+                        uint8_t *const *mc2, float *const *ms2, uint8_t *const *vc2, float *const *vs2,
+                        const float *restrict table, float fmt_max, const rn_params *rp,
+                        float wd_mul, int32_t do_wd, float w1, float b2, float c2) {
+  const int small = fabsf(w1) < 0.5f;
+  const float coeff = small ? w1 : w1 - 1.0f;
+  uint32_t y[L1_CHUNK], t[L1_CHUNK];
+  for (int64_t i = 0; i < T; i++) {
+    const int64_t L = rl[i], R = n[i] / rl[i], B = bs[i], nb = (L + B - 1) / B;
+    for (int64_t r = 0; r < R; r++) {
+      for (int64_t b = 0; b < nb; b++) {
+        const int64_t o = r * L + b * B, len = L - b * B < B ? L - b * B : B, s = r * nb + b;
+        float *restrict P = p[i] + o, *restrict M = m[i] + o, *restrict V = v[i] + o;
+        const float *restrict G = g[i] + o;
+        const uint8_t *restrict cm = mc[i] + o, *restrict cv = vc[i] + o;
+        const float sm = ms[i][s], sv = vs[i][s];
+        for (int64_t k = 0; k < len; k++) M[k] = table[cm[k]] * sm;
+        for (int64_t k = 0; k < len; k++) V[k] = table[cv[k]] * sv;
+        if (do_wd)
+          for (int64_t k = 0; k < len; k++) P[k] = P[k] * wd_mul;
+        if (small)
+          for (int64_t k = 0; k < len; k++) { float gi = G[k], mi = M[k]; M[k] = fmaf(coeff, gi - mi, mi); }
+        else
+          for (int64_t k = 0; k < len; k++) { float gi = G[k], mi = M[k]; M[k] = fmaf(coeff, gi - mi, gi); }
+        for (int64_t k = 0; k < len; k++) { float gi = G[k]; V[k] = fmaf(c2 * gi, gi, V[k] * b2); }
+        encode_e4m3_block(M, len, mc2[i] + o, ms2[i] + s, fmt_max, rp, y, t);
+        encode_e4m3_block(V, len, vc2[i] + o, vs2[i] + s, fmt_max, rp, y, t);
+      }
+    }
+  }
+}
+
 void lp_adam_pass2(int64_t T, float *const *p, const float *const *m, const float *const *d, const int64_t *n,
                    const float *bc2s, const float *ss, float eps) {
   for (int64_t t = 0; t < T; t++) {
@@ -830,7 +882,7 @@ def _native_lib() -> ctypes.CDLL | None:
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
-                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass2", "lp_tensor_scaled_list",
+                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass1_e4m3", "lp_adam_pass2", "lp_tensor_scaled_list",
                          "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t",
                          "lp_sum_finite_list"):
                 getattr(lib, name).restype = None
@@ -1320,15 +1372,56 @@ def stochastic_in_place(ts: list[torch.Tensor], fmt: Format, *, saturate: bool, 
     return True
 
 
+class PackedMoments:
+    """One parameter's AdamW moments held as e4m3 codes while a step runs (``lowprec.optim`` hands them to
+    ``lowprec.adamw.NativeAdamW``): ``codes`` (m's, v's: uint8 in the parameter's 2-D shape) and ``scales`` (fp32
+    ``[rows, blocks]``, one per block of ``spec``'s block size along the rows; ``spec`` e4m3, nearest, saturating,
+    fp32 scales), ``table`` (float32 value of each code), and the tensors of the same layouts the step writes the
+    new encodings into (``codes_out``, ``scales_out``): ``lowprec.codecs.encode`` of the new moments, bit for bit.
+    ``done``: set once a step has written them (else the caller decodes and encodes as usual)."""
+    __slots__ = ("codes", "scales", "spec", "table", "codes_out", "scales_out", "done")
+
+    def __init__(self, codes: tuple[torch.Tensor, torch.Tensor], scales: tuple[torch.Tensor, torch.Tensor],
+                 spec: QuantSpec, table: torch.Tensor) -> None:
+        self.codes, self.scales, self.spec, self.table = codes, scales, spec, table
+        self.codes_out = tuple(_empty(c.shape, torch.uint8) for c in codes)
+        self.scales_out = tuple(torch.empty(sc.shape, dtype=torch.float32) for sc in scales)
+        self.done = False
+
+
+def packed_moments_ok(codes: torch.Tensor, scale: torch.Tensor | None, spec: QuantSpec, shape: torch.Size) -> bool:
+    """Whether :func:`adam_step` can take a moment encoded as ``codes``/``scale`` under ``spec`` for a parameter of
+    ``shape``: the layouts :class:`PackedMoments` describes, where :func:`encode_e4m3` and the native row decode
+    (``lowprec.optim_batch``) would both run (fast path on, one torch thread, the native helpers' sizes), blocks of
+    at most 1,024 values."""
+    sc = spec.scaling
+    if not (_state["enabled"] and not torch.compiler.is_compiling() and torch.get_num_threads() == 1
+            and len(shape) == 2 and codes.dtype == torch.uint8 and codes.shape == shape and codes.is_contiguous()
+            and codes.device.type == "cpu" and codes.numel() >= _min_native(False)
+            and spec.rounding == Rounding.NEAREST and spec.saturate and not spec.flush_subnormals
+            and torch_dtype(spec.format) == torch.float8_e4m3fn and sc is not None and sc.mode == "block"
+            and sc.block_rows == 1 and sc.axis in (-1, 1) and sc.scale_format == "fp32"
+            and 1 <= sc.block_size <= 1024 and scale is not None):
+        return False
+    nb = -(-shape[1] // sc.block_size)
+    return (scale.dtype == torch.float32 and tuple(scale.shape) == (shape[0], nb) and scale.is_contiguous()
+            and scale.device.type == "cpu")
+
+
 def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
               exp_avg_sqs: list[torch.Tensor], steps: list[float], *, lr: float, beta1: float, beta2: float,
-              eps: float, weight_decay: float) -> bool:
+              eps: float, weight_decay: float, packed: list[PackedMoments | None] | None = None) -> bool:
     """One step of torch's foreach AdamW (decoupled weight decay; no amsgrad, maximize or capturable) on contiguous
     float32 CPU tensors, in place, by two native passes around ``torch._foreach_sqrt`` (the C source says which
     ATen operation each line replaces); ``steps``: each parameter's step count after this step's increment (the
     bias corrections, computed as torch does in double). False where the native helpers are unavailable (nothing
     was changed). Bit for bit torch's step only where :mod:`lowprec.adamw`'s check at first use passed: call it
-    through :class:`lowprec.adamw.NativeAdamW`."""
+    through :class:`lowprec.adamw.NativeAdamW`.
+
+    ``packed`` (one entry per parameter, None for most): moments held as e4m3 codes (:class:`PackedMoments`,
+    checked by :func:`packed_moments_ok`). For those, ``exp_avgs`` / ``exp_avg_sqs`` are buffers to write: the
+    first pass decodes the codes into them, updates them and encodes the results, block by block
+    (``lp_adam_pass1_e4m3``), the same bits as decoding first, the step, and encoding after."""
     lib = _native_lib()
     if lib is None:
         return False
@@ -1336,10 +1429,35 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: l
     if T == 0:
         return True
     n = (ctypes.c_int64 * T)(*[t.numel() for t in params])
-    lib.lp_adam_pass1(ctypes.c_int64(T), _pointers(params), _pointers(grads), _pointers(exp_avgs),
-                      _pointers(exp_avg_sqs), n, ctypes.c_float(1 - lr * weight_decay),
-                      ctypes.c_int32(weight_decay != 0), ctypes.c_float(1 - beta1), ctypes.c_float(beta2),
-                      ctypes.c_float(1 - beta2))
+    wd = (ctypes.c_float(1 - lr * weight_decay), ctypes.c_int32(weight_decay != 0), ctypes.c_float(1 - beta1),
+          ctypes.c_float(beta2), ctypes.c_float(1 - beta2))
+    fused = [i for i in range(T) if packed is not None and packed[i] is not None]
+    plain = [i for i in range(T) if packed is None or packed[i] is None]
+    if len(plain) == T:
+        lib.lp_adam_pass1(ctypes.c_int64(T), _pointers(params), _pointers(grads), _pointers(exp_avgs),
+                          _pointers(exp_avg_sqs), n, *wd)
+    elif plain:
+        lib.lp_adam_pass1(ctypes.c_int64(len(plain)), _pointers([params[i] for i in plain]),
+                          _pointers([grads[i] for i in plain]), _pointers([exp_avgs[i] for i in plain]),
+                          _pointers([exp_avg_sqs[i] for i in plain]),
+                          (ctypes.c_int64 * len(plain))(*[n[i] for i in plain]), *wd)
+    if fused:
+        pk = [packed[i] for i in fused]
+        F = len(fused)
+        fmt = pk[0].spec.format
+        lib.lp_adam_pass1_e4m3(
+            ctypes.c_int64(F), _pointers([params[i] for i in fused]), _pointers([grads[i] for i in fused]),
+            _pointers([exp_avgs[i] for i in fused]), _pointers([exp_avg_sqs[i] for i in fused]),
+            (ctypes.c_int64 * F)(*[n[i] for i in fused]), (ctypes.c_int64 * F)(*[params[i].shape[1] for i in fused]),
+            (ctypes.c_int64 * F)(*[q.spec.scaling.block_size for q in pk]),
+            _pointers([q.codes[0] for q in pk]), _pointers([q.scales[0] for q in pk]),
+            _pointers([q.codes[1] for q in pk]), _pointers([q.scales[1] for q in pk]),
+            _pointers([q.codes_out[0] for q in pk]), _pointers([q.scales_out[0] for q in pk]),
+            _pointers([q.codes_out[1] for q in pk]), _pointers([q.scales_out[1] for q in pk]),
+            _ptr(pk[0].table), ctypes.c_float(fmt.max), ctypes.byref(_rn_params(fmt, Rounding.NEAREST, True, False)),
+            *wd)
+        for q in pk:
+            q.done = True
     denoms = torch._foreach_sqrt(exp_avg_sqs)
     bc2s = (ctypes.c_float * T)(*[(1 - beta2 ** s) ** 0.5 for s in steps])
     ss = (ctypes.c_float * T)(*[(lr / (1 - beta1 ** s)) * -1 for s in steps])

@@ -61,6 +61,12 @@ generator's random words and their order, telemetry rows; ``tests/lowprec/test_o
   wrapper left (not modified: their version counters), the base step's states still the decoded views, the same
   telemetry. Anything else ends the replay for that step (the general path runs and lays the batches out again).
   The values, random words and telemetry are those of the general path.
+* while a replay holds and the base optimizer is :class:`lowprec.adamw.NativeAdamW` (its
+  ``defer_moment_decode``), the states above 64k whose ``exp_avg`` and ``exp_avg_sq`` are both e4m3 with fp32
+  block scales along the rows of a 2-D parameter (``e4m3:block128``: fp8-all, fp8-states) are not decoded
+  first: the base step's first pass decodes them block by block, updates them and encodes the results in L1
+  (``lowprec.fast.adam_step``), and the encode takes those codes and scales (the values, codes and telemetry of
+  decoding first and encoding after). A base step that cannot run natively decodes them first as usual.
 
 Channel scaling, 2-D blocks, NVFP4/4-bit *states*, COAT expansion and tensors above 64k stay per tensor.
 ``wrap(..., fused=False)`` (or setting ``.fused = False`` at any time) turns all of it off.
@@ -85,7 +91,9 @@ import torch
 
 from lowprec.codecs import _SMALL as _SMALL_E4M3
 from lowprec.codecs import Encoded, _spec_text, decode, element_scale, encode
-from lowprec.fast import block_scaled_in_place, stochastic_in_place, tensor_scaled_in_place
+from lowprec.codecs import _table as _code_table
+from lowprec.fast import (PackedMoments, block_scaled_in_place, dense_cpu_f32, packed_moments_ok, stochastic_in_place,
+                          tensor_scaled_in_place)
 from lowprec.optim_batch import (
     BATCH_MAX_NUMEL,
     _row_spec,
@@ -94,6 +102,7 @@ from lowprec.optim_batch import (
     decode_batch,
     decode_rows,
     decode_state,
+    _decode_e4m3_native,
     encode_rows,
     quantize_segments,
     segments_ok,
@@ -221,13 +230,24 @@ class _StatePlan:
     telemetry. Each step's encode then writes its codes and scales into the states' existing tensors, as torch
     optimizers update their states in place, instead of new dicts of new tensors; values, random words and
     telemetry are those of the general path. ``order``: the states in the general path's order (telemetry's)."""
-    __slots__ = ("params", "lens", "order", "groups", "tel", "zero_states", "decoded")
+    __slots__ = ("params", "lens", "order", "groups", "tel", "zero_states", "decoded", "buffers")
 
     def __init__(self, params: list[torch.Tensor], lens: list[tuple[torch.Tensor, dict, int]], order: list[tuple],
                  groups: list[_Group], tel: Telemetry | None) -> None:
         self.params, self.lens, self.order, self.groups = params, lens, order, groups
         self.tel, self.zero_states = tel, (tel.zero_states if tel is not None else None)
         self.decoded = False   # the states are this plan's views now (between its decode and its encode)
+        # (id(state dict), name) -> (that dict, the fp32 buffer its per-tensor state is decoded into; kept between
+        # steps: fresh buffers every step cost page faults, ~3 ms a step at d_model 256 for 1.4M values a moment)
+        self.buffers: dict[tuple[int, str], tuple[dict, torch.Tensor]] = {}
+
+    def buffer(self, st: dict, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The fp32 buffer of ``st[name]`` (parameter ``p``'s shape, on the CPU), made on first use."""
+        key = (id(st), name)
+        kept = self.buffers.get(key)
+        if kept is None or kept[0] is not st or kept[1].shape != p.shape:
+            kept = self.buffers[key] = (st, torch.empty(p.shape))
+        return kept[1]
 
     def same_layout(self, state: dict) -> bool:
         for p, st, n in self.lens:
@@ -291,6 +311,9 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         self._encoded: dict[tuple, tuple] = {}
         self._decoded: dict[tuple, tuple] = {}
         self._plan: _StatePlan | None = None      # fused: the state part of the step, replayed while it holds
+        # replay with a NativeAdamW base: id(state dict) -> (the moments the base step decodes and encodes, the m and
+        # v buffers it writes, the state dict, the parameter); for one step
+        self._moments: dict[int, tuple[PackedMoments, torch.Tensor, torch.Tensor, dict, torch.Tensor]] = {}
         self._expand = self.policy.state_expand   # COAT dynamic range expansion of packed states (0: none)
         self._sharing = False
         # torch's own setup (hook dicts, step profiling, group checks) on copies of the base's groups ...
@@ -404,13 +427,18 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             self._quantize_grads(live, tel)
         # only parameters with a gradient take part in the step (torch optimizers skip the others), so only
         # their states are decoded and re-encoded; the others stay packed untouched
+        self._moments = {}
         self._decode_states(params)
 
         olds = [p.detach().clone() for p in live] if (sampling and self._master_spec is not None) else None
-        self.optimizer.step()
+        if self._moments:
+            self._step_deferred()
+        else:
+            self.optimizer.step()
         if self._master_spec is not None:
             self._round_master(live, tel, olds)
         self._encode_states(live, tel)
+        self._moments = {}
         if tel is not None:
             tel.next_step()
         return loss
@@ -607,11 +635,62 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
             decode_batch(g.codes, g.scale, g.row_spec, g.dtype, g.small, out=g.values)
             for m in g.members:
                 m.st[m.name] = m.view
+        deferred = self._defer_moments(singles, plan)
         for st, name, p, value in singles:
-            self._decode_entry(st, name, p, value, {}, False)
+            if id(st) in deferred:
+                continue
+            enc = Encoded.from_dict(value[PACKED_KEY])
+            out = None
+            if p.device.type == "cpu" and enc.shape == p.shape and enc.dtype == torch.float32:
+                out = _decode_e4m3_native(enc, plan.buffer(st, name, p))   # (None where it does not apply)
+            if out is None:
+                self._decode_entry(st, name, p, value, {}, False)
+            else:
+                st[name] = out
         self._encoded, self._decoded = {}, {}
         plan.decoded, self._plan = True, plan
         return True
+
+    def _defer_moments(self, singles: list[tuple], plan: _StatePlan) -> set[int]:
+        """Of a replay's per-tensor states, the AdamW moments a NativeAdamW base step can decode and encode
+        itself (module docstring, "Fused"): each such parameter's ``exp_avg`` / ``exp_avg_sq`` become fresh
+        buffers and ``self._moments`` holds their codes. The ids of those parameters' state dicts."""
+        if self._expand or getattr(self.optimizer, "defer_moment_decode", None) is None:
+            return set()
+        pairs: dict[int, list] = {}
+        for st, name, p, value in singles:
+            if name in ("exp_avg", "exp_avg_sq"):
+                pairs.setdefault(id(st), [st, p, {}])[2][name] = value
+        for key, (st, p, vals) in pairs.items():
+            if len(vals) != 2 or not dense_cpu_f32(p) or p.dim() != 2:
+                continue
+            m, v = (Encoded.from_dict(vals[k][PACKED_KEY]) for k in ("exp_avg", "exp_avg_sq"))
+            if not all(e.dtype == torch.float32 and e.shape == p.shape and not e.packed and e.global_scale is None
+                       and e.expand_k is None and packed_moments_ok(e.codes, e.scale, e.spec, p.shape)
+                       for e in (m, v)) or _spec_text(m.spec) != _spec_text(v.spec):
+                continue
+            pm = PackedMoments((m.codes, v.codes), (m.scale, v.scale), m.spec, _code_table(m.spec.format, p.device))
+            bm, bv = plan.buffer(st, "exp_avg", p), plan.buffer(st, "exp_avg_sq", p)
+            st["exp_avg"], st["exp_avg_sq"] = bm, bv
+            self._moments[key] = (pm, bm, bv, st, p)
+        return set(self._moments)
+
+    def _step_deferred(self) -> None:
+        """The base step with ``self._moments`` handed to it (``NativeAdamW.defer_moment_decode``); were it not
+        native, it first decodes them as the replay would have."""
+        moments = list(self._moments.values())
+
+        def decode() -> None:
+            for pm, _, _, st, p in moments:
+                for j, name in enumerate(("exp_avg", "exp_avg_sq")):
+                    enc = Encoded(pm.codes[j], pm.scales[j], pm.spec, p.shape, torch.float32)
+                    st[name] = decode_state(enc).to(p.device).reshape(p.shape)
+
+        self.optimizer.defer_moment_decode({p: pm for pm, _, _, _, p in moments}, decode)
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.defer_moment_decode(None)
 
     def _decode_entry(self, st: dict, name: str, p: torch.Tensor, value: dict, groups: dict, fused: bool) -> None:
         """Decode one packed state now, or add it to its batch in ``groups``."""
@@ -742,7 +821,14 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 todo.append(["zeros", name, value, None, None])
             elif kind == "single":
                 item = ["state", name, value, ref, None]
-                item[4] = encode(_atleast_1d(value), ref, generator=self._gen(p.device), expand=self._expand)
+                mo = self._moments.get(id(st))
+                j = ("exp_avg", "exp_avg_sq").index(name) if mo is not None and name in ("exp_avg", "exp_avg_sq") \
+                    else -1
+                if j >= 0 and mo[0].done and value is mo[1 + j]:   # the base step encoded it (_defer_moments)
+                    self._gen(p.device)   # (as encode's caller: the generator exists either way)
+                    item[4] = Encoded(mo[0].codes_out[j], mo[0].scales_out[j], ref, value.shape, value.dtype)
+                else:
+                    item[4] = encode(_atleast_1d(value), ref, generator=self._gen(p.device), expand=self._expand)
                 st[name] = {PACKED_KEY: item[4].to_dict()}
                 todo.append(item)
             else:
