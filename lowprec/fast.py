@@ -750,6 +750,19 @@ void lp_lost_updates(const float *restrict old, const float *restrict unrounded,
   out[1] = lost;
 }
 
+/* lp_adam_pass1's operations on N elements (see below) */
+static inline __attribute__((always_inline)) void adam_first(float *restrict P, const float *restrict G,
+    float *restrict M, float *restrict V, int64_t N, float wd_mul, int32_t do_wd, float w1, float b2, float c2) {
+  const int small = fabsf(w1) < 0.5f;
+  const float coeff = small ? w1 : w1 - 1.0f;
+  if (do_wd)
+    for (int64_t i = 0; i < N; i++) P[i] = P[i] * wd_mul;
+  if (small)
+    for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, mi); }
+  else
+    for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, gi); }
+  for (int64_t i = 0; i < N; i++) { float gi = G[i]; V[i] = fmaf(c2 * gi, gi, V[i] * b2); }
+}
 /* torch's foreach AdamW step (_multi_tensor_adam, decoupled weight decay), float32, in two passes around torch's
    own sqrt (MKL's, not IEEE's correctly rounded one, so it stays torch's call). Each line is the float operation
    of the ATen kernel it replaces, in its order (lowprec/adamw.py checks the bits against torch at first use):
@@ -758,20 +771,7 @@ void lp_lost_updates(const float *restrict old, const float *restrict unrounded,
    pass 2: d = sqrt(v) / bc2s + eps (div_, add_); p = p + (ss * m) / d (addcdiv_). T tensors, pointer arrays. */
 void lp_adam_pass1(int64_t T, float *const *p, const float *const *g, float *const *m, float *const *v,
                    const int64_t *n, float wd_mul, int32_t do_wd, float w1, float b2, float c2) {
-  const int small = fabsf(w1) < 0.5f;
-  const float coeff = small ? w1 : w1 - 1.0f;
-  for (int64_t t = 0; t < T; t++) {
-    float *restrict P = p[t], *restrict M = m[t], *restrict V = v[t];
-    const float *restrict G = g[t];
-    const int64_t N = n[t];
-    if (do_wd)
-      for (int64_t i = 0; i < N; i++) P[i] = P[i] * wd_mul;
-    if (small)
-      for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, mi); }
-    else
-      for (int64_t i = 0; i < N; i++) { float gi = G[i], mi = M[i]; M[i] = fmaf(coeff, gi - mi, gi); }
-    for (int64_t i = 0; i < N; i++) { float gi = G[i]; V[i] = fmaf(c2 * gi, gi, V[i] * b2); }
-  }
+  for (int64_t t = 0; t < T; t++) adam_first(p[t], g[t], m[t], v[t], n[t], wd_mul, do_wd, w1, b2, c2);
 }
 
 /* lp_encode_e4m3 of one block (len <= L1_CHUNK): its scale, then its codes, by the same operations */
@@ -797,8 +797,6 @@ void lp_adam_pass1_e4m3(int64_t T, float *const *p, const float *const *g, float
                         uint8_t *const *mc2, float *const *ms2, uint8_t *const *vc2, float *const *vs2,
                         const float *restrict table, float fmt_max, const rn_params *rp,
                         float wd_mul, int32_t do_wd, float w1, float b2, float c2) {
-  const int small = fabsf(w1) < 0.5f;
-  const float coeff = small ? w1 : w1 - 1.0f;
   uint32_t y[L1_CHUNK], t[L1_CHUNK];
   for (int64_t i = 0; i < T; i++) {
     const int64_t L = rl[i], R = n[i] / rl[i], B = bs[i], nb = (L + B - 1) / B;
@@ -811,13 +809,7 @@ void lp_adam_pass1_e4m3(int64_t T, float *const *p, const float *const *g, float
         const float sm = ms[i][s], sv = vs[i][s];
         for (int64_t k = 0; k < len; k++) M[k] = table[cm[k]] * sm;
         for (int64_t k = 0; k < len; k++) V[k] = table[cv[k]] * sv;
-        if (do_wd)
-          for (int64_t k = 0; k < len; k++) P[k] = P[k] * wd_mul;
-        if (small)
-          for (int64_t k = 0; k < len; k++) { float gi = G[k], mi = M[k]; M[k] = fmaf(coeff, gi - mi, mi); }
-        else
-          for (int64_t k = 0; k < len; k++) { float gi = G[k], mi = M[k]; M[k] = fmaf(coeff, gi - mi, gi); }
-        for (int64_t k = 0; k < len; k++) { float gi = G[k]; V[k] = fmaf(c2 * gi, gi, V[k] * b2); }
+        adam_first(P, G, M, V, len, wd_mul, do_wd, w1, b2, c2);
         encode_e4m3_block(M, len, mc2[i] + o, ms2[i] + s, fmt_max, rp, y, t);
         encode_e4m3_block(V, len, vc2[i] + o, vs2[i] + s, fmt_max, rp, y, t);
       }

@@ -42,3 +42,15 @@ def same_tree(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def assert_same_run(ref, got) -> None:
+    """Two runs of a wrapped optimizer, each ``(params, optimizer, telemetry or None)``, ended bit-identical:
+    parameters (NaN equal to NaN), ``state_dict()`` (:func:`same_tree`), telemetry frames and NaN/inf events."""
+    (ref_p, ref_opt, ref_tel), (got_p, got_opt, got_tel) = ref, got
+    for a, b in zip(ref_p, got_p, strict=True):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
+    if ref_tel is not None:
+        assert ref_tel.frame().equals(got_tel.frame())
+        assert ref_tel.nonfinite_events() == got_tel.nonfinite_events()

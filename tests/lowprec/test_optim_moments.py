@@ -15,7 +15,7 @@ from lowprec.optim import PACKED_KEY, wrap
 from lowprec.quantize import QuantSpec
 from lowprec.telemetry import Telemetry
 
-from .oracles import same_tree
+from .oracles import assert_same_run
 
 torch.set_num_threads(1)
 
@@ -103,16 +103,6 @@ def _run(policy, fused, base, tel_mode, *, fail_native_at=()):
     return params, opt, tel
 
 
-def _assert_same(ref, got):
-    (ref_p, ref_opt, ref_tel), (got_p, got_opt, got_tel) = ref, got
-    for a, b in zip(ref_p, got_p):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
-    if ref_tel is not None:
-        assert ref_tel.frame().equals(got_tel.frame())
-        assert ref_tel.nonfinite_events() == got_tel.nonfinite_events()
-
-
 def _count_packed(monkeypatch):
     seen = {"n": 0}
     orig = fast.adam_step
@@ -139,7 +129,7 @@ def test_native_base_steps_equal_the_per_tensor_path(policy, deferred, tel_mode,
     got = _run(policy, True, "native", tel_mode)
     # every replayed step (the first two lay the batches out)
     assert seen["n"] == deferred * (STEPS - 2)
-    _assert_same(ref, got)
+    assert_same_run(ref, got)
     # the packed states still own their codes (a later step writes new tensors)
     p = got[0][0]
     assert got[1].state[p]["exp_avg"][PACKED_KEY]["codes"].dtype == torch.uint8
@@ -150,4 +140,4 @@ def test_a_base_step_that_cannot_be_native_decodes_first(monkeypatch):
     seen = _count_packed(monkeypatch)
     got = _run("fp8-all", True, "native", "deferred", fail_native_at=(4, 5))
     assert seen["n"] == 2 * (STEPS - 2 - 2)      # those two steps took torch's step on decoded states
-    _assert_same(ref, got)
+    assert_same_run(ref, got)

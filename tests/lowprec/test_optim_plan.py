@@ -14,7 +14,7 @@ import lowprec.optim as lo
 from lowprec.optim import PACKED_KEY, wrap
 from lowprec.telemetry import Telemetry
 
-from .oracles import same_tree
+from .oracles import assert_same_run
 
 torch.set_num_threads(1)
 
@@ -76,16 +76,6 @@ def _run(policy, fused, *, tel_mode="deferred", base="adamw", change=None, steps
     return params, opt, tel
 
 
-def _assert_same(ref, got):
-    (ref_p, ref_opt, ref_tel), (got_p, got_opt, got_tel) = ref, got
-    for a, b in zip(ref_p, got_p):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
-    assert same_tree(ref_opt.state_dict(), got_opt.state_dict())
-    if ref_tel is not None:
-        assert ref_tel.frame().equals(got_tel.frame())
-        assert ref_tel.nonfinite_events() == got_tel.nonfinite_events()
-
-
 POLICIES = ["fp8-all", "state=e4m3", "state=bf16", "state=e4m3:block128,state.exp_avg_sq=e5m2:block32",
             "mxfp8,state=e5m2:block32:scale=e8m0", "fp8-lm-o2", "fp32", "state=e4m3:block128,state_min_numel=4096"]
 
@@ -106,7 +96,7 @@ def test_replayed_steps_equal_the_per_tensor_path(policy, tel_mode, monkeypatch)
     got = _run(policy, True, tel_mode=tel_mode)
     # every step after the two that lay the batches out (after the first, without batches)
     assert replayed["n"] == STEPS - (1 if policy == "fp32" else 2)
-    _assert_same(ref, got)
+    assert_same_run(ref, got)
 
 
 def test_replayed_states_still_own_their_codes():
@@ -187,7 +177,7 @@ def test_changes_between_steps_end_the_replay(name):
     planned: list[bool] = []
     got = _run("fp8-all", True, change=change, plan_calls=planned)
     assert planned[4] and planned[-1]            # replayed before the change, and again after it
-    _assert_same(ref, got)
+    assert_same_run(ref, got)
 
 
 def test_a_base_step_that_replaces_its_states():
@@ -195,7 +185,7 @@ def test_a_base_step_that_replaces_its_states():
     planned: list[bool] = []
     got = _run("state=e4m3:block128", True, base="replacing", plan_calls=planned)
     assert planned[5] and not planned[6] and planned[-1]   # the step that replaced them ends the replay
-    _assert_same(ref, got)
+    assert_same_run(ref, got)
 
 
 def test_sgd_momentum_replayed():
@@ -203,4 +193,4 @@ def test_sgd_momentum_replayed():
     ref = _run("state=e4m3:block128", False, base="sgd")
     got = _run("state=e4m3:block128", True, base="sgd", plan_calls=planned)
     assert all(planned[1:])
-    _assert_same(ref, got)
+    assert_same_run(ref, got)
