@@ -98,7 +98,7 @@ class NativeAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = closure_loss(closure)
-        packed, self._packed = self._packed, None
+        packed, self._packed = getattr(self, "_packed", None), None   # (an instance unpickled from before it)
         if (not (self._checked or native_adamw_status()[0])
                 or not self._native_step(packed=None if packed is None else packed[0])):
             if packed is not None:
