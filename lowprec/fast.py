@@ -874,9 +874,9 @@ def _native_lib() -> ctypes.CDLL | None:
                             os.remove(leftover)
             lib = ctypes.CDLL(so)
             for name in ("lp_stochastic", "lp_random_bits", "lp_round", "lp_mx_e8m0", "lp_stats", "lp_tensor_scaled",
-                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1", "lp_adam_pass1_e4m3", "lp_adam_pass2", "lp_tensor_scaled_list",
-                         "lp_stochastic_list", "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t",
-                         "lp_sum_finite_list"):
+                         "lp_nv", "lp_decode_rows", "lp_transpose", "lp_encode_e4m3", "lp_adam_pass1",
+                         "lp_adam_pass1_e4m3", "lp_adam_pass2", "lp_tensor_scaled_list", "lp_stochastic_list",
+                         "lp_lost_updates", "lp_mx_list", "lp_nv_list", "lp_mx_e8m0_t", "lp_nv_t", "lp_sum_finite_list"):
                 getattr(lib, name).restype = None
             lib.lp_sum_finite.restype = ctypes.c_int
         except (OSError, subprocess.SubprocessError) as e:
@@ -1423,23 +1423,21 @@ def adam_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: l
     n = (ctypes.c_int64 * T)(*[t.numel() for t in params])
     wd = (ctypes.c_float(1 - lr * weight_decay), ctypes.c_int32(weight_decay != 0), ctypes.c_float(1 - beta1),
           ctypes.c_float(beta2), ctypes.c_float(1 - beta2))
-    fused = [i for i in range(T) if packed is not None and packed[i] is not None]
-    plain = [i for i in range(T) if packed is None or packed[i] is None]
-    if len(plain) == T:
-        lib.lp_adam_pass1(ctypes.c_int64(T), _pointers(params), _pointers(grads), _pointers(exp_avgs),
-                          _pointers(exp_avg_sqs), n, *wd)
-    elif plain:
-        lib.lp_adam_pass1(ctypes.c_int64(len(plain)), _pointers([params[i] for i in plain]),
-                          _pointers([grads[i] for i in plain]), _pointers([exp_avgs[i] for i in plain]),
-                          _pointers([exp_avg_sqs[i] for i in plain]),
-                          (ctypes.c_int64 * len(plain))(*[n[i] for i in plain]), *wd)
+    plain = list(range(T)) if packed is None else [i for i in range(T) if packed[i] is None]
+    fused = [] if packed is None else [i for i in range(T) if packed[i] is not None]
+
+    def pick(ts: list[torch.Tensor], idx: list[int]) -> ctypes.Array:
+        return _pointers([ts[i] for i in idx])
+    if plain:
+        lib.lp_adam_pass1(ctypes.c_int64(len(plain)), pick(params, plain), pick(grads, plain), pick(exp_avgs, plain),
+                          pick(exp_avg_sqs, plain), (ctypes.c_int64 * len(plain))(*[n[i] for i in plain]), *wd)
     if fused:
         pk = [packed[i] for i in fused]
         F = len(fused)
         fmt = pk[0].spec.format
         lib.lp_adam_pass1_e4m3(
-            ctypes.c_int64(F), _pointers([params[i] for i in fused]), _pointers([grads[i] for i in fused]),
-            _pointers([exp_avgs[i] for i in fused]), _pointers([exp_avg_sqs[i] for i in fused]),
+            ctypes.c_int64(F), pick(params, fused), pick(grads, fused), pick(exp_avgs, fused),
+            pick(exp_avg_sqs, fused),
             (ctypes.c_int64 * F)(*[n[i] for i in fused]), (ctypes.c_int64 * F)(*[params[i].shape[1] for i in fused]),
             (ctypes.c_int64 * F)(*[q.spec.scaling.block_size for q in pk]),
             _pointers([q.codes[0] for q in pk]), _pointers([q.scales[0] for q in pk]),

@@ -102,7 +102,7 @@ from lowprec.optim_batch import (
     decode_batch,
     decode_rows,
     decode_state,
-    _decode_e4m3_native,
+    e4m3_rows,
     encode_rows,
     quantize_segments,
     segments_ok,
@@ -637,24 +637,18 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 m.st[m.name] = m.view
         deferred = self._defer_moments(singles, plan)
         for st, name, p, value in singles:
-            if id(st) in deferred:
-                continue
-            enc = Encoded.from_dict(value[PACKED_KEY])
-            out = None
-            if p.device.type == "cpu" and enc.shape == p.shape and enc.dtype == torch.float32:
-                out = _decode_e4m3_native(enc, plan.buffer(st, name, p))   # (None where it does not apply)
-            if out is None:
-                self._decode_entry(st, name, p, value, {}, False)
-            else:
-                st[name] = out
+            if id(st) not in deferred:
+                enc = Encoded.from_dict(value[PACKED_KEY])
+                out = plan.buffer(st, name, p) if e4m3_rows(enc) and enc.shape == p.shape else None
+                st[name] = decode_state(enc, out).to(p.device).reshape(p.shape)
         self._encoded, self._decoded = {}, {}
         plan.decoded, self._plan = True, plan
         return True
 
     def _defer_moments(self, singles: list[tuple], plan: _StatePlan) -> set[int]:
         """Of a replay's per-tensor states, the AdamW moments a NativeAdamW base step can decode and encode
-        itself (module docstring, "Fused"): each such parameter's ``exp_avg`` / ``exp_avg_sq`` become fresh
-        buffers and ``self._moments`` holds their codes. The ids of those parameters' state dicts."""
+        itself (module docstring, "Fused"): each such parameter's ``exp_avg`` / ``exp_avg_sq`` become the plan's
+        buffers for them (values not yet written) and ``self._moments`` holds their codes. The ids of those parameters' state dicts."""
         if self._expand or getattr(self.optimizer, "defer_moment_decode", None) is None:
             return set()
         pairs: dict[int, list] = {}
@@ -681,16 +675,26 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
         moments = list(self._moments.values())
 
         def decode() -> None:
-            for pm, _, _, st, p in moments:
-                for j, name in enumerate(("exp_avg", "exp_avg_sq")):
-                    enc = Encoded(pm.codes[j], pm.scales[j], pm.spec, p.shape, torch.float32)
-                    st[name] = decode_state(enc).to(p.device).reshape(p.shape)
+            for pm, bm, bv, st, p in moments:
+                for j, (name, buf) in enumerate((("exp_avg", bm), ("exp_avg_sq", bv))):
+                    st[name] = decode_state(Encoded(pm.codes[j], pm.scales[j], pm.spec, p.shape, torch.float32), buf)
 
         self.optimizer.defer_moment_decode({p: pm for pm, _, _, _, p in moments}, decode)
         try:
             self.optimizer.step()
         finally:
             self.optimizer.defer_moment_decode(None)
+
+    def _encoded_by_base(self, st: dict, name: str, value: torch.Tensor, spec: QuantSpec) -> Encoded | None:
+        """The encoding of moment ``st[name]`` (now ``value``) that the base step wrote (``_defer_moments``), or
+        None: not deferred, the step was not native, or the base step replaced the buffer."""
+        mo = self._moments.get(id(st))
+        if mo is None or name not in ("exp_avg", "exp_avg_sq") or not mo[0].done:
+            return None
+        j = 0 if name == "exp_avg" else 1
+        if value is not mo[1 + j]:
+            return None
+        return Encoded(mo[0].codes_out[j], mo[0].scales_out[j], spec, value.shape, value.dtype)
 
     def _decode_entry(self, st: dict, name: str, p: torch.Tensor, value: dict, groups: dict, fused: bool) -> None:
         """Decode one packed state now, or add it to its batch in ``groups``."""
@@ -821,14 +825,8 @@ class LowPrecisionOptimizer(torch.optim.Optimizer):
                 todo.append(["zeros", name, value, None, None])
             elif kind == "single":
                 item = ["state", name, value, ref, None]
-                mo = self._moments.get(id(st))
-                j = ("exp_avg", "exp_avg_sq").index(name) if mo is not None and name in ("exp_avg", "exp_avg_sq") \
-                    else -1
-                if j >= 0 and mo[0].done and value is mo[1 + j]:   # the base step encoded it (_defer_moments)
-                    self._gen(p.device)   # (as encode's caller: the generator exists either way)
-                    item[4] = Encoded(mo[0].codes_out[j], mo[0].scales_out[j], ref, value.shape, value.dtype)
-                else:
-                    item[4] = encode(_atleast_1d(value), ref, generator=self._gen(p.device), expand=self._expand)
+                item[4] = (self._encoded_by_base(st, name, value, ref)
+                           or encode(_atleast_1d(value), ref, generator=self._gen(p.device), expand=self._expand))
                 st[name] = {PACKED_KEY: item[4].to_dict()}
                 todo.append(item)
             else:

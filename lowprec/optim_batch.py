@@ -28,7 +28,7 @@ from lowprec.fast import decode_table_rows, tensor_scaled_segments
 from lowprec.formats import torch_dtype
 from lowprec.quantize import QuantSpec, quantize_with_scale, scale_and_round
 
-__all__ = ["batchable", "encode_rows", "decode_rows", "decode_batch", "decode_state", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
+__all__ = ["batchable", "encode_rows", "decode_rows", "decode_batch", "decode_state", "e4m3_rows", "quantize_rows", "group_key", "BATCH_MAX_NUMEL",
            "segments_ok", "quantize_segments", "Segments"]
 
 # Only tensors up to this size are batched: for larger ones the launches are a small part of the time and the
@@ -136,27 +136,33 @@ def quantize_rows(xs: list[torch.Tensor], spec: QuantSpec) -> list[tuple[torch.T
     return out
 
 
-def _decode_e4m3_native(enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``lowprec.codecs.decode(enc)`` of unpacked uint8 e4m3 codes (no expansion) in 2-D rows with one scale per
-    block along them (or none), float32, in one native pass: the codes' table (bit for bit the values of
-    ``lowprec.rounding.e4m3_to_float32``, NaNs included, which decode() takes for large tensors) times the
-    block's scale as decode() stores it in float32; None where that does not apply."""
+def e4m3_rows(enc: Encoded) -> bool:
+    """Whether ``enc`` is unpacked uint8 e4m3 codes (no expansion) of a float32 tensor in 2-D rows on the CPU, with
+    one scale per block along them (or none): the layout the native row decode takes."""
     sc = enc.spec.scaling
-    if not (not enc.packed and enc.expand_k is None and enc.codes.dtype == torch.uint8
+    return (not enc.packed and enc.expand_k is None and enc.codes.dtype == torch.uint8
             and torch_dtype(enc.spec.format) == torch.float8_e4m3fn and enc.dtype == torch.float32
             and enc.codes.dim() == 2 and enc.codes.device.type == "cpu"
-            and (sc is None or (sc.mode == "block" and sc.block_rows == 1 and sc.axis in (-1, 1)))):
+            and (sc is None or (sc.mode == "block" and sc.block_rows == 1 and sc.axis in (-1, 1))))
+
+
+def _decode_e4m3_native(enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``lowprec.codecs.decode(enc)`` of codes laid out as :func:`e4m3_rows` says, in one native pass: the codes'
+    table (bit for bit the values of ``lowprec.rounding.e4m3_to_float32``, NaNs included, which decode() takes for
+    large tensors) times the block's scale as decode() stores it in float32; None where that does not apply."""
+    if not e4m3_rows(enc):
         return None
+    sc = enc.spec.scaling
     table = _codecs._table(enc.spec.format, enc.codes.device)
     scale = None if sc is None else _codecs._stored_scale(enc).reshape(enc.codes.shape[0], -1)
     return decode_table_rows(enc.codes, table, scale, 1 if sc is None else sc.block_size, out)
 
 
-def decode_state(enc: Encoded) -> torch.Tensor:
+def decode_state(enc: Encoded, out: torch.Tensor | None = None) -> torch.Tensor:
     """``lowprec.codecs.decode(enc)`` of one state: by the native e4m3 row decode where it applies (the same
-    bits), else ``decode``."""
-    out = _decode_e4m3_native(enc)
-    return decode(enc) if out is None else out
+    bits; into ``out``, a float32 tensor of the codes' shape, if given), else ``decode`` (a new tensor)."""
+    values = _decode_e4m3_native(enc, out)
+    return decode(enc) if values is None else values
 
 
 def _decode_e4m3_table(enc: Encoded) -> torch.Tensor:

@@ -24,9 +24,9 @@ in full precision.
 Backends (``lowprec.gemm``): ``"emulated"`` quantizes then multiplies in fp32 (or through
 ``lowprec.accumulate.matmul`` when the policy has an accumulator); ``"native"`` runs ``torch._scaled_mm`` on
 float8 operands quantized by lowprec (so every rounding mode works); ``"auto"`` picks native per GEMM where
-possible on a CUDA device, and emulated on the CPU (whose ``_scaled_mm`` is a software loop, hundreds of times
-slower: ``lowprec.gemm``). Native and emulated multiply the same values and both accumulate in fp32: they differ by summation
-order only.
+possible on a CUDA device, and emulated on the CPU (whose ``_scaled_mm`` is a software path, on some CPUs hundreds
+of times slower: ``lowprec.gemm``). Native and emulated multiply the same values and both accumulate in fp32: they
+differ by summation order only.
 
 Delayed scaling (``e4m3:delayed16``; Transformer Engine's DelayedScaling): every site (layer x role) whose spec is
 delayed owns a ``lowprec.DelayedScaler`` (``layer.site.scalers[role]``); each call quantizes with the scale from the
