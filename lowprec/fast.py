@@ -448,18 +448,29 @@ void lp_decode_rows(const uint8_t *restrict codes, const float *restrict table, 
 }
 /* lowprec.telemetry.record: every count of one quantization x -> q in one pass (float32, contiguous). scale:
    NULL, one value (scale_n == 1) or one per element; the saturation limit is lim * scale in float32 as torch's
-   `fmt_max * (1 + 1e-6) * scale`. Sums of squares in double, in ST_L interleaved lanes. */
-typedef struct { int64_t nonzero, flushed, saturated, nan, inf, zeros; double sig2, err2; } st_out;
+   `fmt_max * (1 + 1e-6) * scale`. Sums of squares in double, in ST_L interleaved lanes. The scale's min and max
+   come from the same pass (smin, smax; range_ok 1) where they are certain to be torch's min() and max(): no NaN
+   scale (torch's would be NaN) and neither one zero (a +0 / -0 tie, which torch's reduction may break either
+   way); range_ok 0 otherwise (the caller reduces with torch). One value: its own. */
+typedef struct { int64_t nonzero, flushed, saturated, nan, inf, zeros; double sig2, err2, smin, smax;
+                 int64_t range_ok; } st_out;
 #define ST_L 8  /* independent lanes: the loop vectorizes without reassociating any one lane's sum */
 static inline __attribute__((always_inline)) void st_lanes(const float *restrict x, const float *restrict q,
     const float *restrict scale, int64_t m, float lim, int32_t has_lim, int32_t *restrict c, double *restrict s2,
-    double *restrict e2, const int per_elem) {
-  /* c: 6 × ST_L int32 lane counts (nonzero, flushed, saturated, nan, qfinite, zeros); m: a multiple of ST_L */
+    double *restrict e2, float *restrict mn, float *restrict mx, const int per_elem) {
+  /* c: 7 × ST_L int32 lane counts (nonzero, flushed, saturated, nan, qfinite, zeros, NaN scales); mn, mx: ST_L
+     lane minima and maxima of the scales (per_elem only); m: a multiple of ST_L */
   for (int64_t i = 0; i < m; i += ST_L) {
     for (int j = 0; j < ST_L; j++) {
       const float xv = x[i + j], qv = q[i + j], ax = fabsf(xv), aq = fabsf(qv);
       const int32_t fx = ax < INFINITY, nz = fx & (ax > 0.0f), qz = qv == 0.0f, fq = aq < INFINITY;
       const float l = per_elem ? lim * scale[i + j] : lim;
+      if (per_elem) {
+        const float sv = scale[i + j];
+        mn[j] = sv < mn[j] ? sv : mn[j];
+        mx[j] = sv > mx[j] ? sv : mx[j];
+        c[6 * ST_L + j] += sv != sv;
+      }
       c[j] += nz; c[ST_L + j] += nz & qz; c[2 * ST_L + j] += fx & ((fq ^ 1) | (has_lim & (ax > l)));
       c[3 * ST_L + j] += qv != qv; c[4 * ST_L + j] += fq; c[5 * ST_L + j] += qz;
       const float d = xv - qv;
@@ -470,9 +481,11 @@ static inline __attribute__((always_inline)) void st_lanes(const float *restrict
 }
 void lp_stats(const float *restrict x, const float *restrict q, const float *restrict scale, int64_t scale_n,
               int64_t n, float lim, int32_t has_lim, st_out *o) {
-  int32_t c[6 * ST_L];
+  int32_t c[7 * ST_L];
   double s2[ST_L] = {0}, e2[ST_L] = {0};
-  int64_t tot[6] = {0};
+  float mn[ST_L], mx[ST_L];
+  int64_t tot[7] = {0};
+  for (int j = 0; j < ST_L; j++) { mn[j] = INFINITY; mx[j] = -INFINITY; }
   const int per_elem = scale != NULL && scale_n > 1;
   const float one = scale != NULL && scale_n == 1 ? lim * scale[0] : lim;
   const int64_t full = n - n % ST_L;
@@ -481,25 +494,40 @@ void lp_stats(const float *restrict x, const float *restrict q, const float *res
     const int64_t m = (e < full ? e : full) - i0;
     memset(c, 0, sizeof c);
     if (m > 0) {
-      if (per_elem) st_lanes(x + i0, q + i0, scale + i0, m, lim, has_lim, c, s2, e2, 1);
-      else st_lanes(x + i0, q + i0, NULL, m, one, has_lim, c, s2, e2, 0);
+      if (per_elem) st_lanes(x + i0, q + i0, scale + i0, m, lim, has_lim, c, s2, e2, mn, mx, 1);
+      else st_lanes(x + i0, q + i0, NULL, m, one, has_lim, c, s2, e2, mn, mx, 0);
     }
     for (int64_t i = i0 + (m > 0 ? m : 0); i < e; i++) {  /* the last n % ST_L values, into lane 0 */
       float xp[ST_L] = {0}, qp[ST_L] = {0}, sp[ST_L] = {0};
       xp[0] = x[i]; qp[0] = q[i]; sp[0] = per_elem ? scale[i] : 0.0f;
-      int32_t cc[6 * ST_L] = {0};
+      int32_t cc[7 * ST_L] = {0};
       double a[ST_L] = {0}, b[ST_L] = {0};
-      st_lanes(xp, qp, sp, ST_L, per_elem ? lim : one, has_lim, cc, a, b, per_elem);
-      for (int k = 0; k < 6; k++) c[k * ST_L] += cc[k * ST_L];  /* lane 0 only (the others are padding) */
+      float tmn[ST_L], tmx[ST_L];
+      for (int j = 0; j < ST_L; j++) { tmn[j] = INFINITY; tmx[j] = -INFINITY; }
+      st_lanes(xp, qp, sp, ST_L, per_elem ? lim : one, has_lim, cc, a, b, tmn, tmx, per_elem);
+      for (int k = 0; k < 7; k++) c[k * ST_L] += cc[k * ST_L];  /* lane 0 only (the others are padding) */
       s2[0] += a[0]; e2[0] += b[0];
+      mn[0] = tmn[0] < mn[0] ? tmn[0] : mn[0];
+      mx[0] = tmx[0] > mx[0] ? tmx[0] : mx[0];
     }
-    for (int k = 0; k < 6; k++)
+    for (int k = 0; k < 7; k++)
       for (int j = 0; j < ST_L; j++) tot[k] += c[k * ST_L + j];
   }
   double sig2 = 0.0, err2 = 0.0;
-  for (int j = 0; j < ST_L; j++) { sig2 += s2[j]; err2 += e2[j]; }
+  float smin = INFINITY, smax = -INFINITY;
+  for (int j = 0; j < ST_L; j++) {
+    sig2 += s2[j]; err2 += e2[j];
+    smin = mn[j] < smin ? mn[j] : smin;
+    smax = mx[j] > smax ? mx[j] : smax;
+  }
   o->nonzero = tot[0]; o->flushed = tot[1]; o->saturated = tot[2]; o->nan = tot[3];
   o->inf = n - tot[4] - tot[3]; o->zeros = tot[5]; o->sig2 = sig2; o->err2 = err2;
+  if (scale != NULL && scale_n == 1) {
+    o->smin = o->smax = scale[0]; o->range_ok = 1;
+  } else {
+    o->smin = smin; o->smax = smax;
+    o->range_ok = per_elem && n > 0 && tot[6] == 0 && smin != 0.0f && smax != 0.0f;
+  }
 }
 /* lowprec.fast.fast_scaled for one fp32 tensor scale (nearest / toward_zero): the finite amax (NaN, ±inf count as
    0), scale = amax / fmt_max (1 where that is 0 or not finite), then x / scale rounded by lp_round and
@@ -1200,7 +1228,8 @@ def native_scaled_t(x: torch.Tensor, s: QuantSpec, generator: torch.Generator | 
 class _StatsOut(ctypes.Structure):
     _fields_ = [("nonzero", ctypes.c_int64), ("flushed", ctypes.c_int64), ("saturated", ctypes.c_int64),
                 ("nan", ctypes.c_int64), ("inf", ctypes.c_int64), ("zeros", ctypes.c_int64),
-                ("sig2", ctypes.c_double), ("err2", ctypes.c_double)]
+                ("sig2", ctypes.c_double), ("err2", ctypes.c_double), ("smin", ctypes.c_double),
+                ("smax", ctypes.c_double), ("range_ok", ctypes.c_int64)]
 
 
 def transposed(x: torch.Tensor) -> torch.Tensor | None:
@@ -1512,8 +1541,10 @@ def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
     to them or None; ``limit`` the saturation threshold before scaling, None: no format maximum) in one native
     pass: nonzero (finite, non-zero x), flushed (those with q == 0), saturated (finite x with |x| > limit·scale or
     q non-finite), nan and inf (of q), zeros (of q), sig2 = Σx², err2 = Σ(x - q)² (x - q in float32, the sums in
-    float64 in 8 interleaved lanes). None where it does not apply (fast path off, no native helpers, other dtypes or
-    devices, a scale that is not float32-convertible): the caller then counts with torch."""
+    float64 in 8 interleaved lanes); and, for a float32 ``scale`` read by the pass, its min and max (``scale_min``,
+    ``scale_max``: float(scale.min()) and float(scale.max()) exactly) where the pass is certain of them (no NaN and no
+    zero scale; else those keys are absent). None where it does not apply (fast path off, no native helpers, other
+    dtypes or devices, a scale that is not float32-convertible): the caller then counts with torch."""
     if not _state["enabled"] or x.dtype != torch.float32 or q.dtype != torch.float32 or x.shape != q.shape:
         return None
     if x.device.type != "cpu" or q.device.type != "cpu":
@@ -1536,7 +1567,10 @@ def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
     lib.lp_stats(_ptr(x), _ptr(q), None if sc is None else _ptr(sc), ctypes.c_int64(scale_n),
                  ctypes.c_int64(x.numel()), ctypes.c_float(0.0 if limit is None else limit),
                  ctypes.c_int32(limit is not None), ctypes.byref(out))
-    return {name: getattr(out, name) for name, _ in _StatsOut._fields_}
+    counts = {name: getattr(out, name) for name, _ in _StatsOut._fields_[:8]}
+    if out.range_ok and scale.dtype == torch.float32:   # (another dtype's min is not that of its float32 copy)
+        counts["scale_min"], counts["scale_max"] = out.smin, out.smax
+    return counts
 
 
 # ---- fresh outputs on transparent huge pages ----------------------------------------------------------------------

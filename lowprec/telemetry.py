@@ -253,7 +253,10 @@ class Telemetry:
         if counts is not None:  # one native pass (float32 on the CPU); the torch counts below are its reference
             for name in ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2"):
                 acc.add(name, q.numel() if name == "numel" else counts[name])
-            self._scale_range(acc, scale)
+            if "scale_min" in counts:   # the scale's range from the same pass
+                self._merge_range(acc, counts["scale_min"], counts["scale_max"])
+            else:
+                self._scale_range(acc, scale)
             return
         ax = x.abs()
         if bool(torch.isfinite(x.sum() + q.sum())):
@@ -303,9 +306,12 @@ class Telemetry:
     def _scale_range(acc: _Acc, scale: torch.Tensor | None) -> None:
         if scale is not None:
             s = scale.detach()
-            smin, smax = float(s.min()), float(s.max())
-            acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
-            acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
+            Telemetry._merge_range(acc, float(s.min()), float(s.max()))
+
+    @staticmethod
+    def _merge_range(acc: _Acc, smin: float, smax: float) -> None:
+        acc.scale_min = smin if math.isnan(acc.scale_min) else min(acc.scale_min, smin)
+        acc.scale_max = smax if math.isnan(acc.scale_max) else max(acc.scale_max, smax)
 
     @staticmethod
     def _zero_mask(t: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,50 @@ def test_native_counts_cover_a_ragged_end(n):
         same_counts(native, ref)
 
 
+@pytest.mark.parametrize("case", ["plain", "nan", "zeros", "negative zero", "signed zero tie", "inf", "one nan",
+                                  "one negative zero", "float64", "ragged"])
+def test_the_scale_range_from_the_native_pass_is_torchs_min_and_max(case):
+    """scale_min / scale_max of a record: from lp_stats' own pass where it is certain, else torch's reductions; the
+    same floats as torch's min() and max() either way (NaN scales, ±0 ties, inf, other dtypes, a ragged end)."""
+    g = torch.Generator().manual_seed(11)
+    n = {"ragged": 1003, "signed zero tie": 16}.get(case, 4096)
+    x = torch.randn(n, generator=g)
+    q = x.clone()
+    q[::5] = 0.0
+    scale = torch.rand(n, generator=g) * 3 + 1e-3
+    if case == "nan":
+        scale[777] = float("nan")
+    elif case == "zeros":
+        scale[100:140] = 0.0
+    elif case == "negative zero":
+        scale[5], scale[900] = -0.0, 0.0
+        scale[1000:1010] = -0.0
+    elif case == "signed zero tie":   # torch's min is -0.0 here; lanes keeping the first of a tie would say +0.0
+        scale = torch.tensor([0.0, -0.0, 0.0, 1.13, 0.0, 1.89, 1.54, -0.0, 1.23, -0.0, 1.45, 1.99, 1.79, 0.0, -0.0, 1.24])
+    elif case == "inf":
+        scale[3] = float("inf")
+    elif case == "one nan":
+        scale = torch.tensor([float("nan")])
+    elif case == "one negative zero":
+        scale = torch.tensor([-0.0])
+    elif case == "float64":
+        scale = scale.double() * (1 + 1e-12)
+    elif case == "ragged":
+        scale[-1] = 1e-6      # the minimum sits in the tail that the lanes do not cover
+        scale[-2] = 1e6
+    native, ref = records(x, q, scale, 448.0)
+    same_counts(native, ref)
+    s = scale.double()
+    for k, want in (("smin", float(scale.min())), ("smax", float(scale.max()))):
+        got = native[k]
+        assert (math.isnan(got) and math.isnan(want)) or (got == want and math.copysign(1, got) ==
+                                                          math.copysign(1, want)), (k, got, want)
+    if case == "plain":
+        from lowprec.fast import record_counts
+        c = record_counts(x, q, scale, 448.0)
+        assert c["scale_min"] == float(s.min()) and c["scale_max"] == float(s.max())   # from the pass itself
+
+
 def test_native_counts_take_non_contiguous_views():
     x = edge_tensor(4096, 5).reshape(64, 64)
     q = torch.where(x.abs() > 50, torch.zeros(()), x)
