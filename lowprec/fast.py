@@ -1232,6 +1232,9 @@ class _StatsOut(ctypes.Structure):
                 ("smax", ctypes.c_double), ("range_ok", ctypes.c_int64)]
 
 
+_STAT_COUNTS = ("nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2")   # (then the scale range)
+
+
 def transposed(x: torch.Tensor) -> torch.Tensor | None:
     """``x.t().contiguous()`` of a contiguous 2-D float32 CPU tensor by the native tiled loop (the same bits;
     torch's strided copy measured ~7x a plain copy), or None where that does not apply."""
@@ -1567,7 +1570,7 @@ def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
     lib.lp_stats(_ptr(x), _ptr(q), None if sc is None else _ptr(sc), ctypes.c_int64(scale_n),
                  ctypes.c_int64(x.numel()), ctypes.c_float(0.0 if limit is None else limit),
                  ctypes.c_int32(limit is not None), ctypes.byref(out))
-    counts = {name: getattr(out, name) for name, _ in _StatsOut._fields_[:8]}
+    counts = {name: getattr(out, name) for name in _STAT_COUNTS}
     if out.range_ok and scale.dtype == torch.float32:   # (another dtype's min is not that of its float32 copy)
         counts["scale_min"], counts["scale_max"] = out.smin, out.smax
     return counts
