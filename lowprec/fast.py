@@ -1232,7 +1232,8 @@ class _StatsOut(ctypes.Structure):
                 ("smax", ctypes.c_double), ("range_ok", ctypes.c_int64)]
 
 
-_STAT_COUNTS = ("nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2")   # (then the scale range)
+# the counts of record_counts (lp_stats also returns the scale range after them)
+STAT_COUNTS = ("nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2")
 
 
 def transposed(x: torch.Tensor) -> torch.Tensor | None:
@@ -1570,7 +1571,7 @@ def record_counts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
     lib.lp_stats(_ptr(x), _ptr(q), None if sc is None else _ptr(sc), ctypes.c_int64(scale_n),
                  ctypes.c_int64(x.numel()), ctypes.c_float(0.0 if limit is None else limit),
                  ctypes.c_int32(limit is not None), ctypes.byref(out))
-    counts = {name: getattr(out, name) for name in _STAT_COUNTS}
+    counts = {name: getattr(out, name) for name in STAT_COUNTS}
     if out.range_ok and scale.dtype == torch.float32:   # (another dtype's min is not that of its float32 copy)
         counts["scale_min"], counts["scale_max"] = out.smin, out.smax
     return counts

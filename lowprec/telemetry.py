@@ -45,7 +45,8 @@ from typing import Callable
 
 import torch
 
-from lowprec.fast import SUM_FINITE, SUM_UNDECIDED, lost_updates, record_counts, sum_finite, sums_finite
+from lowprec.fast import (STAT_COUNTS, SUM_FINITE, SUM_UNDECIDED, lost_updates, record_counts, sum_finite,
+                          sums_finite)
 from lowprec.policy import TENSOR_ROLES
 
 __all__ = ["Telemetry", "ROLES", "SECOND_MOMENTS", "COLUMNS"]
@@ -251,8 +252,9 @@ class Telemetry:
         q = q.detach()
         counts = record_counts(x, q, scale, None if fmt_max is None else fmt_max * (1 + 1e-6))
         if counts is not None:  # one native pass (float32 on the CPU); the torch counts below are its reference
-            for name in ("numel", "nonzero", "flushed", "saturated", "nan", "inf", "zeros", "sig2", "err2"):
-                acc.add(name, q.numel() if name == "numel" else counts[name])
+            acc.add("numel", q.numel())
+            for name in STAT_COUNTS:
+                acc.add(name, counts[name])
             if "scale_min" in counts:   # the scale's range from the same pass
                 self._merge_range(acc, counts["scale_min"], counts["scale_max"])
             else:
